@@ -1,0 +1,45 @@
+"""vlm_jax: a JAX/Flax research framework for vision-language models."""
+
+from setuptools import find_packages, setup
+
+setup(
+    name="vlm_jax",
+    version="0.1.0",
+    description="JAX/Flax framework for contrastive (CLIP/SigLIP) and generative vision-language models",
+    python_requires=">=3.11",
+    packages=find_packages(include=["vlm_jax", "vlm_jax.*"]),
+    install_requires=[
+        "jax>=0.10.2",
+        "flax>=0.12.0",
+        "optax>=0.2.8",
+        "orbax-checkpoint>=0.12.0",
+        "grain>=0.2.18",
+        "ml-collections>=1.1.0",
+        "tensorflow-datasets>=4.9.10",
+        "chex>=0.1.92",
+        "numpy>=2.0",
+        "pillow>=10.0",
+        "tensorboardX>=2.6",
+        "tqdm>=4.66",
+        "absl-py>=2.1",
+        "matplotlib>=3.8",
+    ],
+    extras_require={
+        "test": [
+            "pytest>=8.0",
+            "pytest-timeout>=2.3",
+            "hypothesis>=6.100",
+            "ruff>=0.6",
+            "torch==2.13.0",
+            "transformers>=4.45",
+            "open_clip_torch>=2.26",
+            "safetensors>=0.4",
+            "sentencepiece>=0.2",
+            "scikit-learn>=1.5",
+            "scikit-image>=0.24",
+        ],
+        "notebooks": ["jupyter", "matplotlib>=3.8"],
+        "gpu": ["jax[cuda12]>=0.10.2"],
+        "tpu": ["jax[tpu]>=0.10.2"],
+    },
+)
