@@ -5,7 +5,7 @@ from setuptools import find_packages, setup
 setup(
     name="vlm_jax",
     version="0.1.0",
-    description="JAX/Flax framework for contrastive (CLIP/SigLIP) and generative vision-language models",
+    description="JAX/Flax framework for contrastive and generative vision-language models",
     python_requires=">=3.11",
     packages=find_packages(include=["vlm_jax", "vlm_jax.*"]),
     install_requires=[
