@@ -1,0 +1,135 @@
+"""Config files, command-line overrides and up-front validation.
+
+A config is a `configs/NAME.py` file defining `get_config(arg=None) -> ConfigDict`. The CLI
+spelling is `--config configs/NAME.py[:arg] --config.key.sub=value`. Overrides are parsed with
+the type of the value they replace; unknown keys and invalid choices fail here, before any
+device work, with a message naming the valid keys or choices.
+"""
+
+from __future__ import annotations
+
+import ast
+import importlib.util
+import json
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import ml_collections
+
+ConfigDict = ml_collections.ConfigDict
+
+
+def load_config(spec: str) -> ConfigDict:
+    """Load `path/to/config.py[:arg]` and return its unlocked ConfigDict."""
+    path, _, arg = spec.partition(":")
+    file = Path(path)
+    if not file.is_file():
+        raise FileNotFoundError(f"config file {path!r} does not exist")
+    module_spec = importlib.util.spec_from_file_location(f"vlm_jax_config_{file.stem}", file)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    if not hasattr(module, "get_config"):
+        raise ValueError(f"config file {path!r} defines no get_config(arg=None)")
+    config = module.get_config(arg or None) if arg else module.get_config()
+    if not isinstance(config, ConfigDict):
+        raise TypeError(f"{path}: get_config() must return a ConfigDict, got {type(config)}")
+    return config
+
+
+def _parse_value(key: str, text: str, current: Any) -> Any:
+    """Parse `text` as the type of `current` (the value being overridden)."""
+    if isinstance(current, bool):
+        lowered = text.lower()
+        if lowered not in ("true", "false", "1", "0"):
+            raise ValueError(f"--config.{key}={text!r}: expected a bool (true/false)")
+        return lowered in ("true", "1")
+    if isinstance(current, int | float) and not isinstance(current, bool):
+        try:
+            return (
+                type(current)(ast.literal_eval(text)) if isinstance(current, int) else float(text)
+            )
+        except (ValueError, SyntaxError, TypeError):
+            kind = type(current).__name__
+            raise ValueError(f"--config.{key}={text!r}: expected a {kind}") from None
+    if isinstance(current, str):
+        return text
+    if isinstance(current, tuple | list):
+        try:
+            value = ast.literal_eval(text)
+        except (ValueError, SyntaxError):
+            value = tuple(part.strip() for part in text.split(",") if part.strip())
+        if not isinstance(value, tuple | list):
+            value = (value,)
+        return tuple(value)
+    if current is None:
+        if text.lower() == "none":
+            return None
+        try:
+            return ast.literal_eval(text)
+        except (ValueError, SyntaxError):
+            return text
+    raise ValueError(f"--config.{key}: a {type(current).__name__} cannot be set from the CLI")
+
+
+def apply_override(config: ConfigDict, dotted_key: str, text: str) -> None:
+    """Set `config.<dotted_key>` from CLI text, failing on unknown keys with the valid ones."""
+    node = config
+    parts = dotted_key.split(".")
+    for depth, part in enumerate(parts):
+        prefix = ".".join(parts[:depth]) or "<root>"
+        if not isinstance(node, ConfigDict) or part not in node:
+            valid = ", ".join(sorted(node.keys())) if isinstance(node, ConfigDict) else "(none)"
+            raise ValueError(
+                f"unknown config key {dotted_key!r}: {part!r} is not a key of {prefix} "
+                f"(valid: {valid})"
+            )
+        if depth == len(parts) - 1:
+            with node.ignore_type():
+                node[part] = _parse_value(dotted_key, text, node[part])
+        else:
+            node = node[part]
+
+
+def parse_cli(argv: Sequence[str]) -> tuple[ConfigDict, dict[str, str]]:
+    """Parse `--config FILE[:arg] --workdir DIR --config.k=v ...`.
+
+    Returns the config (overrides applied, locked) and the other `--flag value` options.
+    """
+    options: dict[str, str] = {}
+    overrides: list[tuple[str, str]] = []
+    args = list(argv)
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        if not arg.startswith("--"):
+            raise ValueError(f"unexpected argument {arg!r}; flags look like --name=value")
+        name, eq, value = arg[2:].partition("=")
+        if not eq:
+            if i + 1 >= len(args):
+                raise ValueError(f"flag --{name} needs a value")
+            value = args[i + 1]
+            i += 1
+        if name.startswith("config."):
+            overrides.append((name[len("config.") :], value))
+        else:
+            options[name] = value
+        i += 1
+    if "config" not in options:
+        raise ValueError("missing --config configs/NAME.py[:arg]")
+    config = load_config(options["config"])
+    for key, value in overrides:
+        apply_override(config, key, value)
+    config.lock()
+    return config, options
+
+
+def check_choice(name: str, value: Any, valid: Sequence[Any] | Callable[[], Sequence[Any]]):
+    """Fail with the valid choices when `value` is not one of them."""
+    choices = list(valid() if callable(valid) else valid)
+    if value not in choices:
+        raise ValueError(f"{name}={value!r} is not one of: {', '.join(map(str, choices))}")
+
+
+def to_json(config: ConfigDict) -> str:
+    return json.dumps(config.to_dict(), indent=2, sort_keys=True, default=str)

@@ -1,0 +1,97 @@
+"""Mesh construction and logical-axis sharding.
+
+Mesh axes are `data`, `fsdp`, `tensor`; any may be 1, and one may be -1 (fill with the
+remaining devices). Weights and activations carry logical axis names (see
+models/layers.py); one rule table maps them to mesh axes:
+
+    data parallel:  batch -> (data, fsdp), weights replicated
+    FSDP / ZeRO-3:  weight "embed" dims -> fsdp (optimizer state follows its params)
+    tensor (Megatron): "mlp", "heads", "kv_heads", "vocab" -> tensor
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import flax.linen as nn
+import jax
+import numpy as np
+from jax.sharding import AxisType, Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+MESH_AXES = ("data", "fsdp", "tensor")
+BATCH_AXES = ("data", "fsdp")
+
+DEFAULT_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
+    ("act_batch", BATCH_AXES),
+    ("act_length", None),
+    ("act_embed", None),
+    ("act_mlp", "tensor"),
+    ("act_heads", "tensor"),
+    ("act_vocab", "tensor"),
+    ("embed", "fsdp"),
+    ("mlp", "tensor"),
+    ("heads", "tensor"),
+    ("kv_heads", "tensor"),
+    ("vocab", "tensor"),
+    ("head_dim", None),
+    ("layers", None),
+)
+
+
+def resolve_mesh_shape(shape: Sequence[int], num_devices: int) -> tuple[int, ...]:
+    """Replace a single -1 by the remaining device count; check the product."""
+    if len(shape) != len(MESH_AXES):
+        raise ValueError(f"mesh.shape={tuple(shape)} must have one size per axis {MESH_AXES}")
+    if list(shape).count(-1) > 1 or any(s == 0 or s < -1 for s in shape):
+        raise ValueError(f"mesh.shape={tuple(shape)}: sizes must be positive, with at most one -1")
+    known = math.prod(s for s in shape if s != -1)
+    if -1 in shape:
+        if num_devices % known:
+            raise ValueError(
+                f"mesh.shape={tuple(shape)}: {num_devices} devices are not divisible by {known}"
+            )
+        shape = tuple(num_devices // known if s == -1 else s for s in shape)
+    if math.prod(shape) != num_devices:
+        raise ValueError(
+            f"mesh.shape={tuple(shape)} has {math.prod(shape)} devices but {num_devices} are "
+            f"available; use sizes whose product is {num_devices} (or -1 for one axis)"
+        )
+    return tuple(shape)
+
+
+def build_mesh(shape: Sequence[int], devices: Sequence[jax.Device] | None = None) -> Mesh:
+    """A (data, fsdp, tensor) mesh over `devices` (default: all), topology-aware."""
+    devices = list(devices) if devices is not None else jax.devices()
+    resolved = resolve_mesh_shape(shape, len(devices))
+    return jax.make_mesh(
+        resolved, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES), devices=devices
+    )
+
+
+def batch_sharding(mesh: Mesh, ndim: int) -> NamedSharding:
+    """Leading (batch) dim split over the data axes, the rest replicated."""
+    return NamedSharding(mesh, P(BATCH_AXES, *([None] * (ndim - 1))))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, P())
+
+
+def logical_shardings(abstract_tree, mesh: Mesh, rules) -> object:
+    """NamedShardings for a tree whose leaves may be flax Partitioned boxes."""
+    specs = nn.get_partition_spec(abstract_tree)
+    return nn.logical_to_mesh_sharding(specs, mesh, tuple(rules))
+
+
+def global_batch(local_batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
+    """Assemble per-process batches into global arrays sharded over the batch axes."""
+    return {
+        key: jax.make_array_from_process_local_data(batch_sharding(mesh, value.ndim), value)
+        for key, value in local_batch.items()
+    }
+
+
+def data_parallel_size(mesh: Mesh) -> int:
+    return math.prod(mesh.shape[a] for a in BATCH_AXES)

@@ -1,0 +1,68 @@
+"""Task plug-ins for the one trainer.
+
+A task turns a config into a model, its loss, its data and its evaluators. The trainer owns
+everything else (mesh, sharded init, optimizer, jit, checkpoints, logging, signals). Register
+with `@TASKS.register("name")` and select with `config.task = "name"`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+import flax.linen as nn
+import jax
+import ml_collections
+import numpy as np
+from jax.sharding import Mesh
+
+from vlm_jax.registry import Registry
+
+TASKS = Registry("task")
+
+
+class Task:
+    """Base class: subclasses set `self.model` and implement the methods below."""
+
+    model: nn.Module
+
+    def __init__(self, config: ml_collections.ConfigDict, mesh: Mesh):
+        self.config = config
+        self.mesh = mesh
+
+    def dummy_batch(self, batch_size: int) -> dict[str, np.ndarray]:
+        """A batch of the right shapes and dtypes (for init and compilation)."""
+        raise NotImplementedError
+
+    def init(self, rng: jax.Array, batch: dict[str, jax.Array]) -> dict[str, Any]:
+        """Model variables (boxed with logical partitioning metadata)."""
+        return self.model.init({"params": rng, "dropout": rng}, **self.model_inputs(batch))
+
+    def model_inputs(self, batch: dict[str, jax.Array]) -> dict[str, jax.Array]:
+        raise NotImplementedError
+
+    def loss(
+        self, params: Any, batch: dict[str, jax.Array], rng: jax.Array, train: bool
+    ) -> tuple[jax.Array, dict[str, jax.Array]]:
+        """Scalar loss (mean over the global batch) and metrics to log as train/..."""
+        raise NotImplementedError
+
+    def value_and_grad(
+        self, params: Any, batch: dict[str, jax.Array], rng: jax.Array
+    ) -> tuple[tuple[jax.Array, dict[str, jax.Array]], Any]:
+        """((loss, metrics), grads); override for schemes such as gradient caching."""
+        return jax.value_and_grad(self.loss, has_aux=True)(params, batch, rng, True)
+
+    def train_data(
+        self, batch_size: int, process_index: int, process_count: int, seed: int
+    ) -> Iterable[dict[str, np.ndarray]]:
+        """Per-process training batches; its iterator must support get_state/set_state."""
+        raise NotImplementedError
+
+    def evaluate(self, params: Any) -> dict[str, float]:
+        """Held-out metrics, keys without the "eval/" prefix."""
+        return {}
+
+    def train_flops_per_example(self) -> float | None:
+        """Model FLOPs of one training example (3 x forward), for MFU; None if unknown."""
+        return None

@@ -1,0 +1,300 @@
+"""The one trainer: build mesh -> task -> sharded state -> jitted step -> loop.
+
+Each piece is a small function; task-specific parts (model, loss, data, evaluators) come from
+the task registry (`config.task`). See DESIGN.md for the data flow.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import signal
+import time
+from pathlib import Path
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from jax.sharding import Mesh
+
+from vlm_jax import sharding
+from vlm_jax.config import to_json
+from vlm_jax.train import metrics as metrics_lib
+from vlm_jax.train.checkpoint import Checkpointer
+from vlm_jax.train.optim import build_optimizer
+from vlm_jax.train.state import TrainState
+from vlm_jax.train.tasks import TASKS, Task
+from vlm_jax.train.validate import validate_config
+
+# Config sections that define the experiment: a workdir holding a run that differs in any of
+# these is another experiment's, and is refused (the others only steer logging and saving).
+IDENTITY_SECTIONS = ("task", "seed", "model", "loss", "data", "tokenizer", "optim")
+IDENTITY_TRAIN_KEYS = ("batch_size", "total_steps", "grad_cache_chunks")
+
+
+class StopRequest:
+    """SIGTERM/SIGINT -> finish the current step, checkpoint, exit cleanly."""
+
+    def __init__(self):
+        self.requested = False
+        self._previous = {}
+
+    def __enter__(self):
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        if self.requested and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        logging.warning("signal %d: stopping after this step and saving a checkpoint", signum)
+        self.requested = True
+
+    def __exit__(self, *exc):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+    def should_stop(self) -> bool:
+        """All processes agree: stop if any process was signalled."""
+        if jax.process_count() == 1:
+            return self.requested
+        from jax.experimental import multihost_utils
+
+        flags = multihost_utils.process_allgather(np.array(self.requested))
+        return bool(np.any(flags))
+
+
+def identity(config_json: str) -> dict:
+    """The experiment-defining part of a config (as JSON text)."""
+    full = json.loads(config_json)
+    ident = {k: full.get(k) for k in IDENTITY_SECTIONS}
+    ident["train"] = {k: full.get("train", {}).get(k) for k in IDENTITY_TRAIN_KEYS}
+    return ident
+
+
+def _diff(a: Any, b: Any, prefix: str = "") -> list[str]:
+    if isinstance(a, dict) and isinstance(b, dict):
+        out = []
+        for key in sorted(set(a) | set(b)):
+            out += _diff(a.get(key), b.get(key), f"{prefix}{key}.")
+        return out
+    return [] if a == b else [f"{prefix.rstrip('.')}: {a!r} (workdir) vs {b!r} (now)"]
+
+
+def prepare_workdir(workdir: Path, config: ml_collections.ConfigDict, is_primary: bool) -> None:
+    """Write config.json; refuse a workdir that holds another experiment's run."""
+    path = workdir / "config.json"
+    if path.exists():
+        differences = _diff(identity(path.read_text()), identity(to_json(config)))
+        if differences:
+            raise ValueError(
+                f"workdir {str(workdir)!r} holds a run of a different experiment; differences: "
+                + "; ".join(differences[:8])
+                + ". Use a new --workdir (or the same config to resume)."
+            )
+    if is_primary:
+        workdir.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".json.tmp")
+        tmp.write_text(to_json(config))
+        tmp.replace(path)
+
+
+def init_params(task: Task, config, mesh: Mesh) -> tuple[Any, Any]:
+    """Initialise params directly into their sharded layout. Returns (params, shardings)."""
+    dummy = task.dummy_batch(sharding.data_parallel_size(mesh))
+    dummy = {k: jnp.asarray(v) for k, v in dummy.items()}
+
+    def init_fn(rng):
+        return task.init(rng, dummy)["params"]
+
+    rng = jax.random.key(config.seed)
+    boxed = jax.eval_shape(init_fn, rng)
+    shardings = sharding.logical_shardings(boxed, mesh, config.sharding.rules)
+    params = jax.jit(lambda r: nn.unbox(init_fn(r)), out_shardings=shardings)(rng)
+    return params, shardings
+
+
+def build_state(task: Task, config, mesh: Mesh):
+    """TrainState, its shardings, the optimizer and the LR schedule."""
+    params, param_shardings = init_params(task, config, mesh)
+    tx, schedule = build_optimizer(config.optim, config.train.total_steps, params)
+    replicated = sharding.replicated(mesh)
+    opt_abstract = jax.eval_shape(tx.init, params)
+    opt_shardings = optax.tree_map_params(
+        tx,
+        lambda _, s: s,
+        opt_abstract,
+        param_shardings,
+        transform_non_params=lambda _: replicated,
+    )
+    opt_state = jax.jit(tx.init, out_shardings=opt_shardings)(params)
+    rng = jax.random.key_data(jax.random.key(config.seed + 1))
+    state = TrainState(step=jnp.int32(0), params=params, opt_state=opt_state, rng=rng)
+    state_shardings = TrainState(
+        step=replicated, params=param_shardings, opt_state=opt_shardings, rng=replicated
+    )
+    state = jax.device_put(state, state_shardings)
+    return state, state_shardings, tx, schedule
+
+
+def make_train_step(task: Task, tx, schedule, state_shardings, batch_shardings, mesh: Mesh):
+    """The jitted, buffer-donating train step: (state, batch) -> (state, metrics)."""
+
+    def step_fn(state: TrainState, batch):
+        (loss, aux), grads = task.value_and_grad(state.params, batch, state.step_rng())
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        out = {f"train/{k}": v for k, v in aux.items()}
+        out["train/loss"] = loss
+        out["train/grad_norm"] = optax.global_norm(grads)
+        out["train/lr"] = schedule(state.step)
+        new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
+        return new_state, out
+
+    return jax.jit(
+        step_fn,
+        in_shardings=(state_shardings, batch_shardings),
+        out_shardings=(state_shardings, sharding.replicated(mesh)),
+        donate_argnums=(0,),
+    )
+
+
+def abstract_like(tree, shardings):
+    return jax.tree.map(
+        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings
+    )
+
+
+class PerfMeter:
+    """Step time, examples/s and MFU over the steps since the last report."""
+
+    def __init__(self, batch_size: int, flops_per_example: float | None, config, mesh: Mesh):
+        self.batch_size = batch_size
+        self.flops = flops_per_example
+        kind = mesh.devices.flat[0].device_kind
+        peak = metrics_lib.peak_flops_per_device(kind, config.perf.peak_flops_per_device)
+        self.peak_total = peak * mesh.devices.size if peak else None
+        self.reset(0)
+
+    def reset(self, step: int) -> None:
+        self.t0 = time.perf_counter()
+        self.step0 = step
+
+    def report(self, step: int) -> dict[str, float]:
+        elapsed = time.perf_counter() - self.t0
+        steps = step - self.step0
+        if steps <= 0:
+            return {}
+        step_time = elapsed / steps
+        out = {
+            "perf/step_time_s": step_time,
+            "perf/examples_per_s": self.batch_size / step_time,
+        }
+        if self.flops:
+            out["perf/model_tflops_per_s"] = self.flops * out["perf/examples_per_s"] / 1e12
+            if self.peak_total:
+                out["perf/mfu"] = self.flops * out["perf/examples_per_s"] / self.peak_total
+        self.reset(step)
+        return out
+
+
+def per_process_batch_size(config, mesh: Mesh) -> int:
+    return config.train.batch_size // jax.process_count()
+
+
+def restore_or_init(ckpt: Checkpointer, state, state_shardings, data_iter, config, mesh):
+    """Resume from the newest checkpoint, else optionally load init params. -> (state, step)."""
+    latest = ckpt.latest_step()
+    if latest is not None:
+        logging.info("resuming from checkpoint step %d in %s", latest, ckpt.directory)
+        state, _ = ckpt.restore(latest, abstract_like(state, state_shardings), data_iter)
+        return state, latest
+    if config.init.checkpoint:
+        state = state.replace(
+            params=load_init_params(config.init.checkpoint, state, state_shardings)
+        )
+    return state, None
+
+
+def load_init_params(path: str, state, state_shardings):
+    directory = Path(path)
+    if (directory / "checkpoints").is_dir():
+        directory = directory / "checkpoints"
+    init_ckpt = Checkpointer(directory, async_save=False)
+    logging.info("initialising params from %s (step %s)", directory, init_ckpt.latest_step())
+    params = init_ckpt.restore_params(None, abstract_like(state.params, state_shardings.params))
+    init_ckpt.close()
+    return params
+
+
+def train(config: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, float]:
+    """Run (or resume) training; returns the last logged metrics."""
+    workdir = Path(workdir)
+    validate_config(config)
+    mesh = sharding.build_mesh(config.mesh.shape)
+    is_primary = jax.process_index() == 0
+    prepare_workdir(workdir, config, is_primary)
+    task = TASKS.get(config.task)(config, mesh)
+    with jax.set_mesh(mesh), nn.logical_axis_rules(tuple(config.sharding.rules)):
+        return _train_loop(config, workdir, mesh, task, is_primary)
+
+
+def _train_loop(config, workdir: Path, mesh: Mesh, task: Task, is_primary: bool):
+    state, state_shardings, tx, schedule = build_state(task, config, mesh)
+    dummy = task.dummy_batch(sharding.data_parallel_size(mesh))
+    batch_shardings = {k: sharding.batch_sharding(mesh, v.ndim) for k, v in dummy.items()}
+    train_step = make_train_step(task, tx, schedule, state_shardings, batch_shardings, mesh)
+    data_iter = iter(
+        task.train_data(
+            per_process_batch_size(config, mesh),
+            jax.process_index(),
+            jax.process_count(),
+            config.seed,
+        )
+    )
+    ckpt = Checkpointer(
+        workdir / "checkpoints",
+        keep=config.train.keep_checkpoints,
+        async_save=config.train.async_checkpoint,
+    )
+    state, resumed = restore_or_init(ckpt, state, state_shardings, data_iter, config, mesh)
+    start = resumed or 0
+    writer = metrics_lib.MetricWriter(workdir, enabled=is_primary, resume_step=resumed)
+    total = config.train.total_steps
+    progress = metrics_lib.Progress(total, start, config.train.batch_size, is_primary)
+    perf = PerfMeter(config.train.batch_size, task.train_flops_per_example(), config, mesh)
+    last: dict[str, float] = {}
+    step = start
+    with StopRequest() as stop:
+        while step < total:
+            batch = {k: v for k, v in next(data_iter).items() if k in batch_shardings}
+            state, step_metrics = train_step(state, sharding.global_batch(batch, mesh))
+            step += 1
+            if step == start + 1:  # exclude compilation from perf numbers
+                jax.block_until_ready(step_metrics)
+                perf.reset(step)
+            row = {}
+            if step % config.train.log_every == 0 or step == total:
+                row |= {k: float(v) for k, v in jax.device_get(step_metrics).items()}
+                row |= perf.report(step)
+                progress.update(step, row)
+            if (config.train.eval_every and step % config.train.eval_every == 0) or step == total:
+                row |= {f"eval/{k}": v for k, v in task.evaluate(state.params).items()}
+                perf.reset(step)
+            if row:
+                writer.write(step, row)
+                last = row
+            stopping = stop.should_stop()
+            if step % config.train.checkpoint_every == 0 or step == total or stopping:
+                ckpt.save(step, state, data_iter, {"step": step}, force=True)
+            if stopping:
+                logging.warning("stopped at step %d; checkpoint saved, resume to continue", step)
+                break
+    ckpt.close()
+    writer.close()
+    progress.close()
+    return last
