@@ -103,17 +103,23 @@ def prepare_workdir(workdir: Path, config: ml_collections.ConfigDict, is_primary
         tmp.replace(path)
 
 
-def init_params(task: Task, config, mesh: Mesh) -> tuple[Any, Any]:
-    """Initialise params directly into their sharded layout. Returns (params, shardings)."""
+def param_layout(task: Task, config, mesh: Mesh):
+    """(init_fn, abstract params, their shardings) without allocating anything."""
     dummy = task.dummy_batch(sharding.data_parallel_size(mesh))
     dummy = {k: jnp.asarray(v) for k, v in dummy.items()}
 
     def init_fn(rng):
         return task.init(rng, dummy)["params"]
 
-    rng = jax.random.key(config.seed)
-    boxed = jax.eval_shape(init_fn, rng)
+    boxed = jax.eval_shape(init_fn, jax.random.key(config.seed))
     shardings = sharding.logical_shardings(boxed, mesh, config.sharding.rules)
+    return init_fn, abstract_like(nn.unbox(boxed), shardings), shardings
+
+
+def init_params(task: Task, config, mesh: Mesh) -> tuple[Any, Any]:
+    """Initialise params directly into their sharded layout. Returns (params, shardings)."""
+    init_fn, _, shardings = param_layout(task, config, mesh)
+    rng = jax.random.key(config.seed)
     params = jax.jit(lambda r: nn.unbox(init_fn(r)), out_shardings=shardings)(rng)
     return params, shardings
 
@@ -298,3 +304,26 @@ def _train_loop(config, workdir: Path, mesh: Mesh, task: Task, is_primary: bool)
     writer.close()
     progress.close()
     return last
+
+
+def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str | Path) -> dict:
+    """Evaluate the newest checkpoint in `workdir`; writes WORKDIR/eval_<step>.json."""
+    workdir = Path(workdir)
+    validate_config(config)
+    mesh = sharding.build_mesh(config.mesh.shape)
+    task = TASKS.get(config.task)(config, mesh)
+    ckpt_dir = workdir / "checkpoints"
+    if not ckpt_dir.is_dir():
+        raise FileNotFoundError(f"no checkpoints in {str(workdir)!r} (looked in {ckpt_dir})")
+    with jax.set_mesh(mesh), nn.logical_axis_rules(tuple(config.sharding.rules)):
+        _, abstract, _ = param_layout(task, config, mesh)
+        ckpt = Checkpointer(ckpt_dir, async_save=False)
+        step = ckpt.latest_step()
+        if step is None:
+            raise FileNotFoundError(f"no complete checkpoint in {ckpt_dir}")
+        params = ckpt.restore_params(step, abstract)
+        ckpt.close()
+        results = {"step": step} | {f"eval/{k}": v for k, v in task.evaluate(params).items()}
+    if jax.process_index() == 0:
+        (workdir / f"eval_{step}.json").write_text(json.dumps(results, indent=2))
+    return results

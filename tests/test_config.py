@@ -1,0 +1,90 @@
+"""Config files, CLI overrides and their errors (all before any compute)."""
+
+import textwrap
+
+import pytest
+
+from vlm_jax.config import apply_override, check_choice, load_config, parse_cli
+from vlm_jax.sharding import resolve_mesh_shape
+from vlm_jax.train.defaults import base_config
+
+
+@pytest.fixture
+def config_file(tmp_path):
+    path = tmp_path / "exp.py"
+    path.write_text(
+        textwrap.dedent(
+            """
+            from vlm_jax.train.defaults import base_config
+
+            def get_config(arg=None):
+                c = base_config()
+                c.name = arg or "default"
+                return c
+            """
+        )
+    )
+    return path
+
+
+def test_overrides_are_typed(config_file):
+    config, options = parse_cli(
+        [
+            "--config",
+            f"{config_file}:variant",
+            "--workdir",
+            "/tmp/x",
+            "--config.train.batch_size=64",
+            "--config.optim.lr",
+            "3e-4",
+            "--config.train.async_checkpoint=false",
+            "--config.optim.freeze=img/.*,txt/.*",
+            "--config.mesh.shape=(2, 2, 2)",
+        ]
+    )
+    assert config.name == "variant"
+    assert options["workdir"] == "/tmp/x"
+    assert config.train.batch_size == 64 and isinstance(config.train.batch_size, int)
+    assert config.optim.lr == pytest.approx(3e-4)
+    assert config.train.async_checkpoint is False
+    assert config.optim.freeze == ("img/.*", "txt/.*")
+    assert config.mesh.shape == (2, 2, 2)
+
+
+def test_unknown_key_names_valid_keys(config_file):
+    with pytest.raises(ValueError, match=r"'batch_sise'.*valid: .*batch_size"):
+        parse_cli(["--config", str(config_file), "--config.train.batch_sise=3"])
+    with pytest.raises(ValueError, match=r"'trian' is not a key of <root>"):
+        parse_cli(["--config", str(config_file), "--config.trian.batch_size=3"])
+
+
+def test_wrong_type_is_rejected():
+    config = base_config()
+    with pytest.raises(ValueError, match=r"train.batch_size='many': expected a int"):
+        apply_override(config, "train.batch_size", "many")
+    with pytest.raises(ValueError, match="expected a bool"):
+        apply_override(config, "train.async_checkpoint", "maybe")
+
+
+def test_missing_config_file():
+    with pytest.raises(FileNotFoundError, match="nope.py"):
+        load_config("nope.py")
+
+
+def test_check_choice_lists_valid_choices():
+    with pytest.raises(ValueError, match=r"loss.name='sigmoud' is not one of: sigmoid, softmax"):
+        check_choice("loss.name", "sigmoud", ["sigmoid", "softmax"])
+
+
+@pytest.mark.parametrize(
+    "shape,devices,expected",
+    [((-1, 1, 1), 8, (8, 1, 1)), ((2, -1, 2), 8, (2, 2, 2)), ((1, 1, 8), 8, (1, 1, 8))],
+)
+def test_mesh_shape_resolution(shape, devices, expected):
+    assert resolve_mesh_shape(shape, devices) == expected
+
+
+@pytest.mark.parametrize("shape", [(3, 1, 1), (-1, -1, 1), (0, 8, 1), (3, -1, 1)])
+def test_bad_mesh_shapes_fail_with_device_count(shape):
+    with pytest.raises(ValueError, match=r"mesh.shape"):
+        resolve_mesh_shape(shape, 8)

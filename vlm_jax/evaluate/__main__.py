@@ -1,0 +1,25 @@
+"""`python -m vlm_jax.evaluate --config configs/NAME.py --workdir DIR`: evaluate the newest
+checkpoint in DIR with the config's evaluators; prints JSON and writes DIR/eval_<step>.json."""
+
+import json
+import sys
+
+from vlm_jax.train.cli import parse_args, setup_logging
+
+
+def main() -> None:
+    setup_logging()
+    config, options = parse_args(sys.argv[1:], "evaluate")
+    import vlm_jax.train.registry_imports  # noqa: F401
+    from vlm_jax.train.trainer import evaluate_checkpoint
+
+    try:
+        results = evaluate_checkpoint(config, options["workdir"])
+    except (ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+    print(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()
