@@ -1,0 +1,146 @@
+"""Vision-language model: vision tower -> connector -> decoder LM, with a selectable fusion.
+
+`fusion="early"`: each `<image>` placeholder in the text is replaced by the image's visual
+tokens, and the LM runs on the spliced sequence with a prefix-LM mask (image + prompt
+bidirectional, answer causal). `fusion="cross_attention"` (Flamingo): the text stays as it
+is and gated cross-attention blocks read the visual tokens every k layers. `fusion="none"`:
+the LM alone (the text-only baseline); images are ignored.
+
+Whatever the fusion, the model returns logits aligned with the *text* tokens,
+`logits[:, i]` predicting `tokens[:, i + 1]`, so the loss and metrics never depend on it.
+
+    images: float32[B, K, H, W, 3] in [-1, 1] (or [B, H, W, 3] for K = 1)
+    tokens: int32[B, L], with K `<image>` placeholders inside the prompt
+    prefix_lengths: int32[B], number of text tokens in the bidirectional prefix
+"""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from vlm_jax.models.decoder import DecoderLM, KVCache
+
+FUSIONS = ("early", "cross_attention", "none")
+
+
+def splice_visual_tokens(
+    text_embeds: jax.Array, is_image: jax.Array, visual: jax.Array
+) -> tuple[jax.Array, jax.Array]:
+    """Replace the k-th placeholder of each row by the k-th image's M visual tokens.
+
+    text_embeds: float[B, L, D]; is_image: bool[B, L]; visual: float[B, K, M, D]
+    -> (embeds float[B, L + K(M-1), D], ends int32[B, L]) where `ends[b, i]` is one past
+    the last slot of text token i, so slot `ends - 1` holds the token (or the image's last
+    visual token) whose output predicts text token i + 1. Slots past the last token (rows
+    with fewer than K placeholders) repeat the last token; they sit after every real token,
+    so the causal mask keeps them invisible.
+    """
+    _, num_images, per_image, _ = visual.shape
+    total = text_embeds.shape[1] + num_images * (per_image - 1)
+
+    def one(embeds, image_flags, images):
+        sizes = jnp.where(image_flags, per_image, 1)
+        ends = jnp.cumsum(sizes).astype(jnp.int32)
+        slots = jnp.arange(total, dtype=jnp.int32)
+        src = jnp.minimum(jnp.searchsorted(ends, slots, side="right"), len(ends) - 1)
+        within = jnp.clip(slots - (ends[src] - sizes[src]), 0, per_image - 1)
+        rank = jnp.clip(jnp.cumsum(image_flags) - 1, 0, num_images - 1)[src]
+        out = jnp.where(image_flags[src][:, None], images[rank, within], embeds[src])
+        return out, ends
+
+    return jax.vmap(one)(text_embeds, is_image, visual.astype(text_embeds.dtype))
+
+
+def spliced_prefix_lengths(ends: jax.Array, prefix_lengths: jax.Array) -> jax.Array:
+    """Text prefix lengths int32[B] -> lengths in the spliced sequence int32[B]."""
+    last = jnp.take_along_axis(ends, jnp.maximum(prefix_lengths - 1, 0)[:, None], axis=1)[:, 0]
+    return jnp.where(prefix_lengths > 0, last, 0)
+
+
+class VisionLanguageModel(nn.Module):
+    """vision: images float[B', H, W, 3] -> patch features float[B', N, Dv] (None for "none");
+    connector: features -> visual tokens float[B', M, D] (see projectors.py)."""
+
+    lm: DecoderLM
+    vision: nn.Module | None = None
+    connector: nn.Module | None = None
+    fusion: str = "early"
+    image_token_id: int = 1
+
+    def _check(self) -> None:
+        if self.fusion not in FUSIONS:
+            raise ValueError(f"fusion={self.fusion!r} is not one of: {', '.join(FUSIONS)}")
+        if self.fusion != "none" and (self.vision is None or self.connector is None):
+            raise ValueError(f"fusion={self.fusion!r} needs a vision tower and a connector")
+        if (self.fusion == "cross_attention") != bool(self.lm.cross_attention_every):
+            raise ValueError(
+                f"fusion={self.fusion!r} needs lm.cross_attention_every "
+                f"{'> 0' if self.fusion == 'cross_attention' else '== 0'}, "
+                f"got {self.lm.cross_attention_every}"
+            )
+
+    def encode_images(self, images, tokens, prefix_lengths, train: bool = False) -> jax.Array:
+        """Visual tokens float[B, K, M, D]; the instruction (prefix text) conditions a Q-Former."""
+        self._check()
+        if images.ndim == 4:
+            images = images[:, None]
+        batch, num_images = images.shape[:2]
+        features = self.vision(images.reshape(batch * num_images, *images.shape[2:]), train=train)
+        text_valid = (
+            (jnp.arange(tokens.shape[1]) < prefix_lengths[:, None])
+            & (tokens != self.image_token_id)
+            & (tokens != 0)
+        )
+        repeat = lambda x: jnp.repeat(x, num_images, axis=0)
+        visual = self.connector(
+            features,
+            text_embeds=repeat(self.lm.embed(tokens)),
+            text_valid=repeat(text_valid),
+        )
+        return visual.reshape(batch, num_images, *visual.shape[1:])
+
+    def _inputs(self, images, tokens, prefix_lengths, train):
+        """LM inputs for either fusion: (kwargs for the LM, ends int32[B, L] or None)."""
+        if self.fusion == "none":
+            return dict(tokens=tokens, prefix_lengths=prefix_lengths), None
+        visual = self.encode_images(images, tokens, prefix_lengths, train)
+        if self.fusion == "cross_attention":
+            media = visual.reshape(visual.shape[0], -1, visual.shape[-1])
+            return dict(tokens=tokens, prefix_lengths=prefix_lengths, media=media), None
+        embeds, ends = splice_visual_tokens(
+            self.lm.embed(tokens), tokens == self.image_token_id, visual
+        )
+        prefix = spliced_prefix_lengths(ends, prefix_lengths)
+        return dict(embeds=embeds, prefix_lengths=prefix), ends
+
+    def __call__(self, images, tokens, prefix_lengths, train: bool = False) -> jax.Array:
+        """Next-token logits float32[B, L, V] aligned with the text tokens."""
+        self._check()
+        inputs, ends = self._inputs(images, tokens, prefix_lengths, train)
+        logits, _ = self.lm(**inputs, deterministic=not train)
+        if ends is not None:
+            logits = jnp.take_along_axis(logits, (ends - 1)[:, :, None], axis=1)
+        return logits
+
+    def prefill(self, images, prompt, prompt_lengths, max_new_tokens: int):
+        """Encode image + prompt once into a KV cache with room for `max_new_tokens`.
+
+        prompt: int32[B, P] right-padded, prompt_lengths: int32[B] -> (logits float32[B, V]
+        for the first answer token, the cache positioned after each prompt, media for the
+        cross-attention blocks or None).
+        """
+        self._check()
+        inputs, ends = self._inputs(images, prompt, prompt_lengths, train=False)
+        lengths = prompt_lengths if ends is None else inputs["prefix_lengths"]
+        prefix_len = inputs.get("embeds", inputs.get("tokens")).shape[1]
+        cache = self.lm.init_cache(prompt.shape[0], prefix_len + max_new_tokens)
+        logits, cache = self.lm(**inputs, cache=cache)
+        last = jnp.take_along_axis(logits, (lengths - 1)[:, None, None], axis=1)[:, 0]
+        return last, cache.replace(index=lengths), inputs.get("media")
+
+    def decode_step(self, tokens, cache: KVCache, media=None):
+        """One token per example: tokens int32[B, 1] -> (logits float32[B, V], cache)."""
+        logits, cache = self.lm(tokens, cache=cache, media=media)
+        return logits[:, -1], cache
