@@ -1,0 +1,196 @@
+"""Attention benchmark: our Pallas flash kernel vs XLA, cuDNN and jax's Pallas GPU op.
+
+    python scripts/bench_attention.py [--cases vit,decoder] [--impls ours,xla,cudnn,jax_pallas]
+        [--modes fwd,fwd_bwd] [--dtype bfloat16] [--iters 20]
+
+Prints one JSON line per (case, impl, mode) and a table. FLOPs count only visible
+(query, key) pairs (a causal mask halves them), 4*Tq*Tk*D per head forward and 2.5x that
+backward (the FlashAttention convention). Peak memory is the compiled program's
+temporary buffers (`memory_analysis().temp_size_in_bytes`): what attention needs beyond
+its inputs and outputs, which shows whether it grows with Tk or Tq*Tk.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import math
+import time
+from collections.abc import Callable
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from vlm_jax.kernels import AttentionMask, attention, flash_attention
+
+
+class Case(NamedTuple):
+    name: str
+    batch: int
+    heads: int
+    seq: int
+    dim: int
+    mask: str  # "none" | "causal" | "prefix"
+
+
+def cases(groups: list[str]) -> list[Case]:
+    """ViT shapes (bidirectional) and decoder shapes (causal / prefix-LM) at 16k tokens."""
+    out = []
+    if "vit" in groups:
+        out += [
+            Case("vit_b16_224", 256, 12, 197, 64, "none"),
+            Case("vit_l14_336", 64, 16, 577, 64, "none"),
+        ]
+    if "decoder" in groups:
+        for seq in (1024, 2048, 4096, 8192):
+            out.append(Case(f"dec_causal_{seq}_d128", 16384 // seq, 16, seq, 128, "causal"))
+        for seq in (1024, 4096):
+            out.append(Case(f"dec_causal_{seq}_d64", 16384 // seq, 32, seq, 64, "causal"))
+        for seq in (2048, 8192):
+            out.append(Case(f"dec_prefix_{seq}_d128", 16384 // seq, 16, seq, 128, "prefix"))
+        out.append(Case("dec_bidir_4096_d128", 4, 16, 4096, 128, "none"))
+    return out
+
+
+def make_mask(case: Case) -> AttentionMask | None:
+    if case.mask == "causal":
+        return AttentionMask(causal=True)
+    if case.mask == "prefix":  # half the sequence is a bidirectional prefix (image + prompt)
+        return AttentionMask(causal=True, prefix_lengths=jnp.full((case.batch,), case.seq // 2))
+    return None
+
+
+def visible_fraction(case: Case) -> float:
+    """Fraction of (query, key) pairs the mask lets through."""
+    t = case.seq
+    if case.mask == "causal":
+        return (t + 1) / (2 * t)
+    if case.mask == "prefix":
+        p = t // 2
+        return (p * t + (t - p) * (t - p + 1) / 2 + p * (t - p)) / (t * t)
+    return 1.0
+
+
+def jax_pallas_op(q, k, v, mask, case: Case):
+    """jax.experimental.pallas.ops.gpu.attention.mha (no prefix-LM support)."""
+    from jax.experimental.pallas.ops.gpu import attention as jax_attention
+
+    if case.mask == "prefix":
+        raise NotImplementedError("jax's Pallas op has no prefix-LM mask")
+    blocks = jax_attention.BlockSizes(
+        block_q=128, block_k=64, block_q_dkv=64, block_kv_dkv=64, block_q_dq=64, block_kv_dq=64
+    )
+    return jax_attention.mha(
+        q,
+        k,
+        v,
+        None,
+        sm_scale=1.0 / math.sqrt(case.dim),
+        causal=case.mask == "causal",
+        block_sizes=blocks,
+    )
+
+
+IMPLS: dict[str, Callable] = {
+    "ours": lambda q, k, v, mask, case: flash_attention(q, k, v, mask),
+    "xla": lambda q, k, v, mask, case: attention(q, k, v, mask, impl="xla"),
+    "cudnn": lambda q, k, v, mask, case: attention(q, k, v, mask, impl="cudnn"),
+    "jax_pallas": jax_pallas_op,
+}
+
+
+def build(impl: str, mode: str, case: Case, mask):
+    fn = functools.partial(IMPLS[impl], mask=mask, case=case)
+    if mode == "fwd":
+        return jax.jit(fn)
+
+    def fwd_bwd(q, k, v, d_out):
+        out, vjp = jax.vjp(fn, q, k, v)
+        return out, vjp(d_out)
+
+    return jax.jit(fwd_bwd)
+
+
+def time_it(compiled, args, iters: int) -> float:
+    """Median seconds of one call, after two warm-up calls."""
+    for _ in range(2):
+        jax.block_until_ready(compiled(*args))
+    times = []
+    for _ in range(iters):
+        start = time.perf_counter()
+        jax.block_until_ready(compiled(*args))
+        times.append(time.perf_counter() - start)
+    return float(np.median(times))
+
+
+def run_one(case: Case, impl: str, mode: str, dtype, iters: int) -> dict:
+    keys = jax.random.split(jax.random.key(0), 4)
+    shape = (case.batch, case.seq, case.heads, case.dim)
+    q, k, v, d_out = (jax.random.normal(key, shape, dtype) for key in keys)
+    args = (q, k, v) if mode == "fwd" else (q, k, v, d_out)
+    mask = make_mask(case)
+    row = dict(case=case.name, impl=impl, mode=mode, dtype=jnp.dtype(dtype).name, **case._asdict())
+    row.pop("name")
+    try:
+        compiled = build(impl, mode, case, mask).lower(*args).compile()
+    except Exception as err:  # an impl that does not support the case: record why
+        return {**row, "error": f"{type(err).__name__}: {str(err).splitlines()[0][:160]}"}
+    seconds = time_it(compiled, args, iters)
+    flops = 4 * case.batch * case.heads * case.seq**2 * case.dim * visible_fraction(case)
+    flops *= 1.0 if mode == "fwd" else 3.5
+    memory = compiled.memory_analysis()
+    temp = getattr(memory, "temp_size_in_bytes", None) if memory is not None else None
+    return {
+        **row,
+        "ms": round(seconds * 1e3, 3),
+        "tflops": round(flops / seconds / 1e12, 1),
+        "temp_mib": None if temp is None else round(temp / 2**20, 1),
+    }
+
+
+def table(rows: list[dict]) -> str:
+    head = f"{'case':24} {'mode':8} " + " ".join(f"{i:>22}" for i in IMPLS)
+    lines = [head, "-" * len(head)]
+    keyed = {(r["case"], r["mode"], r["impl"]): r for r in rows}
+    for case, mode in dict.fromkeys((r["case"], r["mode"]) for r in rows):
+        cells = []
+        for impl in IMPLS:
+            r = keyed.get((case, mode, impl))
+            if r is None or "error" in r:
+                cells.append(f"{'-' if r is None else 'n/a':>22}")
+            else:
+                mib = r["temp_mib"] or 0
+                cells.append(f"{r['tflops']:6.1f} {r['ms']:8.2f} {mib:6.0f}")
+        lines.append(f"{case:24} {mode:8} " + " ".join(cells))
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--cases", default="vit,decoder")
+    parser.add_argument("--impls", default=",".join(IMPLS))
+    parser.add_argument("--modes", default="fwd,fwd_bwd")
+    parser.add_argument("--dtype", default="bfloat16")
+    parser.add_argument("--iters", type=int, default=20)
+    parser.add_argument("--only", default="", help="comma-separated case names to keep")
+    args = parser.parse_args()
+    selected = cases(args.cases.split(","))
+    if args.only:
+        selected = [c for c in selected if c.name in args.only.split(",")]
+    rows = []
+    for case in selected:
+        for mode in args.modes.split(","):
+            for impl in args.impls.split(","):
+                row = run_one(case, impl, mode, jnp.dtype(args.dtype), args.iters)
+                print(json.dumps(row), flush=True)
+                rows.append(row)
+    print(f"# {jax.devices()[0].device_kind}, jax {jax.__version__}, {args.dtype}")
+    print("# cells: TFLOP/s, median ms, compiled temp MiB")
+    print(table(rows))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,536 @@
+"""Flash attention in Pallas: tiled online-softmax forward and recomputing backward.
+
+    out = flash_attention(q, k, v, mask)   # q[B, Tq, H, D], k/v[B, Tk, Hkv, D] -> [B, Tq, H, D]
+
+Forward: one program per (query block, batch, head) streams key/value blocks through an
+online softmax (FlashAttention-2) and saves only the log-sum-exp (base 2) per query row.
+Backward (`jax.custom_vjp`): one kernel per key block accumulates dk, dv over query blocks
+(and over the query heads that share the KV head, for GQA); one kernel per query block
+accumulates dq. Both recompute the probabilities block by block from the saved lse.
+
+Masks: the wrapper lowers an `AttentionMask` to at most two pairs of int32 vectors,
+  * positions  (causal): key visible when `kv_pos <= q_pos`; prefix-LM keys get position
+    INT32_MIN so every query sees them; default positions are not materialised.
+  * segments:  key visible when `q_seg == kv_seg`; padding keys get INT32_MIN.
+Each (query block, key block) pair is classified from the min/max of those vectors as
+skipped (no visible entry: not computed), full (no mask applied) or partial (masked).
+Odd lengths and head dims are padded inside the wrapper; padded keys are masked, padded
+rows are sliced off, so results never change. Runs compiled on GPU (Triton) and TPU
+(Mosaic), and with `interpret=True` on CPU.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+from jax.experimental import pallas as pl
+
+from vlm_jax.kernels.attention import ATTENTION_IMPLS
+from vlm_jax.kernels.mask import AttentionMask
+
+MASK_VALUE = -0.7 * float(np.finfo(np.float32).max)  # finite: exp2(MASK - MASK) is no NaN
+EMPTY_LSE = -MASK_VALUE  # lse of a row that sees no key: every recomputed p becomes 0
+LOG2E = math.log2(math.e)
+INT_MIN = int(np.iinfo(np.int32).min)
+INT_MAX = int(np.iinfo(np.int32).max)
+MIN_BLOCK = 16  # smallest matrix-unit tile (Triton dot, MXU sublanes)
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockSizes:
+    """Tile sizes (powers of two) and GPU launch parameters; tune per chip."""
+
+    block_q: int = 128
+    block_k: int = 64
+    block_q_bwd: int = 64
+    block_k_bwd: int = 64
+    num_warps: int | None = None  # GPU: 4 for head_dim <= 64, else 8
+    num_stages: int = 2
+
+
+class _Spec(NamedTuple):
+    """Static description of one launch (hashable: a jit / custom_vjp static argument)."""
+
+    scale: float
+    causal: bool
+    has_pos: bool
+    has_seg: bool
+    q_len: int  # true query length (rows beyond it are padding)
+    kv_len: int  # true key length (keys beyond it are padding, always masked)
+    q_pad: int
+    kv_pad: int
+    group: int  # query heads per KV head
+    blocks: BlockSizes
+    interpret: bool
+
+
+class _Tile(NamedTuple):
+    """One block of rows: its first row, its size and its mask vectors (or None)."""
+
+    start: jax.Array
+    size: int
+    pos: jax.Array | None  # int32[size]
+    seg: jax.Array | None  # int32[size]
+
+
+def _and(a, b):
+    """Conjunction that stays a Python bool while both sides are static."""
+    if a is True:
+        return b
+    if b is True:
+        return a
+    return jnp.logical_and(a, b)
+
+
+def _dot(a: jax.Array, b: jax.Array, contract: tuple[int, int]) -> jax.Array:
+    """2-D matmul contracting a's dim contract[0] with b's contract[1]; f32 accumulation."""
+    dims = (((contract[0],), (contract[1],)), ((), ()))
+    return lax.dot_general(a, b, dims, preferred_element_type=jnp.float32)
+
+
+def _load_tile(start, size: int, pos_ref, seg_ref, whole: bool) -> _Tile:
+    """Read a tile's mask vectors: `whole` refs hold the full sequence, else just the tile."""
+
+    def read(ref):
+        if ref is None:
+            return None
+        return ref[pl.ds(start, size)] if whole else ref[...]
+
+    return _Tile(start, size, read(pos_ref), read(seg_ref))
+
+
+def _span(tile: _Tile, values: jax.Array | None) -> tuple[jax.Array, jax.Array]:
+    """(min, max) of a tile's positions; default positions are the row indices."""
+    if values is None:
+        return tile.start, tile.start + tile.size - 1
+    return jnp.min(values), jnp.max(values)
+
+
+def _classify(spec: _Spec, qt: _Tile, kt: _Tile):
+    """(may_see, all_visible) for a block pair; Python bools where known statically."""
+    may, full = True, True
+    if spec.kv_len < spec.kv_pad:
+        may = _and(may, kt.start < spec.kv_len)
+        full = _and(full, kt.start + kt.size <= spec.kv_len)
+    if spec.causal:
+        q_lo, q_hi = _span(qt, qt.pos)
+        k_lo, k_hi = _span(kt, kt.pos)
+        may = _and(may, k_lo <= q_hi)
+        full = _and(full, k_hi <= q_lo)
+    if spec.has_seg:
+        qs_lo, qs_hi = _span(qt, qt.seg)
+        ks_lo, ks_hi = _span(kt, kt.seg)
+        may = _and(may, (ks_lo <= qs_hi) & (qs_lo <= ks_hi))
+        full = _and(full, (qs_lo == qs_hi) & (ks_lo == ks_hi) & (qs_lo == ks_lo))
+    return may, full
+
+
+def _visible(spec: _Spec, qt: _Tile, kt: _Tile) -> jax.Array:
+    """bool[bq, bk]: the mask rule of mask.py on one block pair (plus key padding)."""
+    q_idx = qt.start + jnp.arange(qt.size, dtype=jnp.int32)
+    k_idx = kt.start + jnp.arange(kt.size, dtype=jnp.int32)
+    vis = jnp.broadcast_to((k_idx < spec.kv_len)[None, :], (qt.size, kt.size))
+    if spec.causal:
+        q_pos = q_idx if qt.pos is None else qt.pos
+        k_pos = k_idx if kt.pos is None else kt.pos
+        vis = vis & (k_pos[None, :] <= q_pos[:, None])
+    if spec.has_seg:
+        vis = vis & (qt.seg[:, None] == kt.seg[None, :])
+    return vis
+
+
+def _visit(lo, hi, load_tile, classify, body, carry):
+    """fori_loop over blocks [lo, hi): skip invisible blocks, mask only partial ones."""
+
+    def step(idx, carry):
+        tile = load_tile(idx)
+        may, full = classify(tile)
+        masked = functools.partial(body, idx, tile, True)
+        unmasked = functools.partial(body, idx, tile, False)
+        if full is True:
+            inner = unmasked
+        elif full is False:
+            inner = masked
+        else:
+            inner = lambda c: lax.cond(full, unmasked, masked, c)
+        if may is True:
+            return inner(carry)
+        return lax.cond(may, inner, lambda c: c, carry)
+
+    return lax.fori_loop(lo, hi, step, carry)
+
+
+def _scores(spec: _Spec, q, k, qt: _Tile, kt: _Tile, masked: bool) -> jax.Array:
+    """Base-2 logits float32[bq, bk] = q k^T * scale * log2(e), masked where invisible."""
+    s = _dot(q, k, (1, 1)) * (spec.scale * LOG2E)
+    if masked:
+        s = jnp.where(_visible(spec, qt, kt), s, MASK_VALUE)
+    return s
+
+
+def _kv_range(spec: _Spec, q_start, block_q: int, block_k: int):
+    """Key blocks a query block can see: all real ones, or up to the diagonal (causal)."""
+    hi = pl.cdiv(spec.kv_len, block_k)
+    if spec.causal and not spec.has_pos:
+        hi = jnp.minimum(hi, lax.div(q_start + block_q + block_k - 1, block_k))
+    return 0, hi
+
+
+def _q_range(spec: _Spec, k_start, block_q: int):
+    """Query blocks that can see a key block: all real ones, or from the diagonal (causal)."""
+    lo = 0
+    if spec.causal and not spec.has_pos:
+        lo = lax.div(k_start, block_q)
+    return lo, pl.cdiv(spec.q_len, block_q)
+
+
+def _split_refs(refs, spec: _Spec, n_in: int):
+    """Inputs, (q_pos, kv_pos, q_seg, kv_seg) refs (None where absent), outputs."""
+    inputs, rest = refs[:n_in], refs[n_in:]
+    mask = [None] * 4
+    if spec.has_pos:
+        mask[0:2], rest = rest[:2], rest[2:]
+    if spec.has_seg:
+        mask[2:4], rest = rest[:2], rest[2:]
+    return inputs, mask, rest
+
+
+def _fwd_kernel(*refs, spec: _Spec):
+    (q_ref, k_ref, v_ref), (qp, kp, qs, ks), (o_ref, lse_ref) = _split_refs(refs, spec, 3)
+    bq, bk = spec.blocks.block_q, spec.blocks.block_k
+    q_start = pl.program_id(0) * bq
+    qt = _load_tile(q_start, bq, qp, qs, whole=False)
+    q = q_ref[...]  # [bq, D]
+
+    def body(j, kt, masked, carry):
+        acc, m, denom = carry  # f32[bq, D], f32[bq], f32[bq]
+        k = k_ref[pl.ds(j * bk, bk), :]
+        v = v_ref[pl.ds(j * bk, bk), :]
+        s = _scores(spec, q, k, qt, kt, masked)
+        m_new = jnp.maximum(m, jnp.max(s, axis=1))
+        alpha = jnp.exp2(m - m_new)
+        p = jnp.exp2(s - m_new[:, None])
+        denom = alpha * denom + jnp.sum(p, axis=1)
+        acc = alpha[:, None] * acc + _dot(p.astype(v.dtype), v, (1, 0))
+        return acc, m_new, denom
+
+    init = (
+        jnp.zeros(q.shape, jnp.float32),
+        jnp.full((bq,), MASK_VALUE, jnp.float32),
+        jnp.zeros((bq,), jnp.float32),
+    )
+    lo, hi = _kv_range(spec, q_start, bq, bk)
+    acc, m, denom = _visit(
+        lo,
+        hi,
+        lambda j: _load_tile(j * bk, bk, kp, ks, whole=True),
+        lambda kt: _classify(spec, qt, kt),
+        body,
+        init,
+    )
+    empty = m == MASK_VALUE  # the row saw no key
+    denom = jnp.where(empty, 1.0, denom)
+    o_ref[...] = jnp.where(empty[:, None], 0.0, acc / denom[:, None]).astype(o_ref.dtype)
+    lse_ref[...] = jnp.where(empty, EMPTY_LSE, m + jnp.log2(denom))
+
+
+def _dkv_kernel(*refs, spec: _Spec):
+    inputs, (qp, kp, qs, ks), (dk_ref, dv_ref) = _split_refs(refs, spec, 6)
+    q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref = inputs
+    bq, bk = spec.blocks.block_q_bwd, spec.blocks.block_k_bwd
+    k_start = pl.program_id(0) * bk
+    kt = _load_tile(k_start, bk, kp, ks, whole=False)
+    k, v = k_ref[...], v_ref[...]  # [bk, D]
+
+    def head(g, carry):
+        def body(i, qt, masked, carry):
+            dk, dv = carry  # f32[bk, D]
+            rows = pl.ds(i * bq, bq)
+            q, do = q_ref[rows, g, :], do_ref[rows, g, :]  # [bq, D]
+            lse, delta = lse_ref[g, rows], delta_ref[g, rows]  # f32[bq]
+            p = jnp.exp2(_scores(spec, q, k, qt, kt, masked) - lse[:, None])
+            dv = dv + _dot(p.astype(do.dtype), do, (0, 0))
+            ds = p * (_dot(do, v, (1, 1)) - delta[:, None])
+            dk = dk + _dot(ds.astype(q.dtype), q, (0, 0))
+            return dk, dv
+
+        lo, hi = _q_range(spec, k_start, bq)
+        return _visit(
+            lo,
+            hi,
+            lambda i: _load_tile(i * bq, bq, qp, qs, whole=True),
+            lambda qt: _classify(spec, qt, kt),
+            body,
+            carry,
+        )
+
+    zeros = jnp.zeros(k.shape, jnp.float32)
+    dk, dv = lax.fori_loop(0, spec.group, head, (zeros, zeros))
+    dk_ref[...] = (dk * spec.scale).astype(dk_ref.dtype)
+    dv_ref[...] = dv.astype(dv_ref.dtype)
+
+
+def _dq_kernel(*refs, spec: _Spec):
+    inputs, (qp, kp, qs, ks), (dq_ref,) = _split_refs(refs, spec, 6)
+    q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref = inputs
+    bq, bk = spec.blocks.block_q_bwd, spec.blocks.block_k_bwd
+    q_start = pl.program_id(0) * bq
+    qt = _load_tile(q_start, bq, qp, qs, whole=False)
+    q, do = q_ref[...], do_ref[...]  # [bq, D]
+    lse, delta = lse_ref[...], delta_ref[...]  # f32[bq]
+
+    def body(j, kt, masked, dq):
+        k = k_ref[pl.ds(j * bk, bk), :]
+        v = v_ref[pl.ds(j * bk, bk), :]
+        p = jnp.exp2(_scores(spec, q, k, qt, kt, masked) - lse[:, None])
+        ds = p * (_dot(do, v, (1, 1)) - delta[:, None])
+        return dq + _dot(ds.astype(k.dtype), k, (1, 0))
+
+    lo, hi = _kv_range(spec, q_start, bq, bk)
+    dq = _visit(
+        lo,
+        hi,
+        lambda j: _load_tile(j * bk, bk, kp, ks, whole=True),
+        lambda kt: _classify(spec, qt, kt),
+        body,
+        jnp.zeros(q.shape, jnp.float32),
+    )
+    dq_ref[...] = (dq * spec.scale).astype(dq_ref.dtype)
+
+
+def _compiler_params(spec: _Spec, head_dim: int):
+    """Triton launch parameters on GPU; the defaults elsewhere."""
+    if spec.interpret or jax.default_backend() != "gpu":
+        return None
+    from jax.experimental.pallas import triton as plgpu
+
+    warps = spec.blocks.num_warps or (4 if head_dim <= 64 else 8)
+    return plgpu.CompilerParams(num_warps=warps, num_stages=spec.blocks.num_stages)
+
+
+def _mask_specs(spec: _Spec, grid_over_q: bool, block: int) -> list[pl.BlockSpec]:
+    """BlockSpecs of (q_pos, kv_pos) / (q_seg, kv_seg): the gridded side gets its tile."""
+    tile = pl.BlockSpec((None, block), lambda t, b, h: (b, t))
+    whole = lambda length: pl.BlockSpec((None, length), lambda t, b, h: (b, 0))
+    pair = [tile, whole(spec.kv_pad)] if grid_over_q else [whole(spec.q_pad), tile]
+    return pair * (int(spec.has_pos) + int(spec.has_seg))
+
+
+def _call(kernel, spec: _Spec, grid, in_specs, out_specs, out_shape, args, name):
+    return pl.pallas_call(
+        functools.partial(kernel, spec=spec),
+        grid=grid,
+        in_specs=in_specs,
+        out_specs=out_specs,
+        out_shape=out_shape,
+        compiler_params=_compiler_params(spec, args[0].shape[-1]),
+        interpret=spec.interpret,
+        name=name,
+    )(*args)
+
+
+def _whole_kv_spec(spec: _Spec, dim: int) -> pl.BlockSpec:
+    """All keys (or values) of the KV head that query head h reads: [Tk', D]."""
+    return pl.BlockSpec(
+        (None, spec.kv_pad, None, dim), lambda t, b, h: (b, 0, lax.div(h, spec.group), 0)
+    )
+
+
+def _forward(q, k, v, masks, spec: _Spec):
+    """Padded inputs -> (out [B, Tq', H, D], lse f32[B, H, Tq'])."""
+    batch, _, heads, dim = q.shape
+    bq = spec.blocks.block_q
+    whole_kv = _whole_kv_spec(spec, dim)
+    q_block = pl.BlockSpec((None, bq, None, dim), lambda t, b, h: (b, t, h, 0))
+    return _call(
+        _fwd_kernel,
+        spec,
+        grid=(spec.q_pad // bq, batch, heads),
+        in_specs=[q_block, whole_kv, whole_kv, *_mask_specs(spec, True, bq)],
+        out_specs=[q_block, pl.BlockSpec((None, None, bq), lambda t, b, h: (b, h, t))],
+        out_shape=[
+            jax.ShapeDtypeStruct(q.shape, q.dtype),
+            jax.ShapeDtypeStruct((batch, heads, spec.q_pad), jnp.float32),
+        ],
+        args=(q, k, v, *masks),
+        name="flash_fwd",
+    )
+
+
+def _backward(q, k, v, masks, out, lse, d_out, spec: _Spec):
+    """(dq, dk, dv) from the saved lse: two kernels, no atomics."""
+    batch, _, heads, dim = q.shape
+    kv_heads, group = k.shape[2], spec.group
+    bq, bk = spec.blocks.block_q_bwd, spec.blocks.block_k_bwd
+    delta = jnp.einsum("bqhd,bqhd->bhq", out.astype(jnp.float32), d_out.astype(jnp.float32))
+
+    q_group = pl.BlockSpec((None, spec.q_pad, group, dim), lambda t, b, h: (b, 0, h, 0))
+    rows_group = pl.BlockSpec((None, group, spec.q_pad), lambda t, b, h: (b, h, 0))
+    kv_block = pl.BlockSpec((None, bk, None, dim), lambda t, b, h: (b, t, h, 0))
+    dk, dv = _call(
+        _dkv_kernel,
+        spec,
+        grid=(spec.kv_pad // bk, batch, kv_heads),
+        in_specs=[
+            q_group,
+            kv_block,
+            kv_block,
+            q_group,
+            rows_group,
+            rows_group,
+            *_mask_specs(spec, False, bk),
+        ],
+        out_specs=[kv_block, kv_block],
+        out_shape=[jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)],
+        args=(q, k, v, d_out, lse, delta, *masks),
+        name="flash_bwd_dkv",
+    )
+
+    q_block = pl.BlockSpec((None, bq, None, dim), lambda t, b, h: (b, t, h, 0))
+    whole_kv = _whole_kv_spec(spec, dim)
+    row_block = pl.BlockSpec((None, None, bq), lambda t, b, h: (b, h, t))
+    dq = _call(
+        _dq_kernel,
+        spec,
+        grid=(spec.q_pad // bq, batch, heads),
+        in_specs=[
+            q_block,
+            whole_kv,
+            whole_kv,
+            q_block,
+            row_block,
+            row_block,
+            *_mask_specs(spec, True, bq),
+        ],
+        out_specs=q_block,
+        out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
+        args=(q, k, v, d_out, lse, delta, *masks),
+        name="flash_bwd_dq",
+    )
+    return dq, dk, dv
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def _flash(q, k, v, masks, spec: _Spec):
+    return _forward(q, k, v, masks, spec)[0]
+
+
+def _flash_fwd(q, k, v, masks, spec: _Spec):
+    out, lse = _forward(q, k, v, masks, spec)
+    return out, (q, k, v, masks, out, lse)
+
+
+def _flash_bwd(spec: _Spec, residuals, d_out):
+    q, k, v, masks, out, lse = residuals
+    dq, dk, dv = _backward(q, k, v, masks, out, lse, d_out, spec)
+    return dq, dk, dv, jax.tree.map(lambda _: None, masks)
+
+
+_flash.defvjp(_flash_fwd, _flash_bwd)
+
+
+def _fit(block: int, length: int) -> int:
+    """The configured block, shrunk (to a power of two >= MIN_BLOCK) for short sequences."""
+    return max(MIN_BLOCK, min(block, pl.next_power_of_2(length)))
+
+
+def _pad_axis(x: jax.Array, axis: int, size: int, value=0) -> jax.Array:
+    if x.shape[axis] == size:
+        return x
+    widths = [(0, 0)] * x.ndim
+    widths[axis] = (0, size - x.shape[axis])
+    return jnp.pad(x, widths, constant_values=value)
+
+
+def _mask_vectors(mask: AttentionMask | None, batch, q_len, kv_len, q_pad, kv_pad):
+    """AttentionMask -> (has_pos, has_seg, [q_pos, kv_pos][, q_seg, kv_seg]) int32[B, T']."""
+    if mask is None:
+        return False, False, []
+    vectors = []
+    positional = mask.prefix_lengths is not None or mask.q_positions is not None
+    has_pos = mask.causal and (positional or mask.kv_positions is not None)
+    if has_pos:
+        q_pos, kv_pos = mask.positions(batch, q_len, kv_len)
+        if mask.prefix_lengths is not None:  # prefix keys: visible from every query
+            prefix = jnp.asarray(mask.prefix_lengths, jnp.int32)[:, None]
+            kv_pos = jnp.where(kv_pos < prefix, INT_MIN, kv_pos)
+        vectors += [
+            _pad_axis(q_pos.astype(jnp.int32), 1, q_pad, INT_MIN),
+            _pad_axis(kv_pos.astype(jnp.int32), 1, kv_pad, INT_MAX),
+        ]
+    has_seg = mask.q_segment_ids is not None or mask.kv_valid is not None
+    if has_seg:
+        q_seg = jnp.zeros((batch, q_len), jnp.int32)
+        kv_seg = jnp.zeros((batch, kv_len), jnp.int32)
+        if mask.q_segment_ids is not None:
+            q_seg = mask.q_segment_ids.astype(jnp.int32)
+            kv_seg = mask.kv_segment_ids.astype(jnp.int32)
+        if mask.kv_valid is not None:  # invalid keys join a segment no query is in
+            kv_seg = jnp.where(mask.kv_valid.astype(bool), kv_seg, INT_MIN)
+        vectors += [_pad_axis(q_seg, 1, q_pad, INT_MIN + 1), _pad_axis(kv_seg, 1, kv_pad, INT_MIN)]
+    return has_pos, has_seg, vectors
+
+
+def flash_attention(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    mask: AttentionMask | None = None,
+    *,
+    scale: float | None = None,
+    block_sizes: BlockSizes | None = None,
+    interpret: bool | None = None,
+) -> jax.Array:
+    """Flash attention: q[B, Tq, H, D], k/v[B, Tk, Hkv, D] -> [B, Tq, H, D] (q's dtype).
+
+    Differentiable in q, k, v. `interpret` defaults to True on CPU (the kernels then run
+    through the Pallas interpreter, slowly but exactly).
+    """
+    batch, q_len, heads, dim = q.shape
+    kv_len, kv_heads = k.shape[1], k.shape[2]
+    blocks = block_sizes or BlockSizes()
+    blocks = dataclasses.replace(
+        blocks,
+        block_q=_fit(blocks.block_q, q_len),
+        block_k=_fit(blocks.block_k, kv_len),
+        block_q_bwd=_fit(blocks.block_q_bwd, q_len),
+        block_k_bwd=_fit(blocks.block_k_bwd, kv_len),
+    )
+    q_pad = pl.cdiv(q_len, max(blocks.block_q, blocks.block_q_bwd)) * max(
+        blocks.block_q, blocks.block_q_bwd
+    )
+    kv_block = max(blocks.block_k, blocks.block_k_bwd)
+    kv_pad = pl.cdiv(kv_len, kv_block) * kv_block
+    dim_pad = max(MIN_BLOCK, pl.next_power_of_2(dim))
+    has_pos, has_seg, vectors = _mask_vectors(mask, batch, q_len, kv_len, q_pad, kv_pad)
+    spec = _Spec(
+        scale=float(dim**-0.5 if scale is None else scale),
+        causal=bool(mask is not None and mask.causal),
+        has_pos=has_pos,
+        has_seg=has_seg,
+        q_len=q_len,
+        kv_len=kv_len,
+        q_pad=q_pad,
+        kv_pad=kv_pad,
+        group=heads // kv_heads,
+        blocks=blocks,
+        interpret=jax.default_backend() == "cpu" if interpret is None else interpret,
+    )
+    pad = lambda x, length: _pad_axis(_pad_axis(x, 1, length), 3, dim_pad)
+    out = _flash(pad(q, q_pad), pad(k, kv_pad), pad(v, kv_pad), tuple(vectors), spec)
+    return out[:, :q_len, :, :dim]
+
+
+@ATTENTION_IMPLS.register("pallas")
+def pallas_attention(
+    q: jax.Array, k: jax.Array, v: jax.Array, mask: AttentionMask | None, scale: float
+) -> jax.Array:
+    """The dispatcher's "pallas" implementation: flash_attention with default blocks."""
+    return flash_attention(q, k, v, mask, scale=scale)
