@@ -1,0 +1,103 @@
+"""Real tokenizers against their reference implementations, offline.
+
+CLIP BPE is compared with open_clip's tokenizer on the vocabulary file open_clip ships;
+SentencePiece with HuggingFace's SiglipTokenizer and with sentencepiece itself, on a tiny model
+trained here.
+"""
+
+import ml_collections
+import numpy as np
+import pytest
+
+from vlm_jax.data import bpe, spm  # noqa: F401  (registers the tokenizers)
+from vlm_jax.data.tokenizers import build_tokenizer
+
+TEXTS = [
+    "a photo of a cat.",
+    "A Photo Of A DOG!!",
+    "two   red circles,\tleft of a blue square",
+    "caf\u00e9 na\u00efve \u00fcber",  # non-ASCII letters
+    "\u65e5\u672c\u8a9e\u306e\u30c6\u30ad\u30b9\u30c8",  # CJK
+    "Tom &amp; Jerry's 3rd film: 1987",  # HTML entity, contraction, digits
+    "emoji \U0001f600 and symbols #$%^&*()",
+    "",
+    "word " * 40,  # longer than max_len: truncated, EOS kept last
+]
+
+
+def tokenizer(name: str, **options):
+    return build_tokenizer(ml_collections.ConfigDict({"name": name, "max_len": 16, **options}))
+
+
+@pytest.fixture(scope="module")
+def open_clip():
+    from vlm_jax.convert.torch_compat import import_open_clip
+
+    return import_open_clip()
+
+
+@pytest.mark.parametrize("max_len", [77, 16])
+def test_clip_bpe_matches_open_clip(open_clip, max_len):
+    ours = tokenizer("clip_bpe").batch_encode(TEXTS, max_len)
+    reference = open_clip.tokenize(TEXTS, context_length=max_len).numpy()
+    np.testing.assert_array_equal(ours, reference)
+
+
+def test_clip_bpe_conventions_and_decode():
+    tok = tokenizer("clip_bpe")
+    assert (tok.vocab_size, tok.bos_id, tok.eos_id, tok.pad_id) == (49408, 49406, 49407, 0)
+    row = tok.batch_encode(["Hello, World!"], 16)[0]
+    assert row[0] == tok.bos_id and list(row).index(tok.eos_id) == 5
+    assert tok.decode(row) == "hello , world !"
+
+
+def train_sentencepiece(tmp_path, **ids) -> str:
+    import sentencepiece
+
+    corpus = [t.lower() for t in TEXTS[:7]] * 20 + ["the quick brown fox jumps over the dog"] * 20
+    prefix = str(tmp_path / "tiny")
+    sentencepiece.SentencePieceTrainer.train(
+        sentence_iterator=iter(corpus),
+        model_prefix=prefix,
+        vocab_size=100,
+        hard_vocab_limit=False,
+        model_type="unigram",
+        character_coverage=1.0,
+        minloglevel=2,
+        **ids,
+    )
+    return prefix + ".model"
+
+
+def test_sentencepiece_matches_hf_siglip_tokenizer(tmp_path):
+    from transformers import SiglipTokenizer
+
+    model_path = train_sentencepiece(tmp_path, pad_id=0, eos_id=1, unk_id=2, bos_id=-1)
+    reference = SiglipTokenizer(vocab_file=model_path, model_max_length=16)
+    expected = reference(TEXTS, padding="max_length", max_length=16, truncation=True)["input_ids"]
+    ours = tokenizer(
+        "sentencepiece", model_path=model_path, lower=True, strip_punctuation=True, pad_id=1
+    ).batch_encode(TEXTS, 16)
+    np.testing.assert_array_equal(ours, np.asarray(expected))
+
+
+def test_sentencepiece_gemma_style_bos(tmp_path):
+    import sentencepiece
+
+    model_path = train_sentencepiece(tmp_path, pad_id=0, eos_id=1, bos_id=2, unk_id=3)
+    tok = tokenizer("sentencepiece", model_path=model_path, add_bos=True)
+    reference = sentencepiece.SentencePieceProcessor(model_file=model_path)
+    assert (tok.pad_id, tok.eos_id, tok.bos_id) == (0, 1, 2)
+    rows = tok.batch_encode(TEXTS[:3], 32)
+    for text, row in zip(TEXTS[:3], rows):
+        ids = reference.encode(" ".join(text.split()), add_bos=True, add_eos=True)
+        np.testing.assert_array_equal(row[: len(ids)], ids)
+        assert (row[len(ids) :] == 0).all()
+        assert tok.decode(row) == reference.decode(ids)
+
+
+def test_missing_files_are_named(tmp_path):
+    with pytest.raises(FileNotFoundError, match="nope.model"):
+        tokenizer("sentencepiece", model_path=str(tmp_path / "nope.model"))
+    with pytest.raises(FileNotFoundError, match="nope.txt.gz"):
+        tokenizer("clip_bpe", vocab_path=str(tmp_path / "nope.txt.gz"))
