@@ -1,0 +1,114 @@
+"""Tokenizers: text <-> int ids, one interface for word, byte, SentencePiece and BPE models.
+
+A subclass only says how text becomes content ids and back (`encode`, `detokenize`) and which
+ids are special; padding, EOS placement, truncation and decoding up to EOS are shared here, so
+every tokenizer feeds the text tower the same layout:
+
+    [bos]? content... eos pad pad ...      (pad_id == 0; EOS kept when truncating)
+
+Register a new one with `@TOKENIZERS.register("name")`; `build_tokenizer(config.tokenizer)`
+passes every config key except `name` and `max_len` to its constructor.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+
+import ml_collections
+import numpy as np
+
+from vlm_jax.data import shapes
+from vlm_jax.registry import Registry
+
+TOKENIZERS = Registry("tokenizer")
+SPECIALS = ("<pad>", "<eos>", "<bos>", "<unk>")  # ids 0, 1, 2, 3 in the built-in tokenizers
+_WORD = re.compile(r"[a-z0-9]+|[^\sa-z0-9]")
+
+
+class Tokenizer:
+    """Base class. Subclasses set the ids below and implement `encode` and `detokenize`."""
+
+    vocab_size: int
+    pad_id: int = 0
+    eos_id: int = 1
+    bos_id: int = 2
+    unk_id: int = 3
+
+    def __init__(self, add_bos: bool = False):
+        self.add_bos = add_bos
+
+    def encode(self, text: str) -> list[int]:
+        """Content ids of `text`, without BOS/EOS/padding."""
+        raise NotImplementedError
+
+    def detokenize(self, ids: Sequence[int]) -> str:
+        """Text of content ids (no specials among them)."""
+        raise NotImplementedError
+
+    def decode(self, ids: Sequence[int]) -> str:
+        """Text of a row of `batch_encode`: stops at EOS, skips PAD and BOS."""
+        content = []
+        for token in (int(i) for i in ids):
+            if token == self.eos_id:
+                break
+            if token not in (self.pad_id, self.bos_id):
+                content.append(token)
+        return self.detokenize(content)
+
+    def batch_encode(self, texts: Sequence[str], max_len: int) -> np.ndarray:
+        """int32[n, max_len]: [bos]? content eos, then pad_id. Too long -> content is cut, the
+        EOS stays last (the text tower pools at EOS)."""
+        if max_len < 1 + self.add_bos:
+            raise ValueError(f"max_len={max_len} leaves no room for EOS (add_bos={self.add_bos})")
+        tokens = np.full((len(texts), max_len), self.pad_id, np.int32)
+        for row, text in enumerate(texts):
+            ids = ([self.bos_id] if self.add_bos else []) + self.encode(text)
+            ids = [*ids[: max_len - 1], self.eos_id]
+            tokens[row, : len(ids)] = ids
+        return tokens
+
+
+@TOKENIZERS.register("words")
+class WordTokenizer(Tokenizer):
+    """Lower-cased words and single punctuation marks over a fixed vocabulary.
+
+    The default vocabulary is every word of the shapes world's captions and zero-shot prompts,
+    so it needs no training pass and is identical everywhere; other words map to <unk>.
+    """
+
+    def __init__(self, add_bos: bool = False, words: Sequence[str] | None = None):
+        super().__init__(add_bos)
+        words = list(shapes.vocabulary() if words is None else words)
+        clash = sorted(set(words) & set(SPECIALS))
+        if clash or len(set(words)) != len(words):
+            raise ValueError(f"vocabulary words must be unique and not specials; bad: {clash}")
+        self.words = [*SPECIALS, *words]
+        self.ids = {word: i for i, word in enumerate(self.words)}
+        self.vocab_size = len(self.words)
+
+    def encode(self, text: str) -> list[int]:
+        return [self.ids.get(word, self.unk_id) for word in _WORD.findall(text.lower())]
+
+    def detokenize(self, ids: Sequence[int]) -> str:
+        return " ".join(self.words[i] for i in ids)
+
+
+@TOKENIZERS.register("bytes")
+class ByteTokenizer(Tokenizer):
+    """UTF-8 bytes shifted past the specials: any text, no vocabulary, no <unk>."""
+
+    vocab_size = len(SPECIALS) + 256
+
+    def encode(self, text: str) -> list[int]:
+        return [len(SPECIALS) + b for b in text.encode("utf-8")]
+
+    def detokenize(self, ids: Sequence[int]) -> str:
+        data = bytes(i - len(SPECIALS) for i in ids if i >= len(SPECIALS))
+        return data.decode("utf-8", errors="replace")
+
+
+def build_tokenizer(config: ml_collections.ConfigDict) -> Tokenizer:
+    """`config.tokenizer` -> Tokenizer; keys other than name/max_len go to the constructor."""
+    options = {key: value for key, value in config.items() if key not in ("name", "max_len")}
+    return TOKENIZERS.get(config.name)(**options)
