@@ -67,14 +67,19 @@ class Checkpointer:
         restored = self.manager.restore(step, args=ocp.args.Composite(**args))
         return restored["state"], dict(restored["meta"] or {})
 
-    def restore_params(self, step: int | None, abstract_params: Any) -> Any:
-        """Only the params of a saved train state (for init / fine-tuning / evaluation)."""
+    def restore_params(self, step: int | None, abstract_params: Any = None) -> Any:
+        """Only the params of a saved train state (for init / fine-tuning / evaluation).
+
+        `abstract_params` (ShapeDtypeStructs with shardings) places them; None restores
+        arrays with the saved shapes on the default device.
+        """
         step = self.latest_step() if step is None else step
         if step is None:
             raise FileNotFoundError(f"no checkpoint in {self.directory}")
         meta_tree = self.manager.item_metadata(step)["state"]
         abstract = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype), dict(meta_tree))
-        abstract["params"] = abstract_params
+        if abstract_params is not None:
+            abstract["params"] = abstract_params
         restored = self.manager.restore(
             step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract))
         )

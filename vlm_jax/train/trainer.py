@@ -111,9 +111,11 @@ def param_layout(task: Task, config, mesh: Mesh):
     def init_fn(rng):
         return task.init(rng, dummy)["params"]
 
-    boxed = jax.eval_shape(init_fn, jax.random.key(config.seed))
+    rng = jax.random.key(config.seed)
+    boxed = jax.eval_shape(init_fn, rng)
     shardings = sharding.logical_shardings(boxed, mesh, config.sharding.rules)
-    return init_fn, abstract_like(nn.unbox(boxed), shardings), shardings
+    unboxed = jax.eval_shape(lambda r: nn.unbox(init_fn(r)), rng)
+    return init_fn, abstract_like(unboxed, shardings), shardings
 
 
 def init_params(task: Task, config, mesh: Mesh) -> tuple[Any, Any]:
@@ -288,15 +290,20 @@ def _train_loop(config, workdir: Path, mesh: Mesh, task: Task, is_primary: bool)
                 row |= {k: float(v) for k, v in jax.device_get(step_metrics).items()}
                 row |= perf.report(step)
                 progress.update(step, row)
-            if (config.train.eval_every and step % config.train.eval_every == 0) or step == total:
+            evaluating = (config.train.eval_every and step % config.train.eval_every == 0) or (
+                step == total
+            )
+            if evaluating:
                 row |= {f"eval/{k}": v for k, v in task.evaluate(state.params).items()}
-                perf.reset(step)
             if row:
                 writer.write(step, row)
                 last = row
             stopping = stop.should_stop()
-            if step % config.train.checkpoint_every == 0 or step == total or stopping:
+            saving = step % config.train.checkpoint_every == 0 or step == total or stopping
+            if saving:
                 ckpt.save(step, state, data_iter, {"step": step}, force=True)
+            if evaluating or saving:  # keep eval and checkpoint time out of perf/step_time_s
+                perf.reset(step)
             if stopping:
                 logging.warning("stopped at step %d; checkpoint saved, resume to continue", step)
                 break

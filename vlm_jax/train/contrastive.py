@@ -1,0 +1,154 @@
+"""The contrastive (CLIP / SigLIP) task: two-tower model, contrastive loss, zero-shot and
+retrieval evaluation on held-out splits."""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import jax
+import numpy as np
+
+from vlm_jax import sharding
+from vlm_jax.data import build_pipeline, build_source, build_tokenizer
+from vlm_jax.evaluate import class_embeddings, recall_at_k, unique_texts, zeroshot_accuracy
+from vlm_jax.losses import build_loss
+from vlm_jax.models import build_model
+from vlm_jax.models.flops import forward_flops_per_example
+from vlm_jax.train.tasks import TASKS, Task
+
+
+@TASKS.register("contrastive")
+class ContrastiveTask(Task):
+    def __init__(self, config, mesh):
+        super().__init__(config, mesh)
+        self.tokenizer = build_tokenizer(config.tokenizer)
+        if self.tokenizer.vocab_size > config.model.text.vocab_size:
+            raise ValueError(
+                f"model.text.vocab_size={config.model.text.vocab_size} is smaller than the "
+                f"tokenizer's vocabulary ({self.tokenizer.vocab_size})"
+            )
+        self.model = build_model(config.model)
+        self.loss_fn = build_loss(config.loss, mesh)
+        replicated = sharding.replicated(mesh)
+        self._embed_image = jax.jit(
+            functools.partial(self.model.apply, method="embed_image"), out_shardings=replicated
+        )
+        self._embed_text = jax.jit(
+            functools.partial(self.model.apply, method="embed_text"), out_shardings=replicated
+        )
+
+    # -- training -------------------------------------------------------------------------
+    def dummy_batch(self, batch_size: int) -> dict[str, np.ndarray]:
+        size = self.config.model.image.image_size
+        return {
+            "image": np.zeros((batch_size, size, size, 3), np.float32),
+            "tokens": np.zeros((batch_size, self.config.tokenizer.max_len), np.int32),
+        }
+
+    def model_inputs(self, batch):
+        return {"images": batch["image"], "tokens": batch["tokens"]}
+
+    def _apply(self, params, images, tokens, rng, train=True):
+        return self.model.apply(
+            {"params": params}, images, tokens, train=train, rngs={"dropout": rng}
+        )
+
+    def loss(self, params, batch, rng, train):
+        out = self._apply(params, batch["image"], batch["tokens"], rng, train)
+        loss = self.loss_fn(
+            out["image_emb"], out["text_emb"], out["logit_scale"], out["logit_bias"]
+        )
+        return loss, {"logit_scale": out["logit_scale"], "logit_bias": out["logit_bias"]}
+
+    def value_and_grad(self, params, batch, rng):
+        chunks = self.config.train.grad_cache_chunks
+        if chunks <= 1:
+            return super().value_and_grad(params, batch, rng)
+        from vlm_jax.train.gradcache import gradcache_value_and_grad
+
+        def apply_fn(p, images, tokens, rngs):
+            return self._apply(p, images, tokens, rngs, True)
+
+        loss, grads = gradcache_value_and_grad(
+            apply_fn, self.loss_fn, params, batch, num_chunks=chunks, rngs=rng
+        )
+        return (loss, {}), grads
+
+    def train_data(self, batch_size, process_index, process_count, seed):
+        return build_pipeline(
+            self.config,
+            self.tokenizer,
+            "train",
+            batch_size=batch_size,
+            process_index=process_index,
+            process_count=process_count,
+            shuffle=True,
+            seed=seed,
+            worker_count=self.config.train.worker_count,
+        )
+
+    def train_flops_per_example(self) -> float:
+        return 3.0 * forward_flops_per_example(self.config.model)
+
+    # -- evaluation -----------------------------------------------------------------------
+    def _embed_all(self, fn, params, inputs: np.ndarray) -> np.ndarray:
+        """Embed `inputs` [N, ...] in fixed-size, batch-sharded chunks: float32[N, E]."""
+        dp = sharding.data_parallel_size(self.mesh)
+        chunk = max(dp, self.config.eval.batch_size // dp * dp)
+        outputs = []
+        for start in range(0, len(inputs), chunk):
+            part = inputs[start : start + chunk]
+            padded = np.concatenate([part, np.repeat(part[-1:], chunk - len(part), 0)])
+            global_part = jax.make_array_from_callback(
+                padded.shape,
+                sharding.batch_sharding(self.mesh, padded.ndim),
+                lambda i, a=padded: a[i],
+            )
+            outputs.append(np.asarray(fn({"params": params}, global_part))[: len(part)])
+        return np.concatenate(outputs)
+
+    @functools.cache  # noqa: B019  (one task per run; the eval sets are small and fixed)
+    def _load_split(self, split: str) -> dict[str, np.ndarray]:
+        """A whole held-out split as arrays (loaded once per run)."""
+        batches = list(
+            build_pipeline(
+                self.config,
+                self.tokenizer,
+                split,
+                batch_size=self.config.eval.batch_size,
+                shuffle=False,
+                num_epochs=1,
+                drop_remainder=False,
+            )
+        )
+        return {k: np.concatenate([b[k] for b in batches]) for k in batches[0]}
+
+    def _embed_texts(self, params, texts: list[str]) -> np.ndarray:
+        tokens = self.tokenizer.batch_encode(texts, self.config.tokenizer.max_len)
+        return self._embed_all(self._embed_text, params, tokens)
+
+    def evaluate(self, params: Any) -> dict[str, float]:
+        results = {}
+        zs_source = build_source(self.config.data, "zeroshot")
+        zs = self._load_split("zeroshot")
+        image_emb = self._embed_all(self._embed_image, params, zs["image"])
+        class_emb = class_embeddings(
+            lambda texts: self._embed_texts(params, texts),
+            zs_source.classnames,
+            zs_source.templates,
+        )
+        for key, value in zeroshot_accuracy(image_emb, class_emb, zs["label"], ks=(1, 5)).items():
+            results[f"zeroshot_{key}"] = value
+
+        val_source = build_source(self.config.data, "val")
+        val = self._load_split("val")
+        image_emb = self._embed_all(self._embed_image, params, val["image"])
+        image_captions = [val_source[int(i)]["caption"] for i in val["id"]]
+        gallery = unique_texts(image_captions)
+        text_emb = self._embed_texts(params, gallery)
+        for key, value in recall_at_k(image_emb, text_emb, image_captions, gallery).items():
+            results[f"retrieval_{key}"] = value
+        results["retrieval_num_images"] = float(len(image_captions))
+        results["retrieval_num_texts"] = float(len(gallery))
+        return results

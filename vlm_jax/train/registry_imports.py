@@ -1,0 +1,3 @@
+"""Import every task module so that TASKS knows them all."""
+
+import vlm_jax.train.contrastive  # noqa: F401
