@@ -225,13 +225,18 @@ def _place(
     )
 
 
+@functools.cache
+def _pairs(n: int) -> tuple[np.ndarray, np.ndarray]:
+    return np.triu_indices(n, 1)
+
+
 def _valid(
     center: np.ndarray, radius: np.ndarray, group_ids: np.ndarray, relation: str | None, gap: float
 ) -> np.ndarray:
     """center: float[K, n, 2]; radius: float[K, n] -> bool[K]: boxes `gap` apart, and every
     (group 0, group 1) pair fully separated along the relation's axis, which dominates: the
     offset along it is at least `_DOMINANCE` times the offset across it."""
-    first, second = np.triu_indices(len(group_ids), 1)  # pairs i < j: [P] each
+    first, second = _pairs(len(group_ids))  # pairs i < j: [P] each
     delta = center[:, second] - center[:, first]  # [K, P, 2]
     both = radius[:, first] + radius[:, second]  # [K, P]
     ok = (np.abs(delta) >= (both + gap)[..., None]).any(-1).all(-1)
