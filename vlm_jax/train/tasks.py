@@ -63,6 +63,10 @@ class Task:
         """Held-out metrics, keys without the "eval/" prefix."""
         return {}
 
+    def load_pretrained(self, params: Any) -> Any:
+        """Params of a fresh run after init (not on resume): e.g. towers from other runs."""
+        return params
+
     def train_flops_per_example(self) -> float | None:
         """Model FLOPs of one training example (3 x forward), for MFU; None if unknown."""
         return None

@@ -270,6 +270,8 @@ def _train_loop(config, workdir: Path, mesh: Mesh, task: Task, is_primary: bool)
         async_save=config.train.async_checkpoint,
     )
     state, resumed = restore_or_init(ckpt, state, state_shardings, data_iter, config, mesh)
+    if resumed is None:
+        state = state.replace(params=task.load_pretrained(state.params))
     start = resumed or 0
     writer = metrics_lib.MetricWriter(workdir, enabled=is_primary, resume_step=resumed)
     total = config.train.total_steps
