@@ -1,5 +1,12 @@
 """Data: sources (embedded shapes world, ...), tokenizers, preprocessing, Grain pipelines."""
 
+from vlm_jax.data import (  # noqa: F401  (register the real-data sources and tokenizers)
+    array_record_source,
+    bpe,
+    folder,
+    spm,
+    tfds_source,
+)
 from vlm_jax.data.pipeline import build_pipeline, default_data_config
 from vlm_jax.data.sources import (
     DATA_SOURCES,

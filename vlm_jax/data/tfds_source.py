@@ -1,0 +1,96 @@
+"""TFDS datasets prepared in a local data dir (array_record format), read via Grain.
+
+    config.data.source = "tfds"
+    config.data.tfds_name = "coco_captions"          # or "imagenet2012" for zero-shot
+    config.data.tfds_data_dir = "/data/tfds"         # where `tfds build` put it; no downloads
+    config.data.tfds_splits = {"train": "train", "val": "validation", "zeroshot": "validation"}
+    config.data.image_key = "image"
+    config.data.caption_key = "captions/text"        # "/" walks nested features; of a list of
+                                                     # captions the first is used
+    config.data.label_key = "label"                  # zero-shot labels (a ClassLabel feature)
+
+`tfds.data_source` gives random access over the array_record files, so Grain shuffles, shards
+and checkpoints it like any source. Zero-shot class names come from the label feature's names,
+unless `config.data.classnames` lists them (ImageNet's feature names are WordNet ids). A record
+without a caption but with a label is captioned by the first template and its class name.
+Undecodable or caption-less records are replaced and reported as in `vlm_jax.data.folder`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import ml_collections
+import numpy as np
+
+from vlm_jax.data.folder import DEFAULT_TEMPLATES, BadRecordError, BadRecords, SkipUndecodable
+from vlm_jax.data.sources import DATA_SOURCES
+
+
+def lookup(example: dict, key: str) -> Any:
+    """example["a"]["b"] for key "a/b" (None if absent); of a list of texts, the first."""
+    value: Any = example
+    for part in key.split("/"):
+        if not isinstance(value, dict) or part not in value:
+            return None
+        value = value[part]
+        if isinstance(value, list | tuple) or (
+            isinstance(value, np.ndarray) and value.dtype == object and value.ndim
+        ):
+            value = value[0] if len(value) else None
+    return value
+
+
+def as_text(value: Any) -> str:
+    value = value.item() if isinstance(value, np.ndarray) else value
+    if value is None:
+        return ""
+    return (value.decode("utf-8") if isinstance(value, bytes) else str(value)).strip()
+
+
+def as_rgb(image: Any) -> np.ndarray:
+    """uint8[H, W, 1 | 3 | 4] -> uint8[H, W, 3]."""
+    image = np.asarray(image)
+    if image.dtype != np.uint8 or image.ndim != 3 or image.shape[-1] not in (1, 3, 4):
+        raise BadRecordError("undecodable_image", f"{image.dtype}{list(image.shape)} image")
+    return np.repeat(image, 3, axis=-1) if image.shape[-1] == 1 else image[..., :3]
+
+
+@DATA_SOURCES.register("tfds")
+class TfdsSource(SkipUndecodable):
+    """Records {"image": uint8[H, W, 3], "caption", "id", ["label"]} of a prepared TFDS split."""
+
+    def __init__(self, config: ml_collections.ConfigDict, split: str):
+        import tensorflow_datasets as tfds
+
+        splits = dict(config.get("tfds_splits") or {})
+        if split not in splits:
+            raise ValueError(f"split {split!r} is not one of data.tfds_splits: {sorted(splits)}")
+        self.source = tfds.data_source(
+            config.tfds_name,
+            split=splits[split],
+            data_dir=config.get("tfds_data_dir") or None,
+            download=False,  # prepared beforehand (`tfds build`); runs never download
+        )
+        self.image_key = config.get("image_key", "image")
+        self.caption_key = config.get("caption_key", "caption")
+        self.label_key = config.get("label_key", "label")
+        features = self.source.dataset_info.features
+        label_feature = features.get(self.label_key)
+        self.classnames = list(config.get("classnames") or getattr(label_feature, "names", []))
+        self.templates = tuple(config.get("templates") or DEFAULT_TEMPLATES)
+        bad = BadRecords(config.get("on_error", "skip"), f"tfds {config.tfds_name}:{split}")
+        super().__init__(self.load, len(self.source), bad)
+
+    def load(self, index: int) -> dict:
+        example = self.source[index]
+        record = {"image": as_rgb(lookup(example, self.image_key)), "id": index}
+        label = lookup(example, self.label_key)
+        if label is not None:
+            record["label"] = int(label)
+        caption = as_text(lookup(example, self.caption_key))
+        if not caption and "label" in record and self.classnames:
+            caption = self.templates[0].format(self.classnames[record["label"]])
+        if not caption:
+            raise BadRecordError("empty_caption", f"no text at {self.caption_key!r}")
+        return record | {"caption": caption}
