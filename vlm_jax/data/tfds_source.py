@@ -75,9 +75,9 @@ class TfdsSource(SkipUndecodable):
         self.image_key = config.get("image_key", "image")
         self.caption_key = config.get("caption_key", "caption")
         self.label_key = config.get("label_key", "label")
-        features = self.source.dataset_info.features
-        label_feature = features.get(self.label_key)
-        self.classnames = list(config.get("classnames") or getattr(label_feature, "names", []))
+        features = dict(self.source.dataset_info.features.items())
+        label_names = getattr(features.get(self.label_key), "names", [])
+        self.classnames = list(config.get("classnames") or label_names)
         self.templates = tuple(config.get("templates") or DEFAULT_TEMPLATES)
         bad = BadRecords(config.get("on_error", "skip"), f"tfds {config.tfds_name}:{split}")
         super().__init__(self.load, len(self.source), bad)
