@@ -62,11 +62,16 @@ class ShapesSource:
         return f"ShapesSource(split={self.split!r}, world={self.world})"
 
 
+def _data_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """`config.data` of a full experiment config, or `config` itself if it is the data part."""
+    return config.data if "data" in config else config
+
+
 def zeroshot_classnames(config: ml_collections.ConfigDict) -> list[str]:
-    """Class names of the zeroshot split of `config.data`, indexed by the records' "label"."""
-    return list(build_source(config, "zeroshot").classnames)
+    """Class names of the zeroshot split (config or config.data), indexed by "label"."""
+    return list(build_source(_data_config(config), "zeroshot").classnames)
 
 
 def zeroshot_templates(config: ml_collections.ConfigDict) -> tuple[str, ...]:
-    """Prompt templates ("a {}", ...) for the zero-shot classes of `config.data`."""
-    return tuple(build_source(config, "zeroshot").templates)
+    """Prompt templates ("a {}", ...) for the zero-shot classes (config or config.data)."""
+    return tuple(build_source(_data_config(config), "zeroshot").templates)
