@@ -75,6 +75,46 @@ class MlpBlock(nn.Module):
         return logical_dense(width, ("mlp", "embed"), dtype=self.dtype, name="fc2")(h)
 
 
+class HeadsDense(nn.Module):
+    """Dense over the last `in_dims` input dims to `features` dims (e.g. [B,T,D] -> [B,T,H,hd]).
+
+    Like nn.DenseGeneral (same param names, shapes and Xavier fans), but the kernel is created
+    in its final shape: DenseGeneral initialises a flat kernel and reshapes the boxed value,
+    which applies the N-d logical constraint to a 2-d array and fails under a mesh.
+    `names`: logical names of the kernel's in dims then feature dims.
+    """
+
+    features: tuple[int, ...]
+    names: tuple[str | None, ...]
+    use_bias: bool = True
+    dtype: Dtype = jnp.float32
+    in_dims: int = 1
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        in_shape = x.shape[x.ndim - self.in_dims :]
+        n_in, n_out = len(in_shape), len(self.features)
+        init = nn.initializers.xavier_uniform(
+            in_axis=tuple(range(n_in)), out_axis=tuple(range(n_in, n_in + n_out))
+        )
+        kernel = self.param(
+            "kernel",
+            nn.with_logical_partitioning(init, self.names),
+            (*in_shape, *self.features),
+            jnp.float32,
+        )
+        y = jnp.tensordot(x.astype(self.dtype), kernel.astype(self.dtype), axes=n_in)
+        if self.use_bias:
+            bias = self.param(
+                "bias",
+                nn.with_logical_partitioning(nn.initializers.zeros, self.names[n_in:]),
+                self.features,
+                jnp.float32,
+            )
+            y = y + bias.astype(self.dtype)
+        return y
+
+
 class MultiHeadAttention(nn.Module):
     """Multi-head (optionally grouped-query) attention through the kernel dispatcher.
 
@@ -102,31 +142,19 @@ class MultiHeadAttention(nn.Module):
         kv_heads = self.num_kv_heads or self.num_heads
 
         def project(x, heads, names, name):
-            return nn.DenseGeneral(
-                (heads, head_dim),
-                dtype=self.dtype,
-                param_dtype=jnp.float32,
-                use_bias=self.use_bias,
-                kernel_init=nn.with_logical_partitioning(default_kernel_init, names),
-                bias_init=nn.with_logical_partitioning(nn.initializers.zeros, names[1:]),
-                name=name,
-            )(x)
+            return HeadsDense((heads, head_dim), names, self.use_bias, self.dtype, name=name)(x)
 
         q = project(inputs_q, self.num_heads, ("embed", "heads", "head_dim"), "query")
         k = project(inputs_kv, kv_heads, ("embed", "kv_heads", "head_dim"), "key")
         v = project(inputs_kv, kv_heads, ("embed", "kv_heads", "head_dim"), "value")
         q = constrain(q, ("act_batch", "act_length", "act_heads", None))
         out = attention(q, k, v, mask, impl=self.attention_impl)  # [B, Tq, H, hd]
-        return nn.DenseGeneral(
-            self.out_features or width,
-            axis=(-2, -1),
-            dtype=self.dtype,
-            param_dtype=jnp.float32,
-            use_bias=self.use_bias,
-            kernel_init=nn.with_logical_partitioning(
-                default_kernel_init, ("heads", "head_dim", "embed")
-            ),
-            bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("embed",)),
+        return HeadsDense(
+            (self.out_features or width,),
+            ("heads", "head_dim", "embed"),
+            self.use_bias,
+            self.dtype,
+            in_dims=2,
             name="out",
         )(out)
 
