@@ -132,12 +132,14 @@ def build_state(task: Task, config, mesh: Mesh):
     tx, schedule = build_optimizer(config.optim, config.train.total_steps, params)
     replicated = sharding.replicated(mesh)
     opt_abstract = jax.eval_shape(tx.init, params)
+    frozen = lambda x: isinstance(x, optax.MaskedNode)  # optim.freeze: no state
     opt_shardings = optax.tree_map_params(
         tx,
-        lambda _, s: s,
+        lambda p, s: p if frozen(p) else s,
         opt_abstract,
         param_shardings,
         transform_non_params=lambda _: replicated,
+        is_leaf=frozen,
     )
     opt_state = jax.jit(tx.init, out_shardings=opt_shardings)(params)
     rng = jax.random.key_data(jax.random.key(config.seed + 1))
