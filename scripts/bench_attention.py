@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from vlm_jax.kernels import AttentionMask, attention, flash_attention
+from vlm_jax.kernels import AttentionMask, BlockSizes, attention, flash_attention
 
 
 class Case(NamedTuple):
@@ -34,6 +34,7 @@ class Case(NamedTuple):
     seq: int
     dim: int
     mask: str  # "none" | "causal" | "prefix"
+    kv_heads: int = 0  # 0: as many as query heads; fewer: grouped-query attention
 
 
 def cases(groups: list[str]) -> list[Case]:
@@ -52,6 +53,8 @@ def cases(groups: list[str]) -> list[Case]:
         for seq in (2048, 8192):
             out.append(Case(f"dec_prefix_{seq}_d128", 16384 // seq, 16, seq, 128, "prefix"))
         out.append(Case("dec_bidir_4096_d128", 4, 16, 4096, 128, "none"))
+        out.append(Case("dec_gqa4_4096_d128", 4, 16, 4096, 128, "causal", kv_heads=4))
+        out.append(Case("dec_causal_2048_d256", 8, 8, 2048, 256, "causal"))
     return out
 
 
@@ -102,6 +105,13 @@ IMPLS: dict[str, Callable] = {
 }
 
 
+def ours_with_blocks(spec: str) -> Callable:
+    """Our kernel with explicit tiles: "bq,bk,bq_bwd,bk_bwd,warps,warps_bwd,stages"."""
+    bq, bk, bqb, bkb, warps, warps_bwd, stages = (int(x) for x in spec.split(","))
+    blocks = BlockSizes(bq, bk, bqb, bkb, warps, warps_bwd, stages)
+    return lambda q, k, v, mask, case: flash_attention(q, k, v, mask, block_sizes=blocks)
+
+
 def build(impl: str, mode: str, case: Case, mask):
     fn = functools.partial(IMPLS[impl], mask=mask, case=case)
     if mode == "fwd":
@@ -126,10 +136,24 @@ def time_it(compiled, args, iters: int) -> float:
     return float(np.median(times))
 
 
-def run_one(case: Case, impl: str, mode: str, dtype, iters: int) -> dict:
+def rel_errors(got, q, k, v, d_out, mask) -> dict:
+    """Relative L2 errors of (out, dq, dk, dv) against XLA attention on float32 inputs."""
+    f32 = [x.astype(jnp.float32) for x in (q, k, v, d_out)]
+    want = jax.jit(build("xla", "fwd_bwd", None, mask))(*f32)
+    got_flat, want_flat = jax.tree.leaves(got), jax.tree.leaves(want)
+    errs = [
+        float(jnp.linalg.norm(a.astype(jnp.float32) - b) / jnp.linalg.norm(b))
+        for a, b in zip(got_flat, want_flat)
+    ]
+    return {f"err_{n}": float(f"{e:.2e}") for n, e in zip(("out", "dq", "dk", "dv"), errs)}
+
+
+def run_one(case: Case, impl: str, mode: str, dtype, iters: int, check: bool) -> dict:
     keys = jax.random.split(jax.random.key(0), 4)
     shape = (case.batch, case.seq, case.heads, case.dim)
-    q, k, v, d_out = (jax.random.normal(key, shape, dtype) for key in keys)
+    kv_shape = (case.batch, case.seq, case.kv_heads or case.heads, case.dim)
+    q, d_out = (jax.random.normal(key, shape, dtype) for key in keys[:2])
+    k, v = (jax.random.normal(key, kv_shape, dtype) for key in keys[2:])
     args = (q, k, v) if mode == "fwd" else (q, k, v, d_out)
     mask = make_mask(case)
     row = dict(case=case.name, impl=impl, mode=mode, dtype=jnp.dtype(dtype).name, **case._asdict())
@@ -143,21 +167,25 @@ def run_one(case: Case, impl: str, mode: str, dtype, iters: int) -> dict:
     flops *= 1.0 if mode == "fwd" else 3.5
     memory = compiled.memory_analysis()
     temp = getattr(memory, "temp_size_in_bytes", None) if memory is not None else None
-    return {
+    row = {
         **row,
         "ms": round(seconds * 1e3, 3),
         "tflops": round(flops / seconds / 1e12, 1),
         "temp_mib": None if temp is None else round(temp / 2**20, 1),
     }
+    if check and mode == "fwd_bwd":
+        row.update(rel_errors(compiled(*args), q, k, v, d_out, mask))
+    return row
 
 
 def table(rows: list[dict]) -> str:
-    head = f"{'case':24} {'mode':8} " + " ".join(f"{i:>22}" for i in IMPLS)
+    impls = list(dict.fromkeys(r["impl"] for r in rows))
+    head = f"{'case':24} {'mode':8} " + " ".join(f"{i[-22:]:>22}" for i in impls)
     lines = [head, "-" * len(head)]
     keyed = {(r["case"], r["mode"], r["impl"]): r for r in rows}
     for case, mode in dict.fromkeys((r["case"], r["mode"]) for r in rows):
         cells = []
-        for impl in IMPLS:
+        for impl in impls:
             r = keyed.get((case, mode, impl))
             if r is None or "error" in r:
                 cells.append(f"{'-' if r is None else 'n/a':>22}")
@@ -176,15 +204,25 @@ def main() -> None:
     parser.add_argument("--dtype", default="bfloat16")
     parser.add_argument("--iters", type=int, default=20)
     parser.add_argument("--only", default="", help="comma-separated case names to keep")
+    parser.add_argument("--check", action="store_true", help="errors vs float32 XLA")
+    parser.add_argument(
+        "--ours-blocks",
+        default="",
+        help='extra "ours" variants: "bq,bk,bq_bwd,bk_bwd,warps,warps_bwd,stages;..."',
+    )
     args = parser.parse_args()
+    impls = args.impls.split(",")
+    for spec in filter(None, args.ours_blocks.split(";")):
+        IMPLS[f"ours@{spec}"] = ours_with_blocks(spec)
+        impls.append(f"ours@{spec}")
     selected = cases(args.cases.split(","))
     if args.only:
         selected = [c for c in selected if c.name in args.only.split(",")]
     rows = []
     for case in selected:
         for mode in args.modes.split(","):
-            for impl in args.impls.split(","):
-                row = run_one(case, impl, mode, jnp.dtype(args.dtype), args.iters)
+            for impl in impls:
+                row = run_one(case, impl, mode, jnp.dtype(args.dtype), args.iters, args.check)
                 print(json.dumps(row), flush=True)
                 rows.append(row)
     print(f"# {jax.devices()[0].device_kind}, jax {jax.__version__}, {args.dtype}")

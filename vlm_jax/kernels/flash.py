@@ -51,8 +51,18 @@ class BlockSizes:
     block_k: int = 64
     block_q_bwd: int = 64
     block_k_bwd: int = 64
-    num_warps: int | None = None  # GPU: 4 for head_dim <= 64, else 8
-    num_stages: int = 2
+    num_warps: int = 4  # GPU forward kernel
+    num_warps_bwd: int = 4  # GPU backward kernels
+    num_stages: int = 2  # GPU software-pipelining depth
+
+
+def default_block_sizes(head_dim: int) -> BlockSizes:
+    """Tiles tuned on an H100 (bf16, see benchmarks/RESULTS.md); smaller for wide heads."""
+    if head_dim <= 64:
+        return BlockSizes(128, 64, 64, 64, num_warps=4, num_warps_bwd=4, num_stages=3)
+    if head_dim <= 128:
+        return BlockSizes(128, 128, 64, 64, num_warps=8, num_warps_bwd=4, num_stages=2)
+    return BlockSizes(64, 64, 32, 32, num_warps=8, num_warps_bwd=4, num_stages=2)
 
 
 class _Spec(NamedTuple):
@@ -146,11 +156,17 @@ def _visible(spec: _Spec, qt: _Tile, kt: _Tile) -> jax.Array:
     return vis
 
 
-def _visit(lo, hi, load_tile, classify, body, carry):
-    """fori_loop over blocks [lo, hi): skip invisible blocks, mask only partial ones."""
+def _visit(spans, load_tile, classify, body, carry):
+    """Run `body` over block spans [(lo, hi, kind)] with kind "free" (no mask), "masked",
+    or "dynamic" (per block: skip invisible blocks, mask only partial ones).
 
-    def step(idx, carry):
+    Static spans keep the loops free of branches, which Triton needs to pipeline loads.
+    """
+
+    def step(kind, idx, carry):
         tile = load_tile(idx)
+        if kind != "dynamic":
+            return body(idx, tile, kind == "masked", carry)
         may, full = classify(tile)
         masked = functools.partial(body, idx, tile, True)
         unmasked = functools.partial(body, idx, tile, False)
@@ -164,7 +180,10 @@ def _visit(lo, hi, load_tile, classify, body, carry):
             return inner(carry)
         return lax.cond(may, inner, lambda c: c, carry)
 
-    return lax.fori_loop(lo, hi, step, carry)
+    for lo, hi, kind in spans:
+        if not (isinstance(lo, int) and isinstance(hi, int) and lo >= hi):
+            carry = lax.fori_loop(lo, hi, functools.partial(step, kind), carry)
+    return carry
 
 
 def _scores(spec: _Spec, q, k, qt: _Tile, kt: _Tile, masked: bool) -> jax.Array:
@@ -175,20 +194,35 @@ def _scores(spec: _Spec, q, k, qt: _Tile, kt: _Tile, masked: bool) -> jax.Array:
     return s
 
 
-def _kv_range(spec: _Spec, q_start, block_q: int, block_k: int):
-    """Key blocks a query block can see: all real ones, or up to the diagonal (causal)."""
+def _kv_spans(spec: _Spec, q_start, block_q: int, block_k: int) -> list:
+    """Key-block spans for one query block: only those up to the diagonal when causal."""
+    causal_default = spec.causal and not spec.has_pos
     hi = pl.cdiv(spec.kv_len, block_k)
-    if spec.causal and not spec.has_pos:
+    if causal_default:
         hi = jnp.minimum(hi, lax.div(q_start + block_q + block_k - 1, block_k))
-    return 0, hi
+    if spec.has_pos or spec.has_seg:
+        return [(0, hi, "dynamic")]
+    free = spec.kv_len // block_k  # blocks of real keys only
+    if causal_default:  # blocks wholly at or below the diagonal
+        free = jnp.minimum(free, lax.div(q_start + 1, block_k))
+    return [(0, free, "free"), (free, hi, "masked")]
 
 
-def _q_range(spec: _Spec, k_start, block_q: int):
-    """Query blocks that can see a key block: all real ones, or from the diagonal (causal)."""
-    lo = 0
-    if spec.causal and not spec.has_pos:
+def _q_spans(spec: _Spec, k_start, block_q: int, block_k: int) -> list:
+    """Query-block spans for one key block: only those from the diagonal on when causal."""
+    causal_default = spec.causal and not spec.has_pos
+    lo, hi = 0, pl.cdiv(spec.q_len, block_q)
+    if causal_default:
         lo = lax.div(k_start, block_q)
-    return lo, pl.cdiv(spec.q_len, block_q)
+    if spec.has_pos or spec.has_seg:
+        return [(lo, hi, "dynamic")]
+    free = lo
+    if causal_default:  # first query block that sees the whole key block
+        free = jnp.minimum(hi, lax.div(k_start + block_k + block_q - 2, block_q))
+    if spec.kv_len % block_k:  # a key block holding padding is masked throughout
+        partial = (k_start + block_k > spec.kv_len).astype(jnp.int32)
+        free = jnp.maximum(free, hi * partial)
+    return [(lo, free, "masked"), (free, hi, "free")]
 
 
 def _split_refs(refs, spec: _Spec, n_in: int):
@@ -226,10 +260,8 @@ def _fwd_kernel(*refs, spec: _Spec):
         jnp.full((bq,), MASK_VALUE, jnp.float32),
         jnp.zeros((bq,), jnp.float32),
     )
-    lo, hi = _kv_range(spec, q_start, bq, bk)
     acc, m, denom = _visit(
-        lo,
-        hi,
+        _kv_spans(spec, q_start, bq, bk),
         lambda j: _load_tile(j * bk, bk, kp, ks, whole=True),
         lambda kt: _classify(spec, qt, kt),
         body,
@@ -261,10 +293,8 @@ def _dkv_kernel(*refs, spec: _Spec):
             dk = dk + _dot(ds.astype(q.dtype), q, (0, 0))
             return dk, dv
 
-        lo, hi = _q_range(spec, k_start, bq)
         return _visit(
-            lo,
-            hi,
+            _q_spans(spec, k_start, bq, bk),
             lambda i: _load_tile(i * bq, bq, qp, qs, whole=True),
             lambda qt: _classify(spec, qt, kt),
             body,
@@ -272,7 +302,10 @@ def _dkv_kernel(*refs, spec: _Spec):
         )
 
     zeros = jnp.zeros(k.shape, jnp.float32)
-    dk, dv = lax.fori_loop(0, spec.group, head, (zeros, zeros))
+    if spec.group == 1:
+        dk, dv = head(0, (zeros, zeros))
+    else:
+        dk, dv = lax.fori_loop(0, spec.group, head, (zeros, zeros))
     dk_ref[...] = (dk * spec.scale).astype(dk_ref.dtype)
     dv_ref[...] = dv.astype(dv_ref.dtype)
 
@@ -293,10 +326,8 @@ def _dq_kernel(*refs, spec: _Spec):
         ds = p * (_dot(do, v, (1, 1)) - delta[:, None])
         return dq + _dot(ds.astype(k.dtype), k, (1, 0))
 
-    lo, hi = _kv_range(spec, q_start, bq, bk)
     dq = _visit(
-        lo,
-        hi,
+        _kv_spans(spec, q_start, bq, bk),
         lambda j: _load_tile(j * bk, bk, kp, ks, whole=True),
         lambda kt: _classify(spec, qt, kt),
         body,
@@ -305,14 +336,13 @@ def _dq_kernel(*refs, spec: _Spec):
     dq_ref[...] = (dq * spec.scale).astype(dq_ref.dtype)
 
 
-def _compiler_params(spec: _Spec, head_dim: int):
+def _compiler_params(spec: _Spec, num_warps: int):
     """Triton launch parameters on GPU; the defaults elsewhere."""
     if spec.interpret or jax.default_backend() != "gpu":
         return None
     from jax.experimental.pallas import triton as plgpu
 
-    warps = spec.blocks.num_warps or (4 if head_dim <= 64 else 8)
-    return plgpu.CompilerParams(num_warps=warps, num_stages=spec.blocks.num_stages)
+    return plgpu.CompilerParams(num_warps=num_warps, num_stages=spec.blocks.num_stages)
 
 
 def _mask_specs(spec: _Spec, grid_over_q: bool, block: int) -> list[pl.BlockSpec]:
@@ -323,14 +353,14 @@ def _mask_specs(spec: _Spec, grid_over_q: bool, block: int) -> list[pl.BlockSpec
     return pair * (int(spec.has_pos) + int(spec.has_seg))
 
 
-def _call(kernel, spec: _Spec, grid, in_specs, out_specs, out_shape, args, name):
+def _call(kernel, spec: _Spec, grid, in_specs, out_specs, out_shape, args, name, num_warps):
     return pl.pallas_call(
         functools.partial(kernel, spec=spec),
         grid=grid,
         in_specs=in_specs,
         out_specs=out_specs,
         out_shape=out_shape,
-        compiler_params=_compiler_params(spec, args[0].shape[-1]),
+        compiler_params=_compiler_params(spec, num_warps),
         interpret=spec.interpret,
         name=name,
     )(*args)
@@ -361,6 +391,7 @@ def _forward(q, k, v, masks, spec: _Spec):
         ],
         args=(q, k, v, *masks),
         name="flash_fwd",
+        num_warps=spec.blocks.num_warps,
     )
 
 
@@ -391,6 +422,7 @@ def _backward(q, k, v, masks, out, lse, d_out, spec: _Spec):
         out_shape=[jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)],
         args=(q, k, v, d_out, lse, delta, *masks),
         name="flash_bwd_dkv",
+        num_warps=spec.blocks.num_warps_bwd,
     )
 
     q_block = pl.BlockSpec((None, bq, None, dim), lambda t, b, h: (b, t, h, 0))
@@ -413,6 +445,7 @@ def _backward(q, k, v, masks, out, lse, d_out, spec: _Spec):
         out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
         args=(q, k, v, d_out, lse, delta, *masks),
         name="flash_bwd_dq",
+        num_warps=spec.blocks.num_warps_bwd,
     )
     return dq, dk, dv
 
@@ -495,7 +528,7 @@ def flash_attention(
     """
     batch, q_len, heads, dim = q.shape
     kv_len, kv_heads = k.shape[1], k.shape[2]
-    blocks = block_sizes or BlockSizes()
+    blocks = block_sizes or default_block_sizes(dim)
     blocks = dataclasses.replace(
         blocks,
         block_q=_fit(blocks.block_q, q_len),
