@@ -92,6 +92,17 @@ def test_processes_read_disjoint_shards_that_cover_the_split():
     assert set().union(*seen) == set(range(300))
 
 
+def test_each_epoch_is_a_new_permutation_of_the_shard():
+    config = make_config(val_size=40)
+    loader = build_pipeline(
+        config, TOKENIZER, "val", batch_size=10, process_index=1, process_count=2, num_epochs=2
+    )
+    ids = np.concatenate([batch["id"] for batch in loader])
+    first, second = ids[:20], ids[20:]
+    assert sorted(first) == sorted(second) == list(range(20, 40))
+    assert not np.array_equal(first, second)
+
+
 def test_shuffle_is_seeded():
     def first_ids(seed):
         loader = build_pipeline(CONFIG, TOKENIZER, "train", batch_size=16, seed=seed)
@@ -109,21 +120,10 @@ def test_resume_from_state_gives_identical_next_batches():
     take(iterator, 3)
     state = iterator.get_state()
     expected = take(iterator, 3)
-    assert isinstance(state, bytes) and len(state) < 4096
-    assert json.loads(state)["last_seen_indices"]
+    assert len(json.dumps(state)) < 1024  # small and JSON-able: stored with each checkpoint
     restored = iter(loader())
     restored.set_state(state)
     assert_same_batches(take(restored, 3), expected)
-
-
-def by_id(batches: list[dict]) -> dict[int, tuple]:
-    """Examples keyed by record id (Grain workers batch their own records, so worker count
-    changes which records share a batch, never what a record is)."""
-    return {
-        int(i): (image.tobytes(), tokens.tobytes())
-        for batch in batches
-        for i, image, tokens in zip(batch["id"], batch["image"], batch["tokens"])
-    }
 
 
 def test_iterator_state_round_trips_through_orbax(tmp_path):
@@ -147,21 +147,23 @@ def test_iterator_state_round_trips_through_orbax(tmp_path):
 
 
 @pytest.mark.slow
-def test_workers_give_the_same_examples_and_resume():
+def test_workers_give_the_same_batches_and_resume():
+    """Worker processes change where batches are computed, never what they contain."""
+
     def loader(worker_count):
         return build_pipeline(
             CONFIG, TOKENIZER, "train", batch_size=8, seed=4, worker_count=worker_count
         )
 
-    expected = by_id(take(iter(loader(0)), 6))
+    expected = take(iter(loader(0)), 6)
     iterator = iter(loader(2))
-    first = take(iterator, 2)
+    assert_same_batches(take(iterator, 3), expected[:3])
     state = iterator.get_state()
-    rest = take(iterator, 4)
-    assert by_id(first + rest) == expected
     restored = iter(loader(2))
     restored.set_state(state)
-    assert_same_batches(take(restored, 4), rest)
+    assert_same_batches(take(restored, 3), expected[3:])
+    iterator.close()
+    restored.close()
 
 
 def test_train_flips_keep_captions_true():
