@@ -18,6 +18,14 @@ from vlm_jax.kernels import AttentionMask, attention
 
 Dtype = Any
 default_kernel_init = nn.initializers.xavier_uniform()
+COMPUTE_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+def compute_dtype(name: str) -> Dtype:
+    """The config's `model.dtype` string -> a jnp dtype (params stay float32 regardless)."""
+    if name not in COMPUTE_DTYPES:
+        raise ValueError(f"model.dtype={name!r} is not one of: {', '.join(COMPUTE_DTYPES)}")
+    return COMPUTE_DTYPES[name]
 
 
 def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
@@ -57,20 +65,39 @@ def layer_norm(dtype: Dtype, name: str | None = None, eps: float = 1e-6) -> nn.L
     )
 
 
+def quick_gelu(x: jax.Array) -> jax.Array:
+    """OpenAI CLIP's sigmoid approximation of GELU (its released weights were trained with it)."""
+    return x * jax.nn.sigmoid(1.702 * x)
+
+
+ACTIVATIONS = {
+    "gelu_tanh": lambda x: nn.gelu(x, approximate=True),
+    "gelu": lambda x: nn.gelu(x, approximate=False),
+    "quick_gelu": quick_gelu,
+}
+
+
+def activation_fn(name: str):
+    """The activation called `name`; released checkpoints differ here, so it is a config key."""
+    if name not in ACTIVATIONS:
+        raise ValueError(f"activation={name!r} is not one of: {', '.join(ACTIVATIONS)}")
+    return ACTIVATIONS[name]
+
+
 class MlpBlock(nn.Module):
-    """Transformer MLP: x[B, T, D] -> Dense(mlp_dim) -> GELU -> Dense(D)."""
+    """Transformer MLP: x[B, T, D] -> Dense(mlp_dim) -> activation -> Dense(D)."""
 
     mlp_dim: int
     dtype: Dtype = jnp.float32
     dropout: float = 0.0
-    approximate_gelu: bool = True
+    activation: str = "gelu_tanh"
 
     @nn.compact
     def __call__(self, x: jax.Array, deterministic: bool = True) -> jax.Array:
         width = x.shape[-1]
         h = logical_dense(self.mlp_dim, ("embed", "mlp"), dtype=self.dtype, name="fc1")(x)
         h = constrain(h, ("act_batch", "act_length", "act_mlp"))
-        h = nn.gelu(h, approximate=self.approximate_gelu)
+        h = activation_fn(self.activation)(h)
         h = nn.Dropout(self.dropout)(h, deterministic)
         return logical_dense(width, ("mlp", "embed"), dtype=self.dtype, name="fc2")(h)
 
@@ -167,21 +194,27 @@ class EncoderBlock(nn.Module):
     dtype: Dtype = jnp.float32
     dropout: float = 0.0
     attention_impl: str = "auto"
+    activation: str = "gelu_tanh"
+    ln_eps: float = 1e-6
 
     @nn.compact
     def __call__(
         self, x: jax.Array, mask: AttentionMask | None = None, deterministic: bool = True
     ) -> jax.Array:
         x = constrain(x, ("act_batch", "act_length", "act_embed"))
-        h = layer_norm(self.dtype, name="ln_attn")(x)
+        h = layer_norm(self.dtype, name="ln_attn", eps=self.ln_eps)(x)
         h = MultiHeadAttention(
             self.num_heads, dtype=self.dtype, attention_impl=self.attention_impl, name="attn"
         )(h, mask=mask)
         x = x + nn.Dropout(self.dropout)(h, deterministic)
-        h = layer_norm(self.dtype, name="ln_mlp")(x)
-        h = MlpBlock(self.mlp_dim, dtype=self.dtype, dropout=self.dropout, name="mlp")(
-            h, deterministic
-        )
+        h = layer_norm(self.dtype, name="ln_mlp", eps=self.ln_eps)(x)
+        h = MlpBlock(
+            self.mlp_dim,
+            dtype=self.dtype,
+            dropout=self.dropout,
+            activation=self.activation,
+            name="mlp",
+        )(h, deterministic)
         return x + nn.Dropout(self.dropout)(h, deterministic)
 
 
@@ -200,6 +233,8 @@ class Encoder(nn.Module):
     attention_impl: str = "auto"
     remat: bool = False
     scan: bool = False
+    activation: str = "gelu_tanh"
+    ln_eps: float = 1e-6
 
     @nn.compact
     def __call__(
@@ -214,6 +249,8 @@ class Encoder(nn.Module):
             dtype=self.dtype,
             dropout=self.dropout,
             attention_impl=self.attention_impl,
+            activation=self.activation,
+            ln_eps=self.ln_eps,
         )
         if self.scan:
             scanned = nn.scan(
@@ -227,7 +264,7 @@ class Encoder(nn.Module):
         else:
             for i in range(self.depth):
                 x = block_cls(**kwargs, name=f"block_{i}")(x, mask, deterministic)
-        return layer_norm(self.dtype, name="ln_final")(x)
+        return layer_norm(self.dtype, name="ln_final", eps=self.ln_eps)(x)
 
 
 class MAPHead(nn.Module):
@@ -237,6 +274,8 @@ class MAPHead(nn.Module):
     mlp_dim: int
     dtype: Dtype = jnp.float32
     attention_impl: str = "auto"
+    activation: str = "gelu_tanh"
+    ln_eps: float = 1e-6
 
     @nn.compact
     def __call__(self, x: jax.Array, mask: AttentionMask | None = None) -> jax.Array:
@@ -251,8 +290,8 @@ class MAPHead(nn.Module):
         h = MultiHeadAttention(
             self.num_heads, dtype=self.dtype, attention_impl=self.attention_impl, name="attn"
         )(probe, x, mask=mask)
-        y = layer_norm(self.dtype, name="ln")(h)
-        h = h + MlpBlock(self.mlp_dim, dtype=self.dtype, name="mlp")(y)
+        y = layer_norm(self.dtype, name="ln", eps=self.ln_eps)(h)
+        h = h + MlpBlock(self.mlp_dim, dtype=self.dtype, activation=self.activation, name="mlp")(y)
         return h[:, 0]
 
 

@@ -1,0 +1,67 @@
+"""Analytic matmul FLOPs of the two-tower model, for MFU.
+
+A matmul of [m, k] x [k, n] costs 2*m*n*k FLOPs. Per example, with width D, MLP width M,
+sequence length T and embedding dim E:
+
+  transformer block:  qkv 2*T*D*3D + QK^T 2*T*T*D + AV 2*T*T*D + out 2*T*D*D + MLP 2*T*D*M*2
+                      (= 24*T*D^2 + 4*T^2*D when M = 4D)
+  MAP head (1 probe): q 2*D*D + kv 2*T*D*2D + QK^T/AV 2*2*T*D + out 2*D*D + MLP 2*D*M*2
+  image patch embed:  2*N*(p*p*3)*D over N = (image_size/p)^2 patches (T = N, +1 with cls)
+  heads:              2*D*E per tower
+  text embedding:     0 (a gather, not a matmul)
+
+Causal text attention is counted in full (T*T): the XLA and cuDNN paths compute the whole
+score matrix. Not counted: LayerNorm, softmax, activations, residual adds, L2 normalisation
+(elementwise, a few % at small widths and less at scale) and the loss, whose B x B logits
+depend on the global batch. Training FLOPs = 3 x forward (the backward pass is two matmuls
+per forward matmul).
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+from vlm_jax.models.two_tower import image_settings, text_settings
+
+
+def block_flops(tokens: int, width: int, mlp_dim: int) -> float:
+    """One pre-LN transformer block over `tokens` tokens."""
+    projections = 2 * tokens * width * (3 * width + width)  # q, k, v, out
+    attention = 2 * 2 * tokens * tokens * width  # QK^T and AV
+    mlp = 2 * 2 * tokens * width * mlp_dim
+    return float(projections + attention + mlp)
+
+
+def map_head_flops(tokens: int, width: int, mlp_dim: int) -> float:
+    """Attention pooling with one learned probe over `tokens` tokens."""
+    projections = 2 * width * width * 2 + 2 * tokens * width * 2 * width  # q, out; k, v
+    attention = 2 * 2 * tokens * width
+    mlp = 2 * 2 * width * mlp_dim
+    return float(projections + attention + mlp)
+
+
+def encoder_flops(tokens: int, settings: dict, pool: str, embed_dim: int) -> float:
+    """Blocks, pooling and the head of one tower."""
+    width, mlp_dim = settings["width"], settings["mlp_dim"]
+    flops = settings["depth"] * block_flops(tokens, width, mlp_dim)
+    if pool == "map":
+        flops += map_head_flops(tokens, width, mlp_dim)
+    return flops + 2.0 * width * embed_dim
+
+
+def image_flops(model_config: ml_collections.ConfigDict) -> float:
+    s = image_settings(model_config)
+    patches = (s["image_size"] // s["patch_size"]) ** 2
+    embed = 2.0 * patches * s["patch_size"] ** 2 * 3 * s["width"]
+    tokens = patches + (s["pool"] == "cls")
+    return embed + encoder_flops(tokens, s, s["pool"], model_config.embed_dim)
+
+
+def text_flops(model_config: ml_collections.ConfigDict) -> float:
+    s = text_settings(model_config)
+    return encoder_flops(s["max_len"], s, s["pool"], model_config.embed_dim)
+
+
+def forward_flops_per_example(model_config: ml_collections.ConfigDict) -> float:
+    """Forward matmul FLOPs of one (image, text) pair through the two-tower model."""
+    return image_flops(model_config) + text_flops(model_config)

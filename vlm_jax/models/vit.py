@@ -1,0 +1,181 @@
+"""Vision Transformer image tower (big_vision's ViT, with the knobs released CLIP/SigLIP need).
+
+Order of operations (the one released checkpoints use, so converters map one-to-one):
+patch embed -> [prepend cls] -> + posemb -> [ln_pre] -> pre-LN blocks -> final LN -> pool -> head.
+
+    images: float[B, H, W, 3] in [-1, 1] -> embeddings float[B, out_dim]
+"""
+
+from __future__ import annotations
+
+import re
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from vlm_jax.models.layers import (
+    Dtype,
+    Encoder,
+    MAPHead,
+    constrain,
+    layer_norm,
+    logical_dense,
+    sincos_2d,
+)
+
+# big_vision's standard sizes: name -> (width, depth, mlp_dim, num_heads).
+VARIANTS: dict[str, tuple[int, int, int, int]] = {
+    "mu": (32, 1, 128, 2),
+    "Ti": (192, 12, 768, 3),
+    "S": (384, 12, 1536, 6),
+    "M": (512, 12, 2048, 8),
+    "B": (768, 12, 3072, 12),
+    "L": (1024, 24, 4096, 16),
+    "So400m": (1152, 27, 4304, 16),
+    "H": (1280, 32, 5120, 16),
+    "g": (1408, 40, 6144, 16),
+}
+IMAGE_POOLS = ("cls", "gap", "map")
+POSEMBS = ("learn", "sincos2d")
+
+
+def decode_variant(variant: str) -> dict[str, int]:
+    """Variant name -> sizes: "B/16" sets width, depth, mlp_dim, num_heads and patch_size=16;
+    a bare "B" leaves the patch size to the config."""
+    match = re.fullmatch(r"([A-Za-z0-9]+?)(?:/(\d+))?", variant)
+    if match is None or match.group(1) not in VARIANTS:
+        raise ValueError(
+            f"image variant={variant!r} is not one of: {', '.join(VARIANTS)} "
+            "(optionally followed by /PATCH, e.g. B/16)"
+        )
+    width, depth, mlp_dim, num_heads = VARIANTS[match.group(1)]
+    sizes = dict(width=width, depth=depth, mlp_dim=mlp_dim, num_heads=num_heads)
+    if match.group(2):
+        sizes["patch_size"] = int(match.group(2))
+    return sizes
+
+
+class PatchEmbed(nn.Module):
+    """Non-overlapping p x p patches -> width: float[B, H, W, 3] -> float[B, H/p * W/p, D]."""
+
+    width: int
+    patch_size: int
+    use_bias: bool = True
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, images: jax.Array) -> jax.Array:
+        p = self.patch_size
+        x = nn.Conv(
+            self.width,
+            (p, p),
+            strides=(p, p),
+            padding="VALID",
+            use_bias=self.use_bias,
+            dtype=self.dtype,
+            param_dtype=jnp.float32,
+            kernel_init=nn.with_logical_partitioning(
+                nn.initializers.lecun_normal(), (None, None, None, "embed")
+            ),
+            bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("embed",)),
+            name="conv",
+        )(images)  # [B, H/p, W/p, D]
+        return x.reshape(x.shape[0], -1, self.width)
+
+
+class ViT(nn.Module):
+    """ViT with `cls | gap | map` pooling and a linear head to `out_dim` (None: no head)."""
+
+    width: int
+    depth: int
+    num_heads: int
+    mlp_dim: int
+    patch_size: int
+    out_dim: int | None = None
+    posemb: str = "learn"
+    pool: str = "map"
+    dropout: float = 0.0
+    dtype: Dtype = jnp.float32
+    attention_impl: str = "auto"
+    remat: bool = False
+    scan: bool = False
+    activation: str = "gelu_tanh"
+    ln_eps: float = 1e-6
+    ln_pre: bool = False
+    patch_bias: bool = True
+    head_bias: bool = True
+
+    def _posemb(self, grid: tuple[int, int], num_tokens: int) -> jax.Array:
+        """float32[1, num_tokens, D]; with a cls token the fixed sin-cos table gives it zeros."""
+        if self.posemb == "learn":
+            init = nn.initializers.normal(stddev=1 / self.width**0.5)
+            return self.param(
+                "posemb",
+                nn.with_logical_partitioning(init, (None, None, "embed")),
+                (1, num_tokens, self.width),
+                jnp.float32,
+            )
+        table = sincos_2d(*grid, self.width)  # [N, D]
+        table = jnp.pad(table, ((num_tokens - table.shape[0], 0), (0, 0)))
+        return table[None]
+
+    def _pool(self, x: jax.Array) -> jax.Array:
+        """x: float[B, T, D] -> float[B, D]."""
+        if self.pool == "cls":
+            return x[:, 0]
+        if self.pool == "gap":
+            return jnp.mean(x, axis=1)
+        return MAPHead(
+            self.num_heads,
+            self.mlp_dim,
+            dtype=self.dtype,
+            attention_impl=self.attention_impl,
+            activation=self.activation,
+            ln_eps=self.ln_eps,
+            name="map",
+        )(x)
+
+    @nn.compact
+    def __call__(self, images: jax.Array, train: bool = False) -> jax.Array:
+        if self.pool not in IMAGE_POOLS:
+            raise ValueError(f"image pool={self.pool!r} is not one of: {', '.join(IMAGE_POOLS)}")
+        if self.posemb not in POSEMBS:
+            raise ValueError(f"image posemb={self.posemb!r} is not one of: {', '.join(POSEMBS)}")
+        _, height, width, _ = images.shape
+        grid = (height // self.patch_size, width // self.patch_size)
+        x = PatchEmbed(self.width, self.patch_size, self.patch_bias, self.dtype, name="embedding")(
+            images.astype(self.dtype)
+        )  # [B, N, D]
+        if self.pool == "cls":
+            cls = self.param(
+                "cls",
+                nn.with_logical_partitioning(nn.initializers.zeros, (None, None, "embed")),
+                (1, 1, self.width),
+                jnp.float32,
+            )
+            x = jnp.concatenate([jnp.tile(cls.astype(self.dtype), (x.shape[0], 1, 1)), x], 1)
+        x = x + self._posemb(grid, x.shape[1]).astype(self.dtype)
+        x = nn.Dropout(self.dropout)(x, not train)
+        if self.ln_pre:
+            x = layer_norm(self.dtype, name="ln_pre", eps=self.ln_eps)(x)
+        x = constrain(x, ("act_batch", "act_length", "act_embed"))
+        x = Encoder(
+            self.depth,
+            self.num_heads,
+            self.mlp_dim,
+            dtype=self.dtype,
+            dropout=self.dropout,
+            attention_impl=self.attention_impl,
+            remat=self.remat,
+            scan=self.scan,
+            activation=self.activation,
+            ln_eps=self.ln_eps,
+            name="encoder",
+        )(x, deterministic=not train)
+        x = self._pool(x)  # [B, D]
+        if self.out_dim is None:
+            return x
+        return logical_dense(
+            self.out_dim, ("embed", None), dtype=self.dtype, use_bias=self.head_bias, name="head"
+        )(x)
