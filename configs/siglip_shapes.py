@@ -7,6 +7,7 @@ under 10 minutes (see benchmarks/RESULTS.md for measured numbers).
 
 import ml_collections
 
+from vlm_jax.data.pipeline import default_data_config
 from vlm_jax.train.defaults import base_config
 
 
@@ -14,10 +15,8 @@ def get_config(arg=None):
     c = base_config()
     c.task = "contrastive"
 
-    c.data = ml_collections.ConfigDict()
-    c.data.source = "shapes"
+    c.data = default_data_config()  # the shapes world: every key overridable from the CLI
     c.data.image_size = 32
-    c.data.seed = 0
     c.data.val_size = 1000
     c.data.zeroshot_size = 1000
 

@@ -10,12 +10,35 @@ import jax
 import numpy as np
 
 from vlm_jax import sharding
+from vlm_jax.config import check_choice
 from vlm_jax.data import build_pipeline, build_source, build_tokenizer
 from vlm_jax.evaluate import class_embeddings, recall_at_k, unique_texts, zeroshot_accuracy
 from vlm_jax.losses import build_loss
 from vlm_jax.models import build_model
 from vlm_jax.models.flops import forward_flops_per_example
 from vlm_jax.train.tasks import TASKS, Task
+
+EVAL_TASKS = ("zeroshot", "retrieval")
+
+
+def check_text_conventions(config, tokenizer) -> None:
+    """The text tower must pad, stop and size its inputs as the tokenizer does."""
+    text = config.model.text
+    if config.tokenizer.max_len > text.max_len:
+        raise ValueError(
+            f"tokenizer.max_len={config.tokenizer.max_len} exceeds "
+            f"model.text.max_len={text.max_len}"
+        )
+    if tokenizer.pad_id != text.pad_id:
+        raise ValueError(
+            f"model.text.pad_id={text.pad_id} but the {config.tokenizer.name!r} tokenizer pads "
+            f"with {tokenizer.pad_id}"
+        )
+    if text.pool == "eos" and tokenizer.eos_id != text.eos_id:
+        raise ValueError(
+            f"model.text.eos_id={text.eos_id} but the {config.tokenizer.name!r} tokenizer's EOS "
+            f"is {tokenizer.eos_id} (text pool 'eos' pools at that token)"
+        )
 
 
 @TASKS.register("contrastive")
@@ -28,6 +51,7 @@ class ContrastiveTask(Task):
                 f"model.text.vocab_size={config.model.text.vocab_size} is smaller than the "
                 f"tokenizer's vocabulary ({self.tokenizer.vocab_size})"
             )
+        check_text_conventions(config, self.tokenizer)
         self.model = build_model(config.model)
         self.loss_fn = build_loss(config.loss, mesh)
         replicated = sharding.replicated(mesh)
@@ -113,7 +137,7 @@ class ContrastiveTask(Task):
         """A whole held-out split as arrays (loaded once per run)."""
         batches = list(
             build_pipeline(
-                self.config,
+                self.split_config(split),
                 self.tokenizer,
                 split,
                 batch_size=self.config.eval.batch_size,
@@ -128,27 +152,45 @@ class ContrastiveTask(Task):
         tokens = self.tokenizer.batch_encode(texts, self.config.tokenizer.max_len)
         return self._embed_all(self._embed_text, params, tokens)
 
+    def split_config(self, split: str):
+        """The config with `eval.data_overrides[split]` applied to its data section (e.g. a
+        zero-shot split read from another dataset than the training pairs)."""
+        overrides = self.config.eval.data_overrides.get(split)
+        if not overrides:
+            return self.config
+        config = self.config.copy_and_resolve_references()
+        with config.unlocked():
+            config.data.update(overrides.to_dict())
+        return config
+
     def evaluate(self, params: Any) -> dict[str, float]:
         results = {}
-        zs_source = build_source(self.config.data, "zeroshot")
-        zs = self._load_split("zeroshot")
-        image_emb = self._embed_all(self._embed_image, params, zs["image"])
-        class_emb = class_embeddings(
-            lambda texts: self._embed_texts(params, texts),
-            zs_source.classnames,
-            zs_source.templates,
-        )
-        for key, value in zeroshot_accuracy(image_emb, class_emb, zs["label"], ks=(1, 5)).items():
-            results[f"zeroshot_{key}"] = value
+        for name in self.config.eval.tasks:
+            check_choice("eval.tasks", name, EVAL_TASKS)
+            results |= getattr(self, f"_eval_{name}")(params)
+        return results
 
-        val_source = build_source(self.config.data, "val")
-        val = self._load_split("val")
-        image_emb = self._embed_all(self._embed_image, params, val["image"])
-        image_captions = [val_source[int(i)]["caption"] for i in val["id"]]
+    def _eval_zeroshot(self, params) -> dict[str, float]:
+        source = build_source(self.split_config("zeroshot").data, "zeroshot")
+        data = self._load_split("zeroshot")
+        image_emb = self._embed_all(self._embed_image, params, data["image"])
+        class_emb = class_embeddings(
+            lambda texts: self._embed_texts(params, texts), source.classnames, source.templates
+        )
+        accuracy = zeroshot_accuracy(image_emb, class_emb, data["label"], ks=(1, 5))
+        return {f"zeroshot_{k}": v for k, v in accuracy.items()}
+
+    def _eval_retrieval(self, params) -> dict[str, float]:
+        source = build_source(self.split_config("val").data, "val")
+        data = self._load_split("val")
+        image_emb = self._embed_all(self._embed_image, params, data["image"])
+        image_captions = [source[int(i)]["caption"] for i in data["id"]]
         gallery = unique_texts(image_captions)
         text_emb = self._embed_texts(params, gallery)
-        for key, value in recall_at_k(image_emb, text_emb, image_captions, gallery).items():
-            results[f"retrieval_{key}"] = value
+        results = {
+            f"retrieval_{k}": v
+            for k, v in recall_at_k(image_emb, text_emb, image_captions, gallery).items()
+        }
         results["retrieval_num_images"] = float(len(image_captions))
         results["retrieval_num_texts"] = float(len(gallery))
         return results

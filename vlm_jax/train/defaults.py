@@ -60,4 +60,7 @@ def base_config() -> ml_collections.ConfigDict:
 
     c.eval = ml_collections.ConfigDict()
     c.eval.batch_size = 256
+    c.eval.tasks = ("zeroshot", "retrieval")  # evaluators of the task, run in this order
+    # Per-split changes to the data section, e.g. {"zeroshot": {"tfds_name": "imagenet2012"}}.
+    c.eval.data_overrides = ml_collections.ConfigDict()
     return c
