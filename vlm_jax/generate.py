@@ -22,9 +22,18 @@ import jax.numpy as jnp
 
 
 def pick_tokens(
-    logits: jax.Array, rng: jax.Array, temperature: float = 0.0, top_k: int = 0
+    logits: jax.Array,
+    rng: jax.Array,
+    temperature: float = 0.0,
+    top_k: int = 0,
+    vocab_size: int | None = None,
 ) -> jax.Array:
-    """float32[B, V] -> int32[B]: argmax when temperature == 0, else a (top-k) sample."""
+    """float32[B, V] -> int32[B]: argmax when temperature == 0, else a (top-k) sample.
+
+    Ids >= `vocab_size` (embedding rows padded past the tokenizer's vocabulary) never win.
+    """
+    if vocab_size is not None and vocab_size < logits.shape[-1]:
+        logits = jnp.where(jnp.arange(logits.shape[-1]) < vocab_size, logits, -jnp.inf)
     if temperature == 0.0:
         return jnp.argmax(logits, axis=-1).astype(jnp.int32)
     logits = logits / temperature
@@ -36,7 +45,15 @@ def pick_tokens(
 
 @functools.partial(
     jax.jit,
-    static_argnames=("model", "max_new_tokens", "eos_id", "pad_id", "temperature", "top_k"),
+    static_argnames=(
+        "model",
+        "max_new_tokens",
+        "eos_id",
+        "pad_id",
+        "temperature",
+        "top_k",
+        "vocab_size",
+    ),
 )
 def generate(
     model: nn.Module,
@@ -50,6 +67,7 @@ def generate(
     pad_id: int = 0,
     temperature: float = 0.0,
     top_k: int = 0,
+    vocab_size: int | None = None,
     rng: jax.Array | None = None,
 ) -> jax.Array:
     """Continue each right-padded prompt int32[B, P] -> int32[B, max_new_tokens]."""
@@ -67,7 +85,8 @@ def generate(
 
     def body(carry):
         step, logits, cache, done, out = carry
-        token = pick_tokens(logits, jax.random.fold_in(rng, step), temperature, top_k)
+        step_rng = jax.random.fold_in(rng, step)
+        token = pick_tokens(logits, step_rng, temperature, top_k, vocab_size)
         token = jnp.where(done, pad_id, token)
         out = out.at[:, step].set(token)
         done = done | (token == eos_id)

@@ -25,9 +25,9 @@ import ml_collections
 from vlm_jax.kernels import AttentionMask, attention
 from vlm_jax.models.layers import (
     Dtype,
+    HeadsDense,
     MultiHeadAttention,
     constrain,
-    default_kernel_init,
     logical_dense,
 )
 
@@ -97,17 +97,6 @@ class SwiGLU(nn.Module):
         return dense(x.shape[-1], ("mlp", "embed"), "down")(h)
 
 
-def _heads_proj(heads: int, head_dim: int, names: tuple[str, ...], dtype: Dtype, name: str):
-    return nn.DenseGeneral(
-        (heads, head_dim),
-        dtype=dtype,
-        param_dtype=jnp.float32,
-        use_bias=False,
-        kernel_init=nn.with_logical_partitioning(default_kernel_init, names),
-        name=name,
-    )
-
-
 def _write(cache: jax.Array, new: jax.Array, index: jax.Array) -> jax.Array:
     """Write new[b] at cache[b, index[b]:index[b] + T] for every example b."""
     return jax.vmap(lambda c, n, i: jax.lax.dynamic_update_slice(c, n, (i, 0, 0)))(
@@ -128,15 +117,13 @@ class CausalSelfAttention(nn.Module):
     @nn.compact
     def __call__(self, x, positions, mask, kv=None, index=None):
         # x: float[B, T, D]; positions: int32[B, T]; kv: (float[B, S, Hkv, hd],) * 2 or None
-        q = _heads_proj(
-            self.num_heads, self.head_dim, ("embed", "heads", "head_dim"), self.dtype, "query"
-        )(x)
-        k = _heads_proj(
-            self.num_kv_heads, self.head_dim, ("embed", "kv_heads", "head_dim"), self.dtype, "key"
-        )(x)
-        v = _heads_proj(
-            self.num_kv_heads, self.head_dim, ("embed", "kv_heads", "head_dim"), self.dtype, "value"
-        )(x)
+        def project(heads: int, names: tuple[str, ...], name: str) -> jax.Array:
+            features = (heads, self.head_dim)
+            return HeadsDense(features, names, use_bias=False, dtype=self.dtype, name=name)(x)
+
+        q = project(self.num_heads, ("embed", "heads", "head_dim"), "query")
+        k = project(self.num_kv_heads, ("embed", "kv_heads", "head_dim"), "key")
+        v = project(self.num_kv_heads, ("embed", "kv_heads", "head_dim"), "value")
         q = apply_rope(q, positions, self.rope_theta)
         k = apply_rope(k, positions, self.rope_theta)
         if kv is not None:
@@ -144,15 +131,12 @@ class CausalSelfAttention(nn.Module):
             kv = (k, v)
         q = constrain(q, ("act_batch", "act_length", "act_heads", None))
         out = attention(q, k.astype(q.dtype), v.astype(q.dtype), mask, impl=self.attention_impl)
-        out = nn.DenseGeneral(
-            x.shape[-1],
-            axis=(-2, -1),
-            dtype=self.dtype,
-            param_dtype=jnp.float32,
+        out = HeadsDense(
+            (x.shape[-1],),
+            ("heads", "head_dim", "embed"),
             use_bias=False,
-            kernel_init=nn.with_logical_partitioning(
-                default_kernel_init, ("heads", "head_dim", "embed")
-            ),
+            dtype=self.dtype,
+            in_dims=2,
             name="out",
         )(out)
         return out, kv

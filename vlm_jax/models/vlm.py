@@ -19,8 +19,12 @@ from __future__ import annotations
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import ml_collections
 
-from vlm_jax.models.decoder import DecoderLM, KVCache
+from vlm_jax.models import resamplers  # noqa: F401  (registers perceiver, qformer)
+from vlm_jax.models.decoder import DecoderLM, KVCache, decoder_from_config
+from vlm_jax.models.layers import Dtype, Encoder, logical_dense
+from vlm_jax.models.projectors import build_connector
 
 FUSIONS = ("early", "cross_attention", "none")
 
@@ -144,3 +148,91 @@ class VisionLanguageModel(nn.Module):
         """One token per example: tokens int32[B, 1] -> (logits float32[B, V], cache)."""
         logits, cache = self.lm(tokens, cache=cache, media=media)
         return logits[:, -1], cache
+
+
+class PatchTokens(nn.Module):
+    """Interim vision tower: patch embedding + learned posemb + Encoder -> float[B, N, W]."""
+
+    width: int
+    depth: int
+    num_heads: int
+    mlp_dim: int
+    patch_size: int
+    dtype: Dtype = jnp.float32
+    attention_impl: str = "auto"
+
+    @nn.compact
+    def __call__(self, images: jax.Array, train: bool = False) -> jax.Array:
+        b, h, w, c = images.shape
+        p = self.patch_size
+        patches = images.reshape(b, h // p, p, w // p, p, c).transpose(0, 1, 3, 2, 4, 5)
+        patches = patches.reshape(b, (h // p) * (w // p), p * p * c)
+        x = logical_dense(self.width, (None, "embed"), dtype=self.dtype, name="embedding")(patches)
+        posemb = self.param(
+            "posemb",
+            nn.with_logical_partitioning(nn.initializers.normal(0.02), (None, None, "embed")),
+            (1, x.shape[1], self.width),
+            jnp.float32,
+        )
+        return Encoder(
+            self.depth,
+            self.num_heads,
+            self.mlp_dim,
+            dtype=self.dtype,
+            attention_impl=self.attention_impl,
+            name="encoder",
+        )(x + posemb.astype(self.dtype), deterministic=not train)
+
+
+def vision_tower(model_cfg: ml_collections.ConfigDict) -> nn.Module:
+    image = model_cfg.image
+    return PatchTokens(
+        image.width,
+        image.depth,
+        image.num_heads,
+        image.mlp_dim,
+        image.patch_size,
+        dtype=_dtype(model_cfg),
+        attention_impl=model_cfg.get("attention_impl", "auto"),
+    )
+
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+def _dtype(model_cfg: ml_collections.ConfigDict):
+    name = model_cfg.get("dtype", "float32")
+    if name not in DTYPES:
+        raise ValueError(f"model.dtype={name!r} is not one of: {', '.join(DTYPES)}")
+    return DTYPES[name]
+
+
+def build_decoder_lm(model_cfg: ml_collections.ConfigDict, cross_attention_every: int = 0):
+    """The decoder LM of `model_cfg.lm` ("decoder_lm" model, and the VLM's `lm`)."""
+    return decoder_from_config(
+        model_cfg.lm,
+        dtype=_dtype(model_cfg),
+        attention_impl=model_cfg.get("attention_impl", "auto"),
+        remat=model_cfg.get("remat", False),
+        cross_attention_every=cross_attention_every,
+    )
+
+
+def build_vlm(model_cfg: ml_collections.ConfigDict) -> VisionLanguageModel:
+    """The "vlm" model: keys fusion, cross_attention_every, image_token_id, image (ViT),
+    connector (projectors.build_connector), lm (decoder.decoder_from_config)."""
+    fusion = model_cfg.get("fusion", "early")
+    if fusion not in FUSIONS:
+        raise ValueError(f"model.fusion={fusion!r} is not one of: {', '.join(FUSIONS)}")
+    every = model_cfg.get("cross_attention_every", 1) if fusion == "cross_attention" else 0
+    lm = build_decoder_lm(model_cfg, every)
+    if fusion == "none":
+        return VisionLanguageModel(lm=lm, fusion=fusion, image_token_id=model_cfg.image_token_id)
+    dtype, impl = _dtype(model_cfg), model_cfg.get("attention_impl", "auto")
+    return VisionLanguageModel(
+        lm=lm,
+        vision=vision_tower(model_cfg),
+        connector=build_connector(model_cfg.connector, lm.width, dtype=dtype, attention_impl=impl),
+        fusion=fusion,
+        image_token_id=model_cfg.image_token_id,
+    )

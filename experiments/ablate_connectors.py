@@ -1,0 +1,231 @@
+"""Connector x fusion x visual-token budget x seed ablation for the VLM task.
+
+    python experiments/ablate_connectors.py --out runs/ablate --grid tiny --seeds 0,1 \
+        [--base configs/vlm_shapes.py] [--parallel 1] [--set train.total_steps=400 ...]
+
+Every (cell, seed) is one `python -m vlm_jax.train` run in OUT/runs/<cell>__s<seed>, ending
+with the VQA evaluation (accuracy per question type, swapped / blank image probes, false-yes
+rate, visual tokens, prefill FLOPs). The runner is resumable: finished runs (result.json
+present) are skipped and an interrupted run resumes from its last checkpoint. It writes
+OUT/results.csv (one row per run), OUT/table.md (mean ± std over seeds per cell) and PNG
+plots: accuracy per question type vs visual tokens, and train step time vs visual tokens.
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import csv
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+QUESTION_TYPES = ("colour", "shape", "count", "spatial", "exists", "absent", "caption")
+
+# name -> config overrides. Token budgets assume the base config's 8x8 patch grid (64 patches).
+CELLS = {
+    "text_only": {"model.fusion": "none"},
+    "mlp64/early": {"model.connector.name": "mlp", "model.fusion": "early"},
+    "linear64/early": {"model.connector.name": "linear", "model.fusion": "early"},
+    "pool16/early": {"model.connector.name": "pool", "model.connector.pool_size": 2},
+    "perceiver16/early": {"model.connector.name": "perceiver", "model.connector.num_tokens": 16},
+    "perceiver32/early": {"model.connector.name": "perceiver", "model.connector.num_tokens": 32},
+    "perceiver64/early": {"model.connector.name": "perceiver", "model.connector.num_tokens": 64},
+    "qformer16/early": {"model.connector.name": "qformer", "model.connector.num_tokens": 16},
+    "qformer32/early": {"model.connector.name": "qformer", "model.connector.num_tokens": 32},
+    "qformer64/early": {"model.connector.name": "qformer", "model.connector.num_tokens": 64},
+    "mlp64/xattn": {"model.connector.name": "mlp", "model.fusion": "cross_attention"},
+    "perceiver32/xattn": {
+        "model.connector.name": "perceiver",
+        "model.connector.num_tokens": 32,
+        "model.fusion": "cross_attention",
+    },
+    "qformer32/xattn": {
+        "model.connector.name": "qformer",
+        "model.connector.num_tokens": 32,
+        "model.fusion": "cross_attention",
+    },
+}
+GRIDS = {
+    "tiny": (
+        "text_only",
+        "mlp64/early",
+        "pool16/early",
+        "perceiver32/early",
+        "qformer32/early",
+        "mlp64/xattn",
+        "perceiver32/xattn",
+    ),
+    "full": tuple(CELLS),
+}
+TABLE_METRICS = (
+    ("acc", "acc"),
+    *((f"acc_{t}", t) for t in QUESTION_TYPES if t != "caption"),
+    ("caption_token_acc", "caption tok"),
+    ("swapped_acc", "swapped"),
+    ("blank_acc", "blank"),
+    ("absent_false_yes", "false-yes"),
+)
+
+
+def run_dir(out: Path, cell: str, seed: int) -> Path:
+    return out / "runs" / f"{cell.replace('/', '_')}__s{seed}"
+
+
+def train_command(base: str, workdir: Path, cell: str, seed: int, extra: list[str]) -> list[str]:
+    overrides = {**CELLS[cell], "seed": seed}
+    flags = [f"--config.{k}={v}" for k, v in overrides.items()]
+    flags += [f"--config.{kv}" for kv in extra]
+    command = [sys.executable, "-m", "vlm_jax.train", "--config", base, "--workdir", str(workdir)]
+    return command + flags
+
+
+def summarise(workdir: Path) -> dict[str, float]:
+    """Final eval metrics and the mean logged step time of a finished run."""
+    rows = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+    evals = [r for r in rows if any(k.startswith("eval/") for k in r)]
+    if not evals:
+        raise RuntimeError(f"{workdir}: no eval row in metrics.jsonl")
+    result = {k.removeprefix("eval/"): v for k, v in evals[-1].items() if k.startswith("eval/")}
+    times = [r["perf/step_time_s"] for r in rows if "perf/step_time_s" in r]
+    result["step_time_s"] = float(np.median(times)) if times else float("nan")
+    result["final_train_loss"] = next(
+        (r["train/loss"] for r in reversed(rows) if "train/loss" in r), float("nan")
+    )
+    return result
+
+
+def run_one(base: str, out: Path, cell: str, seed: int, extra: list[str]) -> dict:
+    workdir = run_dir(out, cell, seed)
+    result_file = workdir / "result.json"
+    if result_file.exists():
+        return json.loads(result_file.read_text())
+    workdir.mkdir(parents=True, exist_ok=True)
+    command = train_command(base, workdir, cell, seed, extra)
+    start = time.time()
+    with open(workdir / "log.txt", "a") as log:
+        done = subprocess.run(command, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, check=False)
+    if done.returncode:
+        raise RuntimeError(
+            f"{cell} seed {seed} failed (rc={done.returncode}); see {workdir}/log.txt"
+        )
+    result = {"cell": cell, "seed": seed, "wall_s": time.time() - start, **summarise(workdir)}
+    result_file.write_text(json.dumps(result, indent=2))
+    return result
+
+
+def write_csv(results: list[dict], path: Path) -> None:
+    keys = sorted({k for r in results for k in r} - {"cell", "seed"})
+    with path.open("w", newline="") as f:
+        writer = csv.DictWriter(f, ["cell", "seed", *keys])
+        writer.writeheader()
+        writer.writerows(sorted(results, key=lambda r: (r["cell"], r["seed"])))
+
+
+def _by_cell(results: list[dict], cells: tuple[str, ...]) -> dict[str, list[dict]]:
+    grouped = {cell: [r for r in results if r["cell"] == cell] for cell in cells}
+    return {cell: rows for cell, rows in grouped.items() if rows}
+
+
+def _mean_std(rows: list[dict], key: str, scale: float = 1.0, digits: int = 2) -> str:
+    values = np.asarray([r.get(key, np.nan) for r in rows], float) * scale
+    if np.all(np.isnan(values)):
+        return "–"
+    if len(values) == 1:
+        return f"{values[0]:.{digits}f}"
+    return f"{np.nanmean(values):.{digits}f} ± {np.nanstd(values):.{digits}f}"
+
+
+def markdown_table(results: list[dict], cells: tuple[str, ...]) -> str:
+    """Mean ± std over seeds per cell: accuracy per type, probes, tokens, FLOPs, step time."""
+    header = ["cell", "seeds", "vis tok", *(label for _, label in TABLE_METRICS)]
+    header += ["prefill GFLOP", "step ms"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for cell, rows in _by_cell(results, cells).items():
+        cols = [cell, str(len(rows)), f"{rows[0].get('visual_tokens', 0):.0f}"]
+        cols += [_mean_std(rows, key) for key, _ in TABLE_METRICS]
+        cols += [_mean_std(rows, "prefill_gflops", digits=3)]
+        cols += [_mean_std(rows, "step_time_s", scale=1e3, digits=0)]
+        lines.append("| " + " | ".join(cols) + " |")
+    return "\n".join(lines)
+
+
+def plot(results: list[dict], cells: tuple[str, ...], out: Path) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    grouped = _by_cell(results, cells)
+    mean = lambda rows, key: float(np.nanmean([r.get(key, np.nan) for r in rows]))
+    types = [t for t in QUESTION_TYPES if t != "caption"]
+    fig, axes = plt.subplots(1, len(types), figsize=(3.2 * len(types), 3.2), sharey=True)
+    markers = "o^sDvP*xX<>"
+    for ax, qtype in zip(axes, types):
+        for i, (cell, rows) in enumerate(grouped.items()):
+            x = mean(rows, "visual_tokens")
+            ax.scatter(x, mean(rows, f"acc_{qtype}"), label=cell, marker=markers[i % len(markers)])
+        ax.set_title(qtype)
+        ax.set_xlabel("visual tokens")
+    axes[0].set_ylabel("exact-match accuracy")
+    axes[-1].legend(fontsize=6, loc="lower right")
+    fig.tight_layout()
+    acc_path = out / "accuracy_vs_visual_tokens.png"
+    fig.savefig(acc_path, dpi=110)
+    fig, ax = plt.subplots(figsize=(4.5, 3.4))
+    for cell, rows in grouped.items():
+        ax.scatter(mean(rows, "visual_tokens"), 1e3 * mean(rows, "step_time_s"), label=cell)
+    ax.set_xlabel("visual tokens")
+    ax.set_ylabel("train step time (ms)")
+    ax.legend(fontsize=6)
+    fig.tight_layout()
+    time_path = out / "step_time_vs_visual_tokens.png"
+    fig.savefig(time_path, dpi=110)
+    plt.close("all")
+    return [acc_path, time_path]
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--base", default="configs/vlm_shapes.py")
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--grid", default="tiny", choices=sorted(GRIDS))
+    parser.add_argument("--cells", default="", help="comma-separated cells (overrides --grid)")
+    parser.add_argument("--seeds", default="0,1")
+    parser.add_argument("--parallel", type=int, default=1, help="concurrent training processes")
+    parser.add_argument("--set", action="append", default=[], help="extra key=value overrides")
+    args = parser.parse_args(argv)
+    cells = tuple(args.cells.split(",")) if args.cells else GRIDS[args.grid]
+    unknown = [c for c in cells if c not in CELLS]
+    if unknown:
+        parser.error(f"cells {unknown} are not among: {', '.join(CELLS)}")
+    seeds = [int(s) for s in args.seeds.split(",")]
+    out = Path(args.out).absolute()
+    out.mkdir(parents=True, exist_ok=True)
+    jobs = [(cell, seed) for seed in seeds for cell in cells]
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    results = []
+    with concurrent.futures.ThreadPoolExecutor(max(1, args.parallel)) as pool:
+        futures = {pool.submit(run_one, args.base, out, c, s, args.set): (c, s) for c, s in jobs}
+        for future in concurrent.futures.as_completed(futures):
+            cell, seed = futures[future]
+            result = future.result()
+            print(f"done {cell} seed {seed}: acc={result.get('acc', float('nan')):.3f} "
+                  f"({result.get('wall_s', 0):.0f}s)", flush=True)  # fmt: skip
+            results.append(result)
+    write_csv(results, out / "results.csv")
+    table = markdown_table(results, cells)
+    (out / "table.md").write_text(table + "\n")
+    plots = plot(results, cells, out)
+    print(table)
+    print("wrote", out / "results.csv", out / "table.md", *plots)
+
+
+if __name__ == "__main__":
+    main()

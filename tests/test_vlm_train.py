@@ -1,0 +1,140 @@
+"""The "vlm" and "lm" tasks end to end: freezing, init from an LM run, eval probes, CLI."""
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from PIL import Image
+
+from vlm_jax import sharding
+from vlm_jax.config import apply_override, load_config
+from vlm_jax.data import shapes
+from vlm_jax.train.optim import build_optimizer, param_paths
+from vlm_jax.train.trainer import init_params, train
+from vlm_jax.train.vlm_task import VLMTask, _restore_params, next_token_loss
+
+TINY = {
+    "data.image_size": "16",
+    "data.val_size": "64",
+    "data.zeroshot_size": "8",
+    "model.image.image_size": "16",
+    "model.image.width": "32",
+    "model.image.depth": "1",
+    "model.image.num_heads": "2",
+    "model.image.mlp_dim": "32",
+    "model.connector.width": "32",
+    "model.connector.depth": "1",
+    "model.connector.num_tokens": "4",
+    "model.connector.mlp_dim": "32",
+    "model.lm.width": "32",
+    "model.lm.depth": "2",
+    "model.lm.num_heads": "2",
+    "model.lm.num_kv_heads": "1",
+    "model.lm.head_dim": "16",
+    "model.lm.mlp_dim": "64",
+    "train.batch_size": "16",
+    "train.total_steps": "4",
+    "train.log_every": "2",
+    "train.checkpoint_every": "4",
+    "train.async_checkpoint": "false",
+    "eval.batch_size": "16",
+    "eval.num_examples": "21",
+    "eval.max_new_tokens": "3",
+    "optim.warmup_steps": "1",
+}
+
+
+def tiny_config(name="vlm_shapes", arg="", **overrides):
+    config = load_config(f"configs/{name}.py" + (f":{arg}" if arg else ""))
+    for key, value in {**TINY, **overrides}.items():
+        if name == "lm_shapes" and key.split(".")[1] in ("image", "connector"):
+            continue
+        if name == "lm_shapes" and key.startswith("eval.") and key != "eval.batch_size":
+            continue
+        apply_override(config, key, value)
+    config.lock()
+    return config
+
+
+def test_next_token_loss_matches_numpy():
+    rng = np.random.default_rng(0)
+    logits = rng.standard_normal((2, 5, 7)).astype(np.float32)
+    tokens = rng.integers(0, 7, (2, 5))
+    weights = np.array([[0, 0, 1, 1, 0], [0, 1, 1, 1, 1]])
+    loss, metrics = next_token_loss(jnp.asarray(logits), jnp.asarray(tokens), jnp.asarray(weights))
+    logp = logits - np.log(np.exp(logits.astype(np.float64)).sum(-1, keepdims=True))
+    terms = [-logp[b, t - 1, tokens[b, t]] for b in range(2) for t in range(1, 5) if weights[b, t]]
+    np.testing.assert_allclose(loss, np.mean(terms), rtol=1e-5)
+    hits = [
+        logits[b, t - 1].argmax() == tokens[b, t]
+        for b in range(2)
+        for t in range(1, 5)
+        if weights[b, t]
+    ]
+    np.testing.assert_allclose(metrics["token_acc"], np.mean(hits), rtol=1e-6)
+
+
+@pytest.mark.parametrize("fusion", ["early", "cross_attention"])
+def test_stage1_freezing_leaves_frozen_params_bit_identical(fusion):
+    config = tiny_config(arg="stage1", **{"model.fusion": fusion})
+    mesh = sharding.build_mesh((1, 1, 1), devices=jax.devices()[:1])
+    task = VLMTask(config, mesh)
+    with jax.set_mesh(mesh):
+        params, _ = init_params(task, config, mesh)
+    tx, _ = build_optimizer(config.optim, 10, params)
+    opt_state = tx.init(params)
+    batch = next(iter(task.train_data(8, 0, 1, 0)))
+    batch = {k: jnp.asarray(v) for k, v in batch.items() if k in task.dummy_batch(1)}
+
+    @jax.jit
+    def step(params, opt_state):
+        grads = jax.grad(lambda p: task.loss(p, batch, jax.random.key(0), True)[0])(params)
+        updates, opt_state = tx.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state
+
+    new = params
+    for _ in range(3):
+        new, opt_state = step(new, opt_state)
+    paths = jax.tree.leaves(param_paths(params))
+    changed = {
+        p: not np.array_equal(a, b)
+        for p, a, b in zip(paths, jax.tree.leaves(params), jax.tree.leaves(new))
+    }
+    frozen = [
+        p for p in paths if p.startswith("vision/") or (p.startswith("lm/") and "xattn_" not in p)
+    ]
+    assert frozen and not any(changed[p] for p in frozen)
+    assert all(changed[p] for p in paths if p.startswith("connector/") and p.endswith("kernel"))
+    # Frozen params have no optimizer state: Adam's moments cover the trained params only.
+    moments = sum(x.size for x in jax.tree.leaves(opt_state) if hasattr(x, "size"))
+    trained = sum(np.size(a) for p, a in zip(paths, jax.tree.leaves(params)) if p not in frozen)
+    assert moments <= 2 * trained + 16
+
+
+@pytest.mark.slow
+def test_lm_pretraining_initialises_the_vlm_and_eval_and_cli_run(tmp_path, capsys):
+    lm_dir, vlm_dir = tmp_path / "lm", tmp_path / "vlm"
+    train(tiny_config("lm_shapes"), lm_dir)
+    config = tiny_config(arg="stage1", **{"init.lm_checkpoint": str(lm_dir)})
+    final = train(config, vlm_dir)
+    for key in ("eval/acc", "eval/swapped_acc", "eval/blank_acc", "eval/absent_false_yes"):
+        assert 0.0 <= final[key] <= 1.0
+    assert final["eval/visual_tokens"] == 16 and final["eval/prefill_gflops"] > 0
+    # Stage 1 keeps the LM frozen: after training it still equals the text-only run's LM.
+    lm_params, vlm_params = _restore_params(str(lm_dir)), _restore_params(str(vlm_dir))
+    jax.tree.map(np.testing.assert_array_equal, lm_params, vlm_params["lm"])
+
+    from vlm_jax.generate import main
+
+    image = shapes.render(
+        shapes.sample_scene(shapes.World(image_size=16), "val", 0), shapes.World()
+    )
+    Image.fromarray(image).save(tmp_path / "scene.png")
+    main(["--workdir", str(vlm_dir), "--image", str(tmp_path / "scene.png"),
+          "--prompt", "how many circles are there?", "--max_new_tokens", "3"])  # fmt: skip
+    answer = capsys.readouterr().out.strip().splitlines()[-1]
+    assert len(answer.split()) <= 3
+    assert json.loads((vlm_dir / "config.json").read_text())["model"]["name"] == "vlm"

@@ -1,0 +1,167 @@
+"""VQA / captioning evaluation with grounding probes.
+
+For the first `num_examples` held-out records (types balanced, see data/vqa.py):
+
+* `acc`, `acc_<type>`: exact match of the greedy answer (KV-cached generation);
+* `caption_token_acc`: teacher-forced next-token accuracy on caption answers;
+* grounding probes: the same questions asked with each example's image swapped for the
+  next example's (`swapped_acc...`) and with a blank canvas (`blank_acc...`). A model that
+  reads the image loses accuracy on both; one that answers from the text prior does not;
+* `absent_false_yes`: the rate of "yes" to questions about absent objects (hallucination);
+* `visual_tokens`: visual tokens per example; `prefill_gflops`: XLA's FLOP count of the
+  prefill (vision tower + connector + LM over image and prompt) per example.
+
+The text-only baseline is a model trained with `model.fusion="none"` and evaluated here too.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from vlm_jax.data import preprocess, shapes
+from vlm_jax.data.tokenizers import Tokenizer
+from vlm_jax.data.vqa import QUESTION_TYPES, ShapesVQASource, encode_example
+from vlm_jax.generate import generate
+
+
+def load_examples(config: ml_collections.ConfigDict, tokenizer: Tokenizer, num_examples: int):
+    """The first `num_examples` held-out records as model inputs (numpy) and answers (str)."""
+    source = ShapesVQASource(config.data, config.eval.get("split", "val"))
+    records = [source[i] for i in range(min(num_examples, len(source)))]
+    size, max_len = config.data.image_size, config.tokenizer.max_len
+    full = [encode_example(tokenizer, r["prompt"], r["answer"], max_len) for r in records]
+    prompts = [encode_example(tokenizer, r["prompt"], None, max_len) for r in records]
+    images = [preprocess.to_float(preprocess.fit_image(r["image"], size)) for r in records]
+    return {
+        "image": np.stack(images)[:, None],  # float32[n, 1, S, S, 3]
+        "tokens": np.stack([e["tokens"] for e in full]),
+        "loss_mask": np.stack([e["loss_mask"] for e in full]),
+        "prompt": np.stack([p["tokens"] for p in prompts]),
+        "prefix_len": np.stack([p["prefix_len"] for p in prompts]),
+        "question_type": np.asarray([r["question_type"] for r in records]),
+        "answer": [tokenizer.detokenize(tokenizer.encode(r["answer"])) for r in records],
+    }
+
+
+def blank_images(like: np.ndarray) -> np.ndarray:
+    """An empty canvas (the world's background colour) in the model's [-1, 1] range."""
+    background = np.broadcast_to(np.asarray(shapes.BACKGROUND, np.uint8), like.shape[-3:])
+    return np.broadcast_to(preprocess.to_float(background), like.shape).copy()
+
+
+def _batched(fn: Callable, arrays: list[np.ndarray], batch_size: int) -> np.ndarray:
+    """fn over fixed-size batches (the last one padded by repetition): one compilation."""
+    n = len(arrays[0])
+    outs = []
+    for start in range(0, n, batch_size):
+        part = [a[start : start + batch_size] for a in arrays]
+        pad = batch_size - len(part[0])
+        part = [np.concatenate([p, np.repeat(p[-1:], pad, 0)]) for p in part]
+        outs.append(np.asarray(fn(*part))[: batch_size - pad])
+    return np.concatenate(outs)
+
+
+def _exact_match(outputs, answers, types, tokenizer, prefix: str) -> dict[str, float]:
+    predictions = [tokenizer.decode(row) for row in outputs]
+    correct = np.asarray([p == a for p, a in zip(predictions, answers)])
+    results = {f"{prefix}acc": float(correct.mean())}
+    for index, name in enumerate(QUESTION_TYPES):
+        chosen = types == index
+        if chosen.any():
+            results[f"{prefix}acc_{name}"] = float(correct[chosen].mean())
+    absent = types == QUESTION_TYPES.index("absent")
+    if absent.any():
+        results[f"{prefix}absent_false_yes"] = float(
+            np.mean([predictions[i] == "yes" for i in np.flatnonzero(absent)])
+        )
+    return results
+
+
+def prefill_flops_per_example(model: nn.Module, params: Any, examples: dict, batch: int) -> float:
+    """XLA's FLOP count for encoding image + prompt into the KV cache, per example."""
+    args = (examples["image"][:batch], examples["prompt"][:batch], examples["prefix_len"][:batch])
+    compiled = (
+        jax.jit(lambda p, i, t, n: model.apply({"params": p}, i, t, n, 1, method="prefill"))
+        .lower(params, *args)
+        .compile()
+    )
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, list | tuple) else cost
+    return float(cost.get("flops", 0.0)) / batch
+
+
+def visual_tokens_per_example(model: nn.Module, params: Any, examples: dict) -> int:
+    if model.fusion == "none":
+        return 0
+    shape = jax.eval_shape(
+        lambda p: model.apply(
+            {"params": p},
+            examples["image"][:1],
+            examples["tokens"][:1],
+            examples["prefix_len"][:1],
+            method="encode_images",
+        ),
+        params,
+    ).shape  # [1, K, M, D]
+    return int(shape[1] * shape[2])
+
+
+def evaluate_vqa(
+    model: nn.Module,
+    params: Any,
+    config: ml_collections.ConfigDict,
+    tokenizer: Tokenizer,
+    examples: dict | None = None,
+) -> dict[str, float]:
+    """All metrics above. Keys: config.eval.num_examples, batch_size, max_new_tokens."""
+    if examples is None:
+        examples = load_examples(config, tokenizer, config.eval.num_examples)
+    batch = min(config.eval.batch_size, len(examples["answer"]))
+    types = examples["question_type"]
+
+    def answers(images):
+        run = lambda i, t, n: generate(
+            model,
+            {"params": params},
+            jnp.asarray(i),
+            jnp.asarray(t),
+            jnp.asarray(n),
+            max_new_tokens=config.eval.max_new_tokens,
+            eos_id=tokenizer.eos_id,
+            pad_id=tokenizer.pad_id,
+            vocab_size=tokenizer.vocab_size,
+        )
+        return _batched(run, [images, examples["prompt"], examples["prefix_len"]], batch)
+
+    images = examples["image"]
+    results = _exact_match(answers(images), examples["answer"], types, tokenizer, "")
+    if model.fusion != "none":
+        swapped = np.roll(images, 1, axis=0)
+        results |= _exact_match(answers(swapped), examples["answer"], types, tokenizer, "swapped_")
+        blank = blank_images(images)
+        results |= _exact_match(answers(blank), examples["answer"], types, tokenizer, "blank_")
+    results |= _caption_token_accuracy(model, params, examples, batch)
+    results["visual_tokens"] = float(visual_tokens_per_example(model, params, examples))
+    results["prefill_gflops"] = prefill_flops_per_example(model, params, examples, batch) / 1e9
+    return results
+
+
+def _caption_token_accuracy(model, params, examples, batch) -> dict[str, float]:
+    captions = examples["question_type"] == QUESTION_TYPES.index("caption")
+    if not captions.any():
+        return {}
+    fn = jax.jit(
+        lambda i, t, n: jnp.argmax(model.apply({"params": params}, i, t, n)[:, :-1], axis=-1)
+    )
+    chosen = [examples[k][captions] for k in ("image", "tokens", "prefix_len")]
+    predicted = _batched(fn, chosen, batch)  # int[n, L-1] predictions of tokens[:, 1:]
+    targets = examples["tokens"][captions][:, 1:]
+    weights = examples["loss_mask"][captions][:, 1:]
+    return {"caption_token_acc": float(((predicted == targets) * weights).sum() / weights.sum())}
