@@ -8,7 +8,8 @@ download or cache is needed.
 
 A scene is one or two *groups*. A group is `count` identical shapes (colour, kind, size);
 two groups differ in (colour, kind) and stand in a spatial relation that holds for every
-pair of their shapes, along a clearly dominant axis (so "left of" is never really "above"):
+pair of their shapes: fully apart along the relation's axis, which clearly dominates (so
+"left of" is never as much "above"):
 
     "two small red circles left of a large blue square"
 
@@ -49,7 +50,7 @@ PLURALS = {
 }
 SIZES = ("small", "large")
 # Half-extent of a shape as a fraction of the image side, per size class: [low, high).
-SIZE_RADIUS = {"small": (0.09, 0.12), "large": (0.18, 0.22)}
+SIZE_RADIUS = {"small": (0.09, 0.12), "large": (0.16, 0.19)}
 RELATIONS = ("left of", "right of", "above", "below")
 INVERSE_RELATION = {
     "left of": "right of",
@@ -57,6 +58,8 @@ INVERSE_RELATION = {
     "above": "below",
     "below": "above",
 }
+# Axis of each relation (0: x, 1: y pointing down) and the sign of (B - A) along it.
+_AXIS_SIGN = {"left of": (0, 1), "right of": (0, -1), "above": (1, 1), "below": (1, -1)}
 NUMBER_WORDS = {1: "a", 2: "two", 3: "three"}
 CAPTION_PREFIXES = ("a picture of", "an image of", "a photo of")
 ZEROSHOT_TEMPLATES = ("a {}", "one {}", "a picture of a {}")
@@ -69,6 +72,7 @@ _AVOIDS = {"zeroshot": (), "val": ("zeroshot",), "train": ("zeroshot", "val")}
 _BORDER = 0.05
 _GAP = 0.04
 _DOMINANCE = 1.5
+_CANDIDATES = (64, 1024)  # layouts drawn per try in `_place`
 _HELD_OUT_LOCK = threading.RLock()  # re-entrant: train's table is built from val's scenes
 
 
@@ -206,23 +210,29 @@ def _place(
     relation: str | None,
     image_size: int,
     rng: np.random.Generator,
-    candidates: int = 64,
 ) -> tuple[Shape, ...] | None:
-    """The first valid of `candidates` random layouts (drawn at once); None if none is."""
+    """The first valid of a batch of random layouts, drawn and checked at once; a larger batch
+    if none is (crowded scenes such as three large shapes); None if that fails too."""
     spec = [(g, *group[1:]) for g, group in enumerate(groups) for _ in range(group[0])]
     low, high = np.asarray([SIZE_RADIUS[size] for *_, size in spec]).T  # float[n] each
-    radius = rng.uniform(low, high, (candidates, len(spec))) * image_size  # [K, n]
-    lo = radius + _BORDER * image_size
-    center = lo[..., None] + rng.random((*radius.shape, 2)) * (image_size - 2 * lo)[..., None]
     group_ids = np.asarray([g for g, *_ in spec])
-    ok = _valid(center, radius, group_ids, relation, _GAP * image_size)  # bool[K]
-    if not ok.any():
-        return None
-    k = int(np.argmax(ok))
-    return tuple(
-        Shape(colour, kind, size, tuple(center[k, i].tolist()), float(radius[k, i]))
-        for i, (_, colour, kind, size) in enumerate(spec)
-    )
+    for candidates in _CANDIDATES:
+        radius = rng.uniform(low, high, (candidates, len(spec))) * image_size  # [K, n]
+        lo = radius + _BORDER * image_size
+        unit = rng.random((*radius.shape, 2))  # [K, n, 2] position in each shape's free range
+        if relation is not None:  # the group that comes first along the axis: first half
+            axis, sign = _AXIS_SIGN[relation]
+            first_group = 0 if sign > 0 else 1
+            unit[..., axis] = 0.5 * unit[..., axis] + np.where(group_ids == first_group, 0, 0.5)
+        center = lo[..., None] + unit * (image_size - 2 * lo)[..., None]
+        ok = _valid(center, radius, group_ids, relation, _GAP * image_size)  # bool[K]
+        if ok.any():
+            k = int(np.argmax(ok))
+            return tuple(
+                Shape(colour, kind, size, tuple(center[k, i].tolist()), float(radius[k, i]))
+                for i, (_, colour, kind, size) in enumerate(spec)
+            )
+    return None
 
 
 @functools.cache
@@ -233,21 +243,20 @@ def _pairs(n: int) -> tuple[np.ndarray, np.ndarray]:
 def _valid(
     center: np.ndarray, radius: np.ndarray, group_ids: np.ndarray, relation: str | None, gap: float
 ) -> np.ndarray:
-    """center: float[K, n, 2]; radius: float[K, n] -> bool[K]: boxes `gap` apart, and every
-    (group 0, group 1) pair fully separated along the relation's axis, which dominates: the
-    offset along it is at least `_DOMINANCE` times the offset across it."""
+    """center: float[K, n, 2]; radius: float[K, n] -> bool[K]: boxes `gap` apart; and for
+    `group 0 <relation> group 1`: every cross-group pair fully separated along the relation's
+    axis, with the offset along it at least `_DOMINANCE` times the offset across it."""
     first, second = _pairs(len(group_ids))  # pairs i < j: [P] each
     delta = center[:, second] - center[:, first]  # [K, P, 2]
     both = radius[:, first] + radius[:, second]  # [K, P]
     ok = (np.abs(delta) >= (both + gap)[..., None]).any(-1).all(-1)
-    if relation is not None:
-        axis, sign = {"left of": (0, 1), "right of": (0, -1), "above": (1, 1), "below": (1, -1)}[
-            relation
-        ]
-        along, across = sign * delta[..., axis], np.abs(delta[..., 1 - axis])
-        holds = (along >= both) & (along >= _DOMINANCE * across)  # [K, P]
-        ok &= (holds | (group_ids[first] == group_ids[second])).all(-1)
-    return ok
+    if relation is None:
+        return ok
+    axis, sign = _AXIS_SIGN[relation]
+    along, across = sign * delta[..., axis], np.abs(delta[..., 1 - axis])  # [K, P]
+    holds = (along >= both) & (along >= _DOMINANCE * across)
+    within_group = group_ids[first] == group_ids[second]  # [P]; else first is in group 0
+    return ok & (holds | within_group).all(-1)
 
 
 def num_classes(world: World) -> int:
