@@ -25,6 +25,7 @@ from vlm_jax import sharding
 from vlm_jax.config import to_json
 from vlm_jax.train import metrics as metrics_lib
 from vlm_jax.train.checkpoint import Checkpointer
+from vlm_jax.train.distributed import train_iterator
 from vlm_jax.train.optim import build_optimizer
 from vlm_jax.train.state import TrainState
 from vlm_jax.train.tasks import TASKS, Task
@@ -160,7 +161,7 @@ def make_train_step(task: Task, tx, schedule, state_shardings, batch_shardings, 
         params = optax.apply_updates(state.params, updates)
         out = {f"train/{k}": v for k, v in aux.items()}
         out["train/loss"] = loss
-        out["train/grad_norm"] = optax.global_norm(grads)
+        out["train/grad_norm"] = optax.tree.norm(grads)
         out["train/lr"] = schedule(state.step)
         new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
         return new_state, out
@@ -212,10 +213,6 @@ class PerfMeter:
         return out
 
 
-def per_process_batch_size(config, mesh: Mesh) -> int:
-    return config.train.batch_size // jax.process_count()
-
-
 def restore_or_init(ckpt: Checkpointer, state, state_shardings, data_iter, config, mesh):
     """Resume from the newest checkpoint, else optionally load init params. -> (state, step)."""
     latest = ckpt.latest_step()
@@ -258,14 +255,7 @@ def _train_loop(config, workdir: Path, mesh: Mesh, task: Task, is_primary: bool)
     dummy = task.dummy_batch(sharding.data_parallel_size(mesh))
     batch_shardings = {k: sharding.batch_sharding(mesh, v.ndim) for k, v in dummy.items()}
     train_step = make_train_step(task, tx, schedule, state_shardings, batch_shardings, mesh)
-    data_iter = iter(
-        task.train_data(
-            per_process_batch_size(config, mesh),
-            jax.process_index(),
-            jax.process_count(),
-            config.seed,
-        )
-    )
+    data_iter = train_iterator(task, config, mesh)
     ckpt = Checkpointer(
         workdir / "checkpoints",
         keep=config.train.keep_checkpoints,
@@ -284,7 +274,9 @@ def _train_loop(config, workdir: Path, mesh: Mesh, task: Task, is_primary: bool)
     with StopRequest() as stop:
         while step < total:
             batch = {k: v for k, v in next(data_iter).items() if k in batch_shardings}
-            state, step_metrics = train_step(state, sharding.global_batch(batch, mesh))
+            state, step_metrics = train_step(
+                state, sharding.global_batch(batch, mesh, config.train.batch_size)
+            )
             step += 1
             if step == start + 1:  # exclude compilation from perf numbers
                 jax.block_until_ready(step_metrics)

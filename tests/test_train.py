@@ -1,0 +1,111 @@
+"""End-to-end trainer behaviour on a tiny config: outputs, exact resume, config refusal."""
+
+import json
+import shutil
+
+import jax
+import numpy as np
+import pytest
+
+import vlm_jax.train.registry_imports  # noqa: F401
+from vlm_jax.config import apply_override, load_config
+from vlm_jax.train.checkpoint import Checkpointer
+from vlm_jax.train.trainer import evaluate_checkpoint, train
+
+TINY = {
+    "data.image_size": "16",
+    "data.val_size": "64",
+    "data.zeroshot_size": "80",
+    "model.image.image_size": "16",
+    "model.image.width": "32",
+    "model.image.depth": "1",
+    "model.image.num_heads": "2",
+    "model.image.mlp_dim": "64",
+    "model.text.width": "32",
+    "model.text.depth": "1",
+    "model.text.num_heads": "2",
+    "model.text.mlp_dim": "64",
+    "model.embed_dim": "32",
+    "train.batch_size": "16",
+    "train.total_steps": "6",
+    "train.log_every": "2",
+    "train.eval_every": "3",
+    "train.checkpoint_every": "3",
+    "train.async_checkpoint": "false",
+    "eval.batch_size": "64",
+    "optim.warmup_steps": "2",
+}
+
+
+def tiny_config(name="siglip_shapes", **overrides):
+    config = load_config(f"configs/{name}.py")
+    for key, value in {**TINY, **overrides}.items():
+        apply_override(config, key, value)
+    config.lock()
+    return config
+
+
+def read_rows(workdir):
+    return [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+
+
+def final_params(workdir, step):
+    ckpt = Checkpointer(workdir / "checkpoints", async_save=False)
+    meta = ckpt.manager.item_metadata(step)["state"]
+    abstract = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype), dict(meta))
+    restored = ckpt.manager.restore(
+        step,
+        args=__import__("orbax.checkpoint").checkpoint.args.Composite(
+            state=__import__("orbax.checkpoint").checkpoint.args.StandardRestore(abstract)
+        ),
+    )
+    ckpt.close()
+    return jax.tree.map(np.asarray, restored["state"]["params"])
+
+
+def numeric(row):
+    return {k: v for k, v in row.items() if not k.startswith("perf/")}
+
+
+@pytest.mark.slow
+def test_run_writes_outputs_and_resumes_exactly(tmp_path):
+    config = tiny_config()
+    full = tmp_path / "full"
+    train(config, full)
+    assert json.loads((full / "config.json").read_text())["model"]["name"] == "two_tower"
+    rows = read_rows(full)
+    assert [r["step"] for r in rows] == [2, 3, 4, 6]
+    assert {"train/loss", "train/lr", "train/grad_norm", "perf/examples_per_s"} <= set(rows[0])
+    assert "eval/zeroshot_top1" in rows[1] and "eval/retrieval_i2t_r@1" in rows[-1]
+    assert (full / "tensorboard").is_dir()
+
+    # A run "stopped" after step 3: its checkpoint at 3 and the rows it had written so far.
+    stopped = tmp_path / "stopped"
+    shutil.copytree(full, stopped)
+    shutil.rmtree(stopped / "checkpoints" / "6")
+    train(config, stopped)  # resumes from step 3, drops rows past 3, redoes 4..6
+
+    resumed_rows = read_rows(stopped)
+    assert [numeric(r) for r in resumed_rows] == [numeric(r) for r in rows]
+    a, b = final_params(full, 6), final_params(stopped, 6)
+    jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-6, atol=1e-7), a, b)
+
+    results = evaluate_checkpoint(config, full)
+    assert results["step"] == 6
+    assert results["eval/zeroshot_top1"] == pytest.approx(rows[-1]["eval/zeroshot_top1"])
+
+
+def test_workdir_of_another_experiment_is_refused(tmp_path):
+    config = tiny_config()
+    (tmp_path / "config.json").write_text(
+        json.dumps({**config.to_dict(), "model": {"name": "other"}}, default=str)
+    )
+    with pytest.raises(ValueError, match=r"different experiment.*model\.name"):
+        train(config, tmp_path)
+
+
+def test_invalid_choice_fails_before_compute(tmp_path):
+    config = tiny_config(**{"loss.name": "sigmoud"})
+    with pytest.raises(ValueError, match=r"sigmoud.*sigmoid.*softmax"):
+        train(config, tmp_path)
+    assert not (tmp_path / "checkpoints").exists()
