@@ -4,7 +4,6 @@ On CPU the kernels run in Pallas interpret mode; on a GPU (JAX_PLATFORMS=cuda) t
 tests run the compiled kernels.
 """
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -12,7 +11,9 @@ import pytest
 
 from vlm_jax.kernels import ATTENTION_IMPLS, AttentionMask, attention, resolve_impl
 from vlm_jax.kernels.flash import BlockSizes, flash_attention
+from vlm_jax.models.decoder import DecoderLM
 from vlm_jax.models.layers import Encoder
+from vlm_jax.models.vit import ViT
 
 TINY_BLOCKS = BlockSizes(block_q=16, block_k=16, block_q_bwd=16, block_k_bwd=16)
 
@@ -104,10 +105,7 @@ SHAPES = [
     (1, 48, 48, 2, 1, 64),
 ]
 KINDS = ["none", "causal", "prefix", "segments", "padding", "decode", "all"]
-FP32_CASES = [(SHAPES[i % len(SHAPES)], kind, i) for i, kind in enumerate(KINDS)] + [
-    (SHAPES[1], "causal", 11),
-    (SHAPES[2], "prefix", 12),
-]
+FP32_CASES = [(SHAPES[i % len(SHAPES)], kind, i) for i, kind in enumerate(KINDS)]
 
 
 @pytest.mark.parametrize("shape,kind,seed", FP32_CASES)
@@ -183,27 +181,79 @@ def test_dispatcher_pallas_matches_xla():
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("causal", [False, True])
-def test_encoder_forward_and_backward_same_with_xla_and_pallas(causal):
-    rng = np.random.default_rng(6)
-    x = jnp.array(rng.standard_normal((2, 19, 32)), jnp.float32)
-    valid = jnp.broadcast_to(jnp.arange(19) < 15, (2, 19))
-    mask = AttentionMask(causal=True) if causal else AttentionMask(kv_valid=valid)
+def assert_same_with_xla_and_pallas(make_model, inputs, **kwargs):
+    """Forward outputs and parameter gradients agree between impl="xla" and impl="pallas"."""
+    params = make_model("xla").init(jax.random.key(0), *inputs, **kwargs)
 
-    def make(impl):
-        return Encoder(depth=2, num_heads=2, mlp_dim=64, attention_impl=impl)
+    def loss(params, impl):
+        out = make_model(impl).apply(params, *inputs, **kwargs)
+        out = out[0] if isinstance(out, tuple) else out
+        return jnp.sum(jnp.sin(out)), out
 
-    params = make("xla").init(jax.random.key(0), x, mask)
-
-    def loss(params, x, impl):
-        y = make(impl).apply(params, x, mask)
-        return jnp.sum(jnp.sin(y)), y
-
-    (xla_loss, xla_y), xla_grads = jax.value_and_grad(loss, has_aux=True)(params, x, "xla")
-    (pl_loss, pl_y), pl_grads = jax.value_and_grad(loss, has_aux=True)(params, x, "pallas")
-    np.testing.assert_allclose(np.asarray(pl_y), np.asarray(xla_y), rtol=1e-5, atol=1e-5)
-    np.testing.assert_allclose(float(pl_loss), float(xla_loss), rtol=1e-5)
-    flat_xla = jax.tree.leaves(nn.meta.unbox(xla_grads))
-    flat_pl = jax.tree.leaves(nn.meta.unbox(pl_grads))
-    for got, want in zip(flat_pl, flat_xla):
+    grad_fn = jax.jit(jax.value_and_grad(loss, has_aux=True), static_argnums=1)
+    results = {impl: grad_fn(params, impl) for impl in ("xla", "pallas")}
+    (_, xla_out), xla_grads = results["xla"]
+    (_, pl_out), pl_grads = results["pallas"]
+    np.testing.assert_allclose(np.asarray(pl_out), np.asarray(xla_out), rtol=1e-5, atol=1e-5)
+    for got, want in zip(jax.tree.leaves(pl_grads), jax.tree.leaves(xla_grads)):
         np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_encoder_same_with_xla_and_pallas():
+    """The shared Encoder stack (2 blocks) with a key-padding mask, 19 tokens."""
+    x = jnp.array(np.random.default_rng(6).standard_normal((2, 19, 32)), jnp.float32)
+    mask = AttentionMask(kv_valid=jnp.broadcast_to(jnp.arange(19) < 15, (2, 19)))
+    make = lambda impl: Encoder(depth=2, num_heads=2, mlp_dim=64, attention_impl=impl)
+    assert_same_with_xla_and_pallas(make, (x, mask))
+
+
+@pytest.mark.slow
+def test_vit_same_with_xla_and_pallas():
+    """ViT on 25 patches (an odd length) with MAP pooling (1 query attending 25 keys)."""
+    images = jnp.array(np.random.default_rng(7).uniform(-1, 1, (2, 20, 20, 3)), jnp.float32)
+    make = lambda impl: ViT(
+        width=32, depth=1, num_heads=2, mlp_dim=64, patch_size=4, pool="map", attention_impl=impl
+    )
+    assert_same_with_xla_and_pallas(make, (images,))
+
+
+@pytest.mark.slow
+def test_decoder_same_with_xla_and_pallas():
+    """GQA decoder with a prefix-LM mask and gated cross-attention over padded media."""
+    rng = np.random.default_rng(8)
+    tokens = jnp.array(rng.integers(1, 40, (2, 11)), jnp.int32)
+    media = jnp.array(rng.standard_normal((2, 5, 32)), jnp.float32)
+    make = lambda impl: DecoderLM(
+        vocab_size=40,
+        width=32,
+        depth=1,
+        num_heads=4,
+        num_kv_heads=2,
+        mlp_dim=48,
+        cross_attention_every=1,
+        attention_impl=impl,
+    )
+    assert_same_with_xla_and_pallas(
+        make,
+        (tokens,),
+        prefix_lengths=jnp.array([4, 0]),
+        media=media,
+        media_valid=jnp.array([[True] * 5, [True, True, False, False, False]]),
+    )
+
+
+@pytest.mark.parametrize("kind", ["none", "all"])
+def test_kernels_lower_for_tpu(kind):
+    """Forward and backward lower through Mosaic (exported for TPU from this host).
+
+    This checks the Pallas -> Mosaic lowering only; compiling and running need a TPU.
+    """
+    batch, length = 2, 197  # odd length, GQA 4 -> 2, bf16
+    q = jax.ShapeDtypeStruct((batch, length, 4, 64), jnp.bfloat16)
+    kv = jax.ShapeDtypeStruct((batch, length, 2, 64), jnp.bfloat16)
+    mask = make_mask(kind, batch, length, length, np.random.default_rng(9))
+    fn = lambda q, k, v: flash_attention(q, k, v, mask, backend="tpu")
+    fwd_bwd = lambda q, k, v: jax.vjp(fn, q, k, v)[1](q)
+    exported = jax.export.export(jax.jit(fwd_bwd), platforms=["tpu"])(q, kv, kv)
+    assert "tpu_custom_call" in exported.mlir_module()

@@ -56,13 +56,16 @@ class BlockSizes:
     num_stages: int = 2  # GPU software-pipelining depth
 
 
+TPU_BLOCKS = BlockSizes(128, 128, 128, 128)  # Mosaic: key tiles of the mask rows are 128-lane
+
+
 def default_block_sizes(head_dim: int) -> BlockSizes:
     """Tiles tuned on an H100 (bf16, see benchmarks/RESULTS.md); smaller for wide heads."""
     if head_dim <= 64:
         return BlockSizes(128, 64, 64, 64, num_warps=4, num_warps_bwd=4, num_stages=3)
     if head_dim <= 128:
         return BlockSizes(128, 128, 64, 64, num_warps=8, num_warps_bwd=4, num_stages=2)
-    return BlockSizes(64, 64, 32, 32, num_warps=8, num_warps_bwd=4, num_stages=2)
+    return BlockSizes(128, 64, 32, 32, num_warps=8, num_warps_bwd=4, num_stages=2)
 
 
 class _Spec(NamedTuple):
@@ -79,15 +82,26 @@ class _Spec(NamedTuple):
     group: int  # query heads per KV head
     blocks: BlockSizes
     interpret: bool
+    backend: str  # the platform the kernels are lowered for: "cpu" | "gpu" | "tpu"
+
+    @property
+    def heads_major(self) -> bool:
+        """Kernel operands are [B, H, T, D] on TPU (Mosaic tiles the last two dims)."""
+        return self.backend == "tpu" and not self.interpret
 
 
 class _Tile(NamedTuple):
-    """One block of rows: its first row, its size and its mask vectors (or None)."""
+    """One block of rows: its first row, its size and its mask vectors (or None).
+
+    Vectors are 2-D (Mosaic has no 1-D layouts): query tiles int32[size, 1], key tiles
+    int32[1, size], so comparing them broadcasts to the [bq, bk] block.
+    """
 
     start: jax.Array
     size: int
-    pos: jax.Array | None  # int32[size]
-    seg: jax.Array | None  # int32[size]
+    is_query: bool
+    pos: jax.Array | None
+    seg: jax.Array | None
 
 
 def _and(a, b):
@@ -105,15 +119,26 @@ def _dot(a: jax.Array, b: jax.Array, contract: tuple[int, int]) -> jax.Array:
     return lax.dot_general(a, b, dims, preferred_element_type=jnp.float32)
 
 
-def _load_tile(start, size: int, pos_ref, seg_ref, whole: bool) -> _Tile:
-    """Read a tile's mask vectors: `whole` refs hold the full sequence, else just the tile."""
+def _load_tile(start, size: int, is_query: bool, pos_ref, seg_ref, whole: bool) -> _Tile:
+    """Read a tile's mask vectors: `whole` refs hold the full sequence, else just the tile.
+
+    Query-side refs are [T, 1] columns, key-side refs [1, T] rows.
+    """
 
     def read(ref):
-        if ref is None:
-            return None
-        return ref[pl.ds(start, size)] if whole else ref[...]
+        if ref is None or not whole:
+            return None if ref is None else ref[...]
+        return ref[pl.ds(start, size), :] if is_query else ref[:, pl.ds(start, size)]
 
-    return _Tile(start, size, read(pos_ref), read(seg_ref))
+    return _Tile(start, size, is_query, read(pos_ref), read(seg_ref))
+
+
+def _indices(tile: _Tile, spec: _Spec) -> jax.Array:
+    """Row indices of a tile: int32[size, 1] (query) or int32[1, size] (key)."""
+    shape = (tile.size, 1) if tile.is_query else (1, tile.size)
+    if not spec.heads_major:  # Triton lowers only 1-D iota, Mosaic only 2-D
+        return tile.start + jnp.arange(tile.size, dtype=jnp.int32).reshape(shape)
+    return tile.start + lax.broadcasted_iota(jnp.int32, shape, 0 if tile.is_query else 1)
 
 
 def _span(tile: _Tile, values: jax.Array | None) -> tuple[jax.Array, jax.Array]:
@@ -144,15 +169,14 @@ def _classify(spec: _Spec, qt: _Tile, kt: _Tile):
 
 def _visible(spec: _Spec, qt: _Tile, kt: _Tile) -> jax.Array:
     """bool[bq, bk]: the mask rule of mask.py on one block pair (plus key padding)."""
-    q_idx = qt.start + jnp.arange(qt.size, dtype=jnp.int32)
-    k_idx = kt.start + jnp.arange(kt.size, dtype=jnp.int32)
-    vis = jnp.broadcast_to((k_idx < spec.kv_len)[None, :], (qt.size, kt.size))
+    k_idx = _indices(kt, spec)  # [1, bk]
+    vis = jnp.broadcast_to(k_idx < spec.kv_len, (qt.size, kt.size))
     if spec.causal:
-        q_pos = q_idx if qt.pos is None else qt.pos
+        q_pos = _indices(qt, spec) if qt.pos is None else qt.pos  # [bq, 1]
         k_pos = k_idx if kt.pos is None else kt.pos
-        vis = vis & (k_pos[None, :] <= q_pos[:, None])
+        vis = vis & (k_pos <= q_pos)
     if spec.has_seg:
-        vis = vis & (qt.seg[:, None] == kt.seg[None, :])
+        vis = vis & (qt.seg == kt.seg)
     return vis
 
 
@@ -240,36 +264,36 @@ def _fwd_kernel(*refs, spec: _Spec):
     (q_ref, k_ref, v_ref), (qp, kp, qs, ks), (o_ref, lse_ref) = _split_refs(refs, spec, 3)
     bq, bk = spec.blocks.block_q, spec.blocks.block_k
     q_start = pl.program_id(0) * bq
-    qt = _load_tile(q_start, bq, qp, qs, whole=False)
+    qt = _load_tile(q_start, bq, True, qp, qs, whole=False)
     q = q_ref[...]  # [bq, D]
 
     def body(j, kt, masked, carry):
-        acc, m, denom = carry  # f32[bq, D], f32[bq], f32[bq]
+        acc, m, denom = carry  # f32[bq, D], f32[bq, 1], f32[bq, 1]
         k = k_ref[pl.ds(j * bk, bk), :]
         v = v_ref[pl.ds(j * bk, bk), :]
         s = _scores(spec, q, k, qt, kt, masked)
-        m_new = jnp.maximum(m, jnp.max(s, axis=1))
+        m_new = jnp.maximum(m, jnp.max(s, axis=1, keepdims=True))
         alpha = jnp.exp2(m - m_new)
-        p = jnp.exp2(s - m_new[:, None])
-        denom = alpha * denom + jnp.sum(p, axis=1)
-        acc = alpha[:, None] * acc + _dot(p.astype(v.dtype), v, (1, 0))
+        p = jnp.exp2(s - m_new)
+        denom = alpha * denom + jnp.sum(p, axis=1, keepdims=True)
+        acc = alpha * acc + _dot(p.astype(v.dtype), v, (1, 0))
         return acc, m_new, denom
 
     init = (
         jnp.zeros(q.shape, jnp.float32),
-        jnp.full((bq,), MASK_VALUE, jnp.float32),
-        jnp.zeros((bq,), jnp.float32),
+        jnp.full((bq, 1), MASK_VALUE, jnp.float32),
+        jnp.zeros((bq, 1), jnp.float32),
     )
     acc, m, denom = _visit(
         _kv_spans(spec, q_start, bq, bk),
-        lambda j: _load_tile(j * bk, bk, kp, ks, whole=True),
+        lambda j: _load_tile(j * bk, bk, False, kp, ks, whole=True),
         lambda kt: _classify(spec, qt, kt),
         body,
         init,
     )
     empty = m == MASK_VALUE  # the row saw no key
     denom = jnp.where(empty, 1.0, denom)
-    o_ref[...] = jnp.where(empty[:, None], 0.0, acc / denom[:, None]).astype(o_ref.dtype)
+    o_ref[...] = jnp.where(empty, 0.0, acc / denom).astype(o_ref.dtype)
     lse_ref[...] = jnp.where(empty, EMPTY_LSE, m + jnp.log2(denom))
 
 
@@ -278,24 +302,25 @@ def _dkv_kernel(*refs, spec: _Spec):
     q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref = inputs
     bq, bk = spec.blocks.block_q_bwd, spec.blocks.block_k_bwd
     k_start = pl.program_id(0) * bk
-    kt = _load_tile(k_start, bk, kp, ks, whole=False)
+    kt = _load_tile(k_start, bk, False, kp, ks, whole=False)
     k, v = k_ref[...], v_ref[...]  # [bk, D]
 
     def head(g, carry):
         def body(i, qt, masked, carry):
             dk, dv = carry  # f32[bk, D]
             rows = pl.ds(i * bq, bq)
-            q, do = q_ref[rows, g, :], do_ref[rows, g, :]  # [bq, D]
-            lse, delta = lse_ref[g, rows], delta_ref[g, rows]  # f32[bq]
-            p = jnp.exp2(_scores(spec, q, k, qt, kt, masked) - lse[:, None])
+            pick = (lambda r: r[g, rows, :]) if spec.heads_major else (lambda r: r[rows, g, :])
+            q, do = pick(q_ref), pick(do_ref)  # [bq, D]
+            lse, delta = lse_ref[g, rows, :], delta_ref[g, rows, :]  # f32[bq, 1]
+            p = jnp.exp2(_scores(spec, q, k, qt, kt, masked) - lse)
             dv = dv + _dot(p.astype(do.dtype), do, (0, 0))
-            ds = p * (_dot(do, v, (1, 1)) - delta[:, None])
+            ds = p * (_dot(do, v, (1, 1)) - delta)
             dk = dk + _dot(ds.astype(q.dtype), q, (0, 0))
             return dk, dv
 
         return _visit(
             _q_spans(spec, k_start, bq, bk),
-            lambda i: _load_tile(i * bq, bq, qp, qs, whole=True),
+            lambda i: _load_tile(i * bq, bq, True, qp, qs, whole=True),
             lambda qt: _classify(spec, qt, kt),
             body,
             carry,
@@ -315,20 +340,20 @@ def _dq_kernel(*refs, spec: _Spec):
     q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref = inputs
     bq, bk = spec.blocks.block_q_bwd, spec.blocks.block_k_bwd
     q_start = pl.program_id(0) * bq
-    qt = _load_tile(q_start, bq, qp, qs, whole=False)
+    qt = _load_tile(q_start, bq, True, qp, qs, whole=False)
     q, do = q_ref[...], do_ref[...]  # [bq, D]
-    lse, delta = lse_ref[...], delta_ref[...]  # f32[bq]
+    lse, delta = lse_ref[...], delta_ref[...]  # f32[bq, 1]
 
     def body(j, kt, masked, dq):
         k = k_ref[pl.ds(j * bk, bk), :]
         v = v_ref[pl.ds(j * bk, bk), :]
-        p = jnp.exp2(_scores(spec, q, k, qt, kt, masked) - lse[:, None])
-        ds = p * (_dot(do, v, (1, 1)) - delta[:, None])
+        p = jnp.exp2(_scores(spec, q, k, qt, kt, masked) - lse)
+        ds = p * (_dot(do, v, (1, 1)) - delta)
         return dq + _dot(ds.astype(k.dtype), k, (1, 0))
 
     dq = _visit(
         _kv_spans(spec, q_start, bq, bk),
-        lambda j: _load_tile(j * bk, bk, kp, ks, whole=True),
+        lambda j: _load_tile(j * bk, bk, False, kp, ks, whole=True),
         lambda kt: _classify(spec, qt, kt),
         body,
         jnp.zeros(q.shape, jnp.float32),
@@ -338,19 +363,42 @@ def _dq_kernel(*refs, spec: _Spec):
 
 def _compiler_params(spec: _Spec, num_warps: int):
     """Triton launch parameters on GPU; the defaults elsewhere."""
-    if spec.interpret or jax.default_backend() != "gpu":
+    if spec.interpret or spec.backend != "gpu":
         return None
     from jax.experimental.pallas import triton as plgpu
 
     return plgpu.CompilerParams(num_warps=num_warps, num_stages=spec.blocks.num_stages)
 
 
+# BlockSpecs. Grids are (row block t, batch b, head h). Operands are [B, T, H, D], or
+# [B, H, T, D] when spec.heads_major; row statistics (lse, delta) are f32[B, H, Tq, 1];
+# mask vectors are int32[B, Tq, 1] (query side) and int32[B, 1, Tk] (key side).
+
+
+def _head_spec(spec: _Spec, rows: int, dim: int, head=lambda h: h, whole=False) -> pl.BlockSpec:
+    """`rows` rows (the t-th tile, or all of them) of head `head(h)`: [rows, D]."""
+    row = (lambda t: 0) if whole else (lambda t: t)
+    if spec.heads_major:
+        return pl.BlockSpec((None, None, rows, dim), lambda t, b, h: (b, head(h), row(t), 0))
+    return pl.BlockSpec((None, rows, None, dim), lambda t, b, h: (b, row(t), head(h), 0))
+
+
+def _group_spec(spec: _Spec, dim: int) -> pl.BlockSpec:
+    """All query rows of the `group` query heads that share KV head h: [Tq, G, D] / [G, Tq, D]."""
+    if spec.heads_major:
+        return pl.BlockSpec((None, spec.group, spec.q_pad, dim), lambda t, b, h: (b, h, 0, 0))
+    return pl.BlockSpec((None, spec.q_pad, spec.group, dim), lambda t, b, h: (b, 0, h, 0))
+
+
 def _mask_specs(spec: _Spec, grid_over_q: bool, block: int) -> list[pl.BlockSpec]:
     """BlockSpecs of (q_pos, kv_pos) / (q_seg, kv_seg): the gridded side gets its tile."""
-    tile = pl.BlockSpec((None, block), lambda t, b, h: (b, t))
-    whole = lambda length: pl.BlockSpec((None, length), lambda t, b, h: (b, 0))
-    pair = [tile, whole(spec.kv_pad)] if grid_over_q else [whole(spec.q_pad), tile]
-    return pair * (int(spec.has_pos) + int(spec.has_seg))
+    if grid_over_q:
+        q_side = pl.BlockSpec((None, block, 1), lambda t, b, h: (b, t, 0))
+        kv_side = pl.BlockSpec((None, 1, spec.kv_pad), lambda t, b, h: (b, 0, 0))
+    else:
+        q_side = pl.BlockSpec((None, spec.q_pad, 1), lambda t, b, h: (b, 0, 0))
+        kv_side = pl.BlockSpec((None, 1, block), lambda t, b, h: (b, 0, t))
+    return [q_side, kv_side] * (int(spec.has_pos) + int(spec.has_seg))
 
 
 def _call(kernel, spec: _Spec, grid, in_specs, out_specs, out_shape, args, name, num_warps):
@@ -366,28 +414,21 @@ def _call(kernel, spec: _Spec, grid, in_specs, out_specs, out_shape, args, name,
     )(*args)
 
 
-def _whole_kv_spec(spec: _Spec, dim: int) -> pl.BlockSpec:
-    """All keys (or values) of the KV head that query head h reads: [Tk', D]."""
-    return pl.BlockSpec(
-        (None, spec.kv_pad, None, dim), lambda t, b, h: (b, 0, lax.div(h, spec.group), 0)
-    )
-
-
 def _forward(q, k, v, masks, spec: _Spec):
-    """Padded inputs -> (out [B, Tq', H, D], lse f32[B, H, Tq'])."""
-    batch, _, heads, dim = q.shape
+    """Padded inputs -> (out like q, lse f32[B, H, Tq', 1])."""
+    batch, heads, dim = q.shape[0], spec.group * k.shape[2 - spec.heads_major], q.shape[-1]
     bq = spec.blocks.block_q
-    whole_kv = _whole_kv_spec(spec, dim)
-    q_block = pl.BlockSpec((None, bq, None, dim), lambda t, b, h: (b, t, h, 0))
+    q_block = _head_spec(spec, bq, dim)
+    whole_kv = _head_spec(spec, spec.kv_pad, dim, lambda h: lax.div(h, spec.group), whole=True)
     return _call(
         _fwd_kernel,
         spec,
         grid=(spec.q_pad // bq, batch, heads),
         in_specs=[q_block, whole_kv, whole_kv, *_mask_specs(spec, True, bq)],
-        out_specs=[q_block, pl.BlockSpec((None, None, bq), lambda t, b, h: (b, h, t))],
+        out_specs=[q_block, pl.BlockSpec((None, None, bq, 1), lambda t, b, h: (b, h, t, 0))],
         out_shape=[
             jax.ShapeDtypeStruct(q.shape, q.dtype),
-            jax.ShapeDtypeStruct((batch, heads, spec.q_pad), jnp.float32),
+            jax.ShapeDtypeStruct((batch, heads, spec.q_pad, 1), jnp.float32),
         ],
         args=(q, k, v, *masks),
         name="flash_fwd",
@@ -397,23 +438,25 @@ def _forward(q, k, v, masks, spec: _Spec):
 
 def _backward(q, k, v, masks, out, lse, d_out, spec: _Spec):
     """(dq, dk, dv) from the saved lse: two kernels, no atomics."""
-    batch, _, heads, dim = q.shape
-    kv_heads, group = k.shape[2], spec.group
+    kv_heads, dim = k.shape[2 - spec.heads_major], q.shape[-1]
+    batch, heads, group = q.shape[0], spec.group * kv_heads, spec.group
     bq, bk = spec.blocks.block_q_bwd, spec.blocks.block_k_bwd
-    delta = jnp.einsum("bqhd,bqhd->bhq", out.astype(jnp.float32), d_out.astype(jnp.float32))
+    to_bhtd = "bhqd" if spec.heads_major else "bqhd"
+    delta = jnp.einsum(
+        f"{to_bhtd},{to_bhtd}->bhq", out.astype(jnp.float32), d_out.astype(jnp.float32)
+    )[..., None]  # f32[B, H, Tq', 1]
 
-    q_group = pl.BlockSpec((None, spec.q_pad, group, dim), lambda t, b, h: (b, 0, h, 0))
-    rows_group = pl.BlockSpec((None, group, spec.q_pad), lambda t, b, h: (b, h, 0))
-    kv_block = pl.BlockSpec((None, bk, None, dim), lambda t, b, h: (b, t, h, 0))
+    rows_group = pl.BlockSpec((None, group, spec.q_pad, 1), lambda t, b, h: (b, h, 0, 0))
+    kv_block = _head_spec(spec, bk, dim)
     dk, dv = _call(
         _dkv_kernel,
         spec,
         grid=(spec.kv_pad // bk, batch, kv_heads),
         in_specs=[
-            q_group,
+            _group_spec(spec, dim),
             kv_block,
             kv_block,
-            q_group,
+            _group_spec(spec, dim),
             rows_group,
             rows_group,
             *_mask_specs(spec, False, bk),
@@ -425,9 +468,9 @@ def _backward(q, k, v, masks, out, lse, d_out, spec: _Spec):
         num_warps=spec.blocks.num_warps_bwd,
     )
 
-    q_block = pl.BlockSpec((None, bq, None, dim), lambda t, b, h: (b, t, h, 0))
-    whole_kv = _whole_kv_spec(spec, dim)
-    row_block = pl.BlockSpec((None, None, bq), lambda t, b, h: (b, h, t))
+    q_block = _head_spec(spec, bq, dim)
+    whole_kv = _head_spec(spec, spec.kv_pad, dim, lambda h: lax.div(h, group), whole=True)
+    row_block = pl.BlockSpec((None, None, bq, 1), lambda t, b, h: (b, h, t, 0))
     dq = _call(
         _dq_kernel,
         spec,
@@ -483,7 +526,10 @@ def _pad_axis(x: jax.Array, axis: int, size: int, value=0) -> jax.Array:
 
 
 def _mask_vectors(mask: AttentionMask | None, batch, q_len, kv_len, q_pad, kv_pad):
-    """AttentionMask -> (has_pos, has_seg, [q_pos, kv_pos][, q_seg, kv_seg]) int32[B, T']."""
+    """AttentionMask -> (has_pos, has_seg, [q_pos, kv_pos][, q_seg, kv_seg]).
+
+    Query-side vectors are int32[B, Tq', 1], key-side ones int32[B, 1, Tk'] (see _Tile).
+    """
     if mask is None:
         return False, False, []
     vectors = []
@@ -495,8 +541,8 @@ def _mask_vectors(mask: AttentionMask | None, batch, q_len, kv_len, q_pad, kv_pa
             prefix = jnp.asarray(mask.prefix_lengths, jnp.int32)[:, None]
             kv_pos = jnp.where(kv_pos < prefix, INT_MIN, kv_pos)
         vectors += [
-            _pad_axis(q_pos.astype(jnp.int32), 1, q_pad, INT_MIN),
-            _pad_axis(kv_pos.astype(jnp.int32), 1, kv_pad, INT_MAX),
+            _pad_axis(q_pos.astype(jnp.int32), 1, q_pad, INT_MIN)[:, :, None],
+            _pad_axis(kv_pos.astype(jnp.int32), 1, kv_pad, INT_MAX)[:, None, :],
         ]
     has_seg = mask.q_segment_ids is not None or mask.kv_valid is not None
     if has_seg:
@@ -507,7 +553,10 @@ def _mask_vectors(mask: AttentionMask | None, batch, q_len, kv_len, q_pad, kv_pa
             kv_seg = mask.kv_segment_ids.astype(jnp.int32)
         if mask.kv_valid is not None:  # invalid keys join a segment no query is in
             kv_seg = jnp.where(mask.kv_valid.astype(bool), kv_seg, INT_MIN)
-        vectors += [_pad_axis(q_seg, 1, q_pad, INT_MIN + 1), _pad_axis(kv_seg, 1, kv_pad, INT_MIN)]
+        vectors += [
+            _pad_axis(q_seg, 1, q_pad, INT_MIN + 1)[:, :, None],
+            _pad_axis(kv_seg, 1, kv_pad, INT_MIN)[:, None, :],
+        ]
     return has_pos, has_seg, vectors
 
 
@@ -520,15 +569,22 @@ def flash_attention(
     scale: float | None = None,
     block_sizes: BlockSizes | None = None,
     interpret: bool | None = None,
+    backend: str | None = None,
 ) -> jax.Array:
     """Flash attention: q[B, Tq, H, D], k/v[B, Tk, Hkv, D] -> [B, Tq, H, D] (q's dtype).
 
-    Differentiable in q, k, v. `interpret` defaults to True on CPU (the kernels then run
-    through the Pallas interpreter, slowly but exactly).
+    Differentiable in q, k, v. `backend` ("cpu" | "gpu" | "tpu", default: jax's) picks the
+    lowering (e.g. "tpu" to export for TPU from a CPU host); `interpret` defaults to True
+    on CPU (the kernels then run through the Pallas interpreter, slowly but exactly).
     """
     batch, q_len, heads, dim = q.shape
     kv_len, kv_heads = k.shape[1], k.shape[2]
-    blocks = block_sizes or default_block_sizes(dim)
+    backend = backend or jax.default_backend()
+    if backend not in ("cpu", "gpu", "tpu"):
+        raise ValueError(f"flash_attention backend={backend!r} is not one of: cpu, gpu, tpu")
+    interpret = backend == "cpu" if interpret is None else interpret
+    on_tpu = backend == "tpu" and not interpret
+    blocks = block_sizes or (TPU_BLOCKS if on_tpu else default_block_sizes(dim))
     blocks = dataclasses.replace(
         blocks,
         block_q=_fit(blocks.block_q, q_len),
@@ -554,11 +610,13 @@ def flash_attention(
         kv_pad=kv_pad,
         group=heads // kv_heads,
         blocks=blocks,
-        interpret=jax.default_backend() == "cpu" if interpret is None else interpret,
+        interpret=interpret,
+        backend=backend,
     )
-    pad = lambda x, length: _pad_axis(_pad_axis(x, 1, length), 3, dim_pad)
+    layout = (lambda x: x.transpose(0, 2, 1, 3)) if spec.heads_major else (lambda x: x)
+    pad = lambda x, length: layout(_pad_axis(_pad_axis(x, 1, length), 3, dim_pad))
     out = _flash(pad(q, q_pad), pad(k, kv_pad), pad(v, kv_pad), tuple(vectors), spec)
-    return out[:, :q_len, :, :dim]
+    return layout(out)[:, :q_len, :, :dim]
 
 
 @ATTENTION_IMPLS.register("pallas")
