@@ -271,6 +271,8 @@ def test_collisions_with_held_out_scenes_are_redrawn():
 def test_world_rejects_unknown_names():
     with pytest.raises(ValueError, match="magenta.*red, orange"):
         shapes.World(colours=("red", "magenta"))
+    with pytest.raises(ValueError, match="relation_prob=1.5 is not a probability"):
+        shapes.World(relation_prob=1.5)
     with pytest.raises(ValueError, match="split='test' is not one of: train, val, zeroshot"):
         shapes.make_record(shapes.World(), "test", 0)
     with pytest.raises(IndexError):

@@ -94,6 +94,14 @@ class World:
     )
 
     def __post_init__(self):
+        for name in ("relation_prob", "caption_variation"):
+            if not 0 <= getattr(self, name) <= 1:
+                raise ValueError(f"{name}={getattr(self, name)} is not a probability in [0, 1]")
+        if self.image_size < 8 or self.supersample < 1 or self.seed < 0:
+            raise ValueError(
+                f"need image_size >= 8, supersample >= 1, seed >= 0; got {self.image_size}, "
+                f"{self.supersample}, {self.seed}"
+            )
         _check_subset("colours", self.colours, tuple(COLOURS))
         _check_subset("kinds", self.kinds, KINDS)
         if len(self.colours) * len(self.kinds) < 2:
