@@ -19,7 +19,7 @@ import ml_collections
 import numpy as np
 from absl import flags
 
-from vlm_jax.data import preprocess
+from vlm_jax.data import preprocess, shapes
 from vlm_jax.data.sources import build_source
 from vlm_jax.data.tokenizers import Tokenizer
 
@@ -28,22 +28,20 @@ BATCH_FIELDS = ("id", "label")
 
 
 def default_data_config() -> ml_collections.ConfigDict:
-    """Every `config.data` key the built-in pieces read, with defaults (shapes world)."""
+    """Every `config.data` key the built-in pieces read, with defaults (the shapes world's)."""
+    world = shapes.World()
     return ml_collections.ConfigDict(
         {
             "source": "shapes",
-            "image_size": 32,
+            "image_size": world.image_size,
             "flip": True,  # random horizontal flip of train records (captions mirrored)
-            # The shapes world (vlm_jax.data.shapes.World).
-            "seed": 0,
-            "colours": ("red", "orange", "yellow", "green", "cyan", "blue", "purple", "white"),
-            "kinds": ("circle", "square", "triangle", "diamond", "cross"),
-            "supersample": 4,
-            "relation_prob": 0.6,
-            "caption_variation": 0.25,
-            "train_size": 1_000_000,
-            "val_size": 1_000,
-            "zeroshot_size": 1_000,
+            "seed": world.seed,
+            "colours": world.colours,
+            "kinds": world.kinds,
+            "supersample": world.supersample,
+            "relation_prob": world.relation_prob,
+            "caption_variation": world.caption_variation,
+            **{f"{split}_size": size for split, size in world.split_sizes},
         }
     )
 
