@@ -105,10 +105,10 @@ def batched(
 
     Process i of n owns records [i * m, (i + 1) * m), m = len(source) // n (the remainder is
     dropped so every process takes the same number of steps). Each epoch is a fresh seeded
-    permutation of that shard; random transforms draw from a generator seeded by (seed,
-    position in the stream). Workers take whole batches in turn, so the stream is the same for
-    every `worker_count` (but a saved state restores only into the same worker_count).
-    num_epochs=None repeats forever.
+    permutation of that shard; random transforms draw from generators seeded by (seed, the
+    transform's place in the list, position in the stream). Workers take whole batches in
+    turn, so the stream is the same for every `worker_count` (but a saved state restores only
+    into the same worker_count). num_epochs=None repeats forever.
     """
     if not 0 <= process_index < process_count:
         raise ValueError(f"process_index={process_index} is not in [0, {process_count})")
@@ -119,9 +119,9 @@ def batched(
     if shuffle:
         dataset = dataset.shuffle(seed=seed)
     dataset = dataset.repeat(num_epochs)
-    for transform in transforms:
-        if isinstance(transform, grain.transforms.RandomMap):
-            dataset = dataset.random_map(transform, seed=seed)
+    for position, transform in enumerate(transforms, start=1):
+        if isinstance(transform, grain.transforms.RandomMap):  # own stream: crop and flip
+            dataset = dataset.random_map(transform, seed=seed + position)  # are independent
         else:
             dataset = dataset.map(transform)
     dataset = dataset.batch(batch_size, drop_remainder=drop_remainder)
