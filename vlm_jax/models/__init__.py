@@ -18,4 +18,5 @@ def build_model(model_config: ml_collections.ConfigDict):
     return MODELS.get(model_config.name)(model_config)
 
 
-from vlm_jax.models import two_tower  # noqa: E402, F401  (registers "two_tower")
+# Registrations: "two_tower"; "vlm" and "decoder_lm".
+from vlm_jax.models import two_tower, vlm  # noqa: E402, F401

@@ -21,10 +21,14 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from vlm_jax.models import resamplers  # noqa: F401  (registers perceiver, qformer)
+from vlm_jax.models import (
+    MODELS,
+    resamplers,  # noqa: F401  (registers perceiver, qformer)
+)
 from vlm_jax.models.decoder import DecoderLM, KVCache, decoder_from_config
-from vlm_jax.models.layers import Dtype, Encoder, logical_dense
+from vlm_jax.models.layers import Dtype, Encoder, sincos_2d
 from vlm_jax.models.projectors import build_connector
+from vlm_jax.models.vit import POSEMBS, PatchEmbed, decode_variant
 
 FUSIONS = ("early", "cross_attention", "none")
 
@@ -151,49 +155,70 @@ class VisionLanguageModel(nn.Module):
 
 
 class PatchTokens(nn.Module):
-    """Interim vision tower: patch embedding + learned posemb + Encoder -> float[B, N, W]."""
+    """The ViT's patch tokens (after its final LayerNorm, before pooling): float[B, N, W].
+
+    Built from the ViT's own pieces under the ViT's param names (embedding, posemb, encoder),
+    so the image tower of a contrastive run initialises it (its pooling head is unused).
+    """
 
     width: int
     depth: int
     num_heads: int
     mlp_dim: int
     patch_size: int
+    posemb: str = "learn"
     dtype: Dtype = jnp.float32
     attention_impl: str = "auto"
+    remat: bool = False
+    scan: bool = False
 
     @nn.compact
     def __call__(self, images: jax.Array, train: bool = False) -> jax.Array:
-        b, h, w, c = images.shape
-        p = self.patch_size
-        patches = images.reshape(b, h // p, p, w // p, p, c).transpose(0, 1, 3, 2, 4, 5)
-        patches = patches.reshape(b, (h // p) * (w // p), p * p * c)
-        x = logical_dense(self.width, (None, "embed"), dtype=self.dtype, name="embedding")(patches)
-        posemb = self.param(
-            "posemb",
-            nn.with_logical_partitioning(nn.initializers.normal(0.02), (None, None, "embed")),
-            (1, x.shape[1], self.width),
-            jnp.float32,
-        )
+        if self.posemb not in POSEMBS:
+            raise ValueError(f"image posemb={self.posemb!r} is not one of: {', '.join(POSEMBS)}")
+        x = PatchEmbed(self.width, self.patch_size, dtype=self.dtype, name="embedding")(
+            images.astype(self.dtype)
+        )  # [B, N, W]
+        grid = (images.shape[1] // self.patch_size, images.shape[2] // self.patch_size)
+        if self.posemb == "learn":
+            posemb = self.param(
+                "posemb",
+                nn.with_logical_partitioning(
+                    nn.initializers.normal(stddev=1 / self.width**0.5), (None, None, "embed")
+                ),
+                (1, x.shape[1], self.width),
+                jnp.float32,
+            )
+        else:
+            posemb = sincos_2d(*grid, self.width)[None]
         return Encoder(
             self.depth,
             self.num_heads,
             self.mlp_dim,
             dtype=self.dtype,
             attention_impl=self.attention_impl,
+            remat=self.remat,
+            scan=self.scan,
             name="encoder",
         )(x + posemb.astype(self.dtype), deterministic=not train)
 
 
-def vision_tower(model_cfg: ml_collections.ConfigDict) -> nn.Module:
-    image = model_cfg.image
+def vision_tower(model_cfg: ml_collections.ConfigDict) -> PatchTokens:
+    """`model.image` (ViT keys; `variant` such as "S/16" sets the sizes) -> PatchTokens."""
+    image = dict(model_cfg.image)
+    if image.get("variant"):
+        image.update(decode_variant(image["variant"]))
     return PatchTokens(
-        image.width,
-        image.depth,
-        image.num_heads,
-        image.mlp_dim,
-        image.patch_size,
+        image["width"],
+        image["depth"],
+        image["num_heads"],
+        image["mlp_dim"],
+        image["patch_size"],
+        posemb=image.get("posemb", "learn"),
         dtype=_dtype(model_cfg),
         attention_impl=model_cfg.get("attention_impl", "auto"),
+        remat=model_cfg.get("remat", False),
+        scan=model_cfg.get("scan", False),
     )
 
 
@@ -207,6 +232,7 @@ def _dtype(model_cfg: ml_collections.ConfigDict):
     return DTYPES[name]
 
 
+@MODELS.register("decoder_lm")
 def build_decoder_lm(model_cfg: ml_collections.ConfigDict, cross_attention_every: int = 0):
     """The decoder LM of `model_cfg.lm` ("decoder_lm" model, and the VLM's `lm`)."""
     return decoder_from_config(
@@ -218,6 +244,7 @@ def build_decoder_lm(model_cfg: ml_collections.ConfigDict, cross_attention_every
     )
 
 
+@MODELS.register("vlm")
 def build_vlm(model_cfg: ml_collections.ConfigDict) -> VisionLanguageModel:
     """The "vlm" model: keys fusion, cross_attention_every, image_token_id, image (ViT),
     connector (projectors.build_connector), lm (decoder.decoder_from_config)."""
