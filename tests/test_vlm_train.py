@@ -138,3 +138,34 @@ def test_lm_pretraining_initialises_the_vlm_and_eval_and_cli_run(tmp_path, capsy
     answer = capsys.readouterr().out.strip().splitlines()[-1]
     assert len(answer.split()) <= 3
     assert json.loads((vlm_dir / "config.json").read_text())["model"]["name"] == "vlm"
+
+
+def test_vision_tower_initialises_from_a_contrastive_checkpoint(tmp_path):
+    """The two-tower model's `img` ViT (minus its pooling head) loads into the VLM's `vision`."""
+    from flax import linen as nn
+
+    from vlm_jax.models import build_model
+    from vlm_jax.train.checkpoint import Checkpointer
+
+    clip = load_config("configs/siglip_shapes.py")
+    for key in ("width", "depth", "num_heads", "mlp_dim", "image_size"):
+        clip.model.image[key] = int(TINY[f"model.image.{key}"])
+    two_tower = build_model(clip.model)
+    images, tokens = jnp.zeros((1, 16, 16, 3)), jnp.zeros((1, 16), jnp.int32)
+    clip_params = nn.unbox(two_tower.init(jax.random.key(1), images, tokens)["params"])
+    ckpt = Checkpointer(tmp_path / "clip" / "checkpoints", async_save=False)
+    ckpt.save(1, {"params": clip_params, "step": jnp.int32(1)}, None, {"step": 1}, force=True)
+    ckpt.close()
+
+    config = tiny_config(**{"init.vision_checkpoint": str(tmp_path / "clip")})
+    mesh = sharding.build_mesh((1, 1, 1), devices=jax.devices()[:1])
+    task = VLMTask(config, mesh)
+    with jax.set_mesh(mesh):
+        params, _ = init_params(task, config, mesh)
+    loaded = task.load_pretrained(params)
+    assert set(loaded["vision"]) == {"embedding", "posemb", "encoder"}
+    for name in loaded["vision"]:
+        jax.tree.map(
+            np.testing.assert_array_equal, loaded["vision"][name], clip_params["img"][name]
+        )
+    jax.tree.map(np.testing.assert_array_equal, loaded["lm"], params["lm"])
