@@ -4,10 +4,13 @@ On CPU the kernels run in Pallas interpret mode; on a GPU (JAX_PLATFORMS=cuda) t
 tests run the compiled kernels.
 """
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax.sharding import AxisType, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from vlm_jax.kernels import ATTENTION_IMPLS, AttentionMask, attention, resolve_impl
 from vlm_jax.kernels.flash import BlockSizes, flash_attention
@@ -197,6 +200,36 @@ def assert_same_with_xla_and_pallas(make_model, inputs, **kwargs):
     np.testing.assert_allclose(np.asarray(pl_out), np.asarray(xla_out), rtol=1e-5, atol=1e-5)
     for got, want in zip(jax.tree.leaves(pl_grads), jax.tree.leaves(xla_grads)):
         np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("with_mask", [False, True])
+def test_sharded_equals_unsharded_without_gathers(with_mask):
+    """Under a (data, fsdp, tensor) mesh the kernel runs per shard (batch x heads)."""
+    if len(jax.devices()) < 4:
+        pytest.skip("needs 4 devices (CPU tests simulate 8)")
+    mesh = jax.make_mesh(
+        (2, 1, 2), ("data", "fsdp", "tensor"), (AxisType.Auto,) * 3, devices=jax.devices()[:4]
+    )
+    rules = (("act_batch", ("data", "fsdp")), ("act_heads", "tensor"))
+    rng = np.random.default_rng(10)
+    q = jnp.array(rng.standard_normal((4, 24, 4, 16)), jnp.float32)
+    k, v = (jnp.array(rng.standard_normal((4, 24, 2, 16)), jnp.float32) for _ in range(2))
+    prefix = jnp.array([0, 5, 9, 24])
+    mask = AttentionMask(causal=True, prefix_lengths=prefix) if with_mask else None
+
+    def fwd_bwd(q, k, v):
+        out, vjp = jax.vjp(lambda q, k, v: attention(q, k, v, mask, impl="pallas"), q, k, v)
+        return out, vjp(jnp.cos(out))
+
+    want = jax.jit(fwd_bwd)(q, k, v)
+    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+        sharding = NamedSharding(mesh, P(("data", "fsdp"), None, "tensor", None))
+        args = [jax.device_put(x, sharding) for x in (q, k, v)]
+        compiled = jax.jit(fwd_bwd).lower(*args).compile()
+        got = compiled(*args)
+    assert "all-gather" not in compiled.as_text()
+    for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+        np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=1e-6, atol=1e-6)
 
 
 @pytest.mark.slow

@@ -15,8 +15,12 @@ Masks: the wrapper lowers an `AttentionMask` to at most two pairs of int32 vecto
 Each (query block, key block) pair is classified from the min/max of those vectors as
 skipped (no visible entry: not computed), full (no mask applied) or partial (masked).
 Odd lengths and head dims are padded inside the wrapper; padded keys are masked, padded
-rows are sliced off, so results never change. Runs compiled on GPU (Triton) and TPU
-(Mosaic), and with `interpret=True` on CPU.
+rows are sliced off, so results never change.
+
+One kernel source: compiled through Triton on GPU (operands [B, T, H, D]), lowered
+through Mosaic for TPU (operands transposed to [B, H, T, D]; only the lowering is
+tested, by exporting for TPU), and run by the Pallas interpreter on CPU. Under a mesh the
+dispatcher entry `pallas_attention` runs the kernels per (batch, head) shard.
 """
 
 from __future__ import annotations
@@ -26,11 +30,13 @@ import functools
 import math
 from typing import NamedTuple
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
 from jax.experimental import pallas as pl
+from jax.sharding import PartitionSpec as P
 
 from vlm_jax.kernels.attention import ATTENTION_IMPLS
 from vlm_jax.kernels.mask import AttentionMask
@@ -126,8 +132,10 @@ def _load_tile(start, size: int, is_query: bool, pos_ref, seg_ref, whole: bool) 
     """
 
     def read(ref):
-        if ref is None or not whole:
-            return None if ref is None else ref[...]
+        if ref is None:
+            return None
+        if not whole:
+            return ref[...]
         return ref[pl.ds(start, size), :] if is_query else ref[:, pl.ds(start, size)]
 
     return _Tile(start, size, is_query, read(pos_ref), read(seg_ref))
@@ -619,9 +627,36 @@ def flash_attention(
     return layout(out)[:, :q_len, :, :dim]
 
 
+def _mesh_axes(logical: str, mesh, size: int) -> tuple[str, ...] | None:
+    """Mesh axes an activation axis maps to under the logical rules, if they divide `size`."""
+    axes = nn.logical_to_mesh_axes((logical,))[0]
+    axes = (axes,) if isinstance(axes, str) else tuple(axes or ())
+    axes = tuple(a for a in axes if a in mesh.axis_names and a not in mesh.manual_axes)
+    if not axes or size % math.prod(mesh.shape[a] for a in axes):
+        return None
+    return axes
+
+
 @ATTENTION_IMPLS.register("pallas")
 def pallas_attention(
     q: jax.Array, k: jax.Array, v: jax.Array, mask: AttentionMask | None, scale: float
 ) -> jax.Array:
-    """The dispatcher's "pallas" implementation: flash_attention with default blocks."""
-    return flash_attention(q, k, v, mask, scale=scale)
+    """The dispatcher's "pallas" implementation: flash_attention with default blocks.
+
+    Under a mesh (`jax.set_mesh`) the kernels run per shard through `shard_map`, split
+    over the mesh axes that the logical rules give "act_batch" and "act_heads": XLA
+    cannot partition a Pallas call itself and would otherwise gather every input.
+    """
+    attend = lambda q, k, v, mask: flash_attention(q, k, v, mask, scale=scale)
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+        return attend(q, k, v, mask)
+    batch_axes = _mesh_axes("act_batch", mesh, q.shape[0])
+    head_axes = _mesh_axes("act_heads", mesh, k.shape[2])  # q heads are a multiple
+    if batch_axes is None and head_axes is None:
+        return attend(q, k, v, mask)
+    spec = P(batch_axes, None, head_axes, None)
+    mask_spec = jax.tree.map(lambda x: P(batch_axes, *([None] * (x.ndim - 1))), mask)
+    return jax.shard_map(
+        attend, mesh=mesh, in_specs=(spec, spec, spec, mask_spec), out_specs=spec, check_vma=False
+    )(q, k, v, mask)
