@@ -1,11 +1,13 @@
 """Attention benchmark: our Pallas flash kernel vs XLA, cuDNN and jax's Pallas GPU op.
 
     python scripts/bench_attention.py [--cases vit,decoder] [--impls ours,xla,cudnn,jax_pallas]
-        [--modes fwd,fwd_bwd] [--dtype bfloat16] [--iters 20]
+        [--modes fwd,fwd_bwd] [--dtype bfloat16] [--iters 20] [--only CASE,...] [--check]
+        [--ours-blocks "bq,bk,bq_bwd,bk_bwd,warps,warps_bwd,stages;..."]
 
 Prints one JSON line per (case, impl, mode) and a table. FLOPs count only visible
 (query, key) pairs (a causal mask halves them), 4*Tq*Tk*D per head forward and 2.5x that
-backward (the FlashAttention convention). Peak memory is the compiled program's
+backward (the FlashAttention convention). `--check` adds the relative errors of the
+outputs and gradients against XLA on float32 inputs. Peak memory is the compiled program's
 temporary buffers (`memory_analysis().temp_size_in_bytes`): what attention needs beyond
 its inputs and outputs, which shows whether it grows with Tk or Tq*Tk.
 """
@@ -83,6 +85,8 @@ def jax_pallas_op(q, k, v, mask, case: Case):
 
     if case.mask == "prefix":
         raise NotImplementedError("jax's Pallas op has no prefix-LM mask")
+    if case.kv_heads and case.kv_heads != case.heads:  # it would run, but read wrong heads
+        raise NotImplementedError("jax's Pallas op has no grouped-query attention")
     blocks = jax_attention.BlockSizes(
         block_q=128, block_k=64, block_q_dkv=64, block_kv_dkv=64, block_q_dq=64, block_kv_dq=64
     )
