@@ -179,18 +179,26 @@ def _masked_logits(row, col, scale, bias):
     return jnp.where(valid, scale * dots + bias, -jnp.inf), dots, valid
 
 
-def _tiled(tile: int, *per_example: Array) -> tuple[Array, ...]:
+def _varying(tree, ring: Ring | None):
+    """Mark values made on each device as per-device (varying over the ring's axes), as the
+    loop carries they start are; shard_map's type check (check_vma) requires it."""
+    if ring is None:
+        return tree
+    return jax.tree.map(lambda x: jax.lax.pcast(x, ring[0], to="varying"), tree)
+
+
+def _tiled(tile: int, ring: Ring | None, *per_example: Array) -> tuple[Array, ...]:
     """Tiles of per-example arrays plus a validity mask [nt, t] for the padding."""
-    valid = jnp.ones((per_example[0].shape[0],), bool)
+    valid = _varying(jnp.ones((per_example[0].shape[0],), bool), ring)
     return (*(_to_tiles(x, tile) for x in per_example), _to_tiles(valid, tile, False))
 
 
 def _device_stats(rule: TileRule, tile: int, ring, image_emb, text_emb, scale, bias):
     """Per-row and per-column statistics of this device's rows/columns over all pairs."""
     size = image_emb.shape[0]
-    rows = _tiled(min(tile, size), image_emb)  # (images[nt, t, E], valid[nt, t])
-    cols = _tiled(min(tile, size), text_emb)
-    init = jnp.full(rows[-1].shape, rule.init, jnp.float32)
+    rows = _tiled(min(tile, size), ring, image_emb)  # (images[nt, t, E], valid[nt, t])
+    cols = _tiled(min(tile, size), ring, text_emb)
+    init = _varying(jnp.full(rows[-1].shape, rule.init, jnp.float32), ring)
 
     def tile_fn(row, col, row_stat, col_stat, shared):
         logits, _, _ = _masked_logits(row, col, scale, bias)
@@ -206,8 +214,8 @@ def _device_stats_grad(
 ):
     """VJP of `_device_stats`: a second ring pass that recomputes each tile's logits."""
     size = image_emb.shape[0]
-    rows = _tiled(min(tile, size), image_emb, row, row_ct)  # (..., valid)
-    cols = _tiled(min(tile, size), text_emb, col, col_ct)
+    rows = _tiled(min(tile, size), ring, image_emb, row, row_ct)  # (..., valid)
+    cols = _tiled(min(tile, size), ring, text_emb, col, col_ct)
 
     def tile_fn(row_in, col_in, d_image, d_text, shared):
         image_tile, row_stat, row_ct, row_valid = row_in
@@ -222,8 +230,8 @@ def _device_stats_grad(
         d_text = d_text + scale * (ct.T @ image_tile)
         return d_image, d_text, (d_scale + jnp.sum(ct * dots), d_bias + jnp.sum(ct))
 
-    zeros = jnp.zeros(rows[0].shape, jnp.float32)  # [nt, t, E]
-    scalar = jnp.zeros((), jnp.float32)
+    zeros = _varying(jnp.zeros(rows[0].shape, jnp.float32), ring)  # [nt, t, E]
+    scalar = _varying(jnp.zeros((), jnp.float32), ring)
     d_image, d_text, (d_scale, d_bias) = _ring_loop(
         tile_fn, rows, zeros, cols, zeros, (scalar, scalar), ring
     )
@@ -252,14 +260,12 @@ def pairwise_stats(
             mesh=mesh,
             in_specs=(rows, rows, scalar, scalar),
             out_specs=(rows, rows),
-            check_vma=False,
         )
         backward = jax.shard_map(
             backward,
             mesh=mesh,
             in_specs=(rows, rows, scalar, scalar, rows, rows, rows, rows),
             out_specs=(rows, rows, scalar, scalar),
-            check_vma=False,
         )
 
     @jax.custom_vjp
