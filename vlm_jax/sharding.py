@@ -85,12 +85,60 @@ def logical_shardings(abstract_tree, mesh: Mesh, rules) -> object:
     return nn.logical_to_mesh_sharding(specs, mesh, tuple(rules))
 
 
-def global_batch(local_batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
-    """Assemble per-process batches into global arrays sharded over the batch axes."""
+def global_batch(
+    local_batch: dict[str, np.ndarray], mesh: Mesh, global_batch_size: int | None = None
+) -> dict[str, jax.Array]:
+    """Assemble per-process batches into global arrays sharded over the batch axes.
+
+    `local_batch` holds this process's rows (`process_batch_rows`); pass `global_batch_size`
+    whenever processes may share rows (a batch replicated over processes), since the global
+    shape cannot be inferred from the local one then.
+    """
     return {
-        key: jax.make_array_from_process_local_data(batch_sharding(mesh, value.ndim), value)
+        key: jax.make_array_from_process_local_data(
+            batch_sharding(mesh, value.ndim),
+            value,
+            None if global_batch_size is None else (global_batch_size, *value.shape[1:]),
+        )
         for key, value in local_batch.items()
     }
+
+
+def process_batch_rows(mesh: Mesh, global_batch_size: int) -> slice:
+    """The rows [start, stop) of the global batch that this process's devices hold.
+
+    Batch axes that span processes split the batch between them; a batch replicated over
+    processes (e.g. a pure tensor-parallel mesh) gives several processes the same rows, and
+    those processes must then load the same data.
+    """
+    if global_batch_size % data_parallel_size(mesh):
+        raise ValueError(
+            f"batch size {global_batch_size} is not divisible by the mesh's data-parallel "
+            f"size {data_parallel_size(mesh)} (mesh {dict(mesh.shape)})"
+        )
+    indices = batch_sharding(mesh, 1).addressable_devices_indices_map((global_batch_size,))
+    spans = {index[0].indices(global_batch_size)[:2] for index in indices.values()}
+    start, stop = min(s for s, _ in spans), max(e for _, e in spans)
+    if sum(e - s for s, e in spans) != stop - start:
+        raise ValueError(
+            f"process {jax.process_index()} holds non-contiguous batch rows {sorted(spans)} on "
+            f"mesh {dict(mesh.shape)}; order the mesh devices so each process's are adjacent"
+        )
+    return slice(start, stop)
+
+
+def shard_shapes(tree) -> object:
+    """Per-device shard shape of every array leaf (the same on all devices for NamedShardings)."""
+    return jax.tree.map(lambda x: x.sharding.shard_shape(x.shape), tree)
+
+
+def bytes_per_device(tree) -> dict[jax.Device, int]:
+    """Bytes of `tree`'s array leaves resident on each addressable device."""
+    totals: dict[jax.Device, int] = {}
+    for leaf in jax.tree.leaves(tree):
+        for shard in leaf.addressable_shards:
+            totals[shard.device] = totals.get(shard.device, 0) + shard.data.nbytes
+    return totals
 
 
 def data_parallel_size(mesh: Mesh) -> int:

@@ -1,17 +1,30 @@
-"""Multi-process start-up: `jax.distributed.initialize` from the config or the environment.
+"""Multi-process start-up and per-process data.
 
-Order of precedence: explicit `config.distributed.coordinator_address` (with num_processes and
-process_id), then the environment (JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES /
-JAX_PROCESS_ID), then cluster auto-detection that JAX itself provides (TPU pods, SLURM) when
-`VLM_JAX_DISTRIBUTED=auto`. With none of these the run is single-process.
+Start-up (`maybe_initialize_distributed`), in order of precedence: an explicit
+`config.distributed.coordinator_address` (with num_processes and process_id), then the
+environment (JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID), then the cluster
+auto-detection JAX itself provides (TPU pods, SLURM, ...) when `VLM_JAX_DISTRIBUTED=auto`.
+With none of these the run is single-process.
+
+Data: the global batch is split into `train.data_shards` row blocks (0: as many as there are
+distinct blocks of rows held by the processes). Shard s reads record block s of the split
+(the pipeline's process_index=s of data_shards), so a run with a fixed `data_shards` sees the
+same global batches on any number of processes; each process loads only the shards whose rows
+its devices hold (`sharding.process_batch_rows`).
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
+from collections.abc import Iterator
 
 import jax
+import numpy as np
+from jax.sharding import Mesh
+
+from vlm_jax import sharding
 
 
 def maybe_initialize_distributed(config) -> None:
@@ -39,3 +52,62 @@ def maybe_initialize_distributed(config) -> None:
         jax.local_device_count(),
         jax.device_count(),
     )
+
+
+def data_shard_plan(
+    mesh: Mesh, global_batch_size: int, data_shards: int = 0
+) -> tuple[range, int, int]:
+    """(the shards this process loads, the number of shards, rows per shard)."""
+    rows = sharding.process_batch_rows(mesh, global_batch_size)
+    local = rows.stop - rows.start
+    count = data_shards or global_batch_size // local
+    if global_batch_size % count or local % (global_batch_size // count):
+        raise ValueError(
+            f"train.data_shards={data_shards} must divide the batch size {global_batch_size} "
+            f"into blocks that tile this process's {local} rows (e.g. a multiple of "
+            f"{global_batch_size // local}, or 0)"
+        )
+    per_shard = global_batch_size // count
+    return range(rows.start // per_shard, rows.stop // per_shard), count, per_shard
+
+
+class ConcatShards:
+    """Several shard iterators in lock-step, their batches concatenated in shard order.
+
+    Checkpointable like one Grain iterator (`grain.checkpoint.CheckpointHandler` stores the
+    bytes of `get_state()` per process).
+    """
+
+    def __init__(self, iterators: list[Iterator]):
+        self.iterators = iterators
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> dict[str, np.ndarray]:
+        batches = [next(it) for it in self.iterators]
+        return {k: np.concatenate([b[k] for b in batches]) for k in batches[0]}
+
+    def get_state(self) -> bytes:
+        return json.dumps([it.get_state() for it in self.iterators]).encode()
+
+    def set_state(self, state: bytes) -> None:
+        states = json.loads(state)
+        if len(states) != len(self.iterators):
+            raise ValueError(
+                f"data state holds {len(states)} shards but this process loads "
+                f"{len(self.iterators)}; resume with the same train.data_shards and mesh"
+            )
+        for it, shard_state in zip(self.iterators, states):
+            it.set_state(shard_state)
+
+    def start_prefetch(self) -> None:
+        for it in self.iterators:
+            it.start_prefetch()
+
+
+def train_iterator(task, config, mesh: Mesh) -> Iterator[dict[str, np.ndarray]]:
+    """This process's rows of every global training batch (see the module docstring)."""
+    shards, count, rows = data_shard_plan(mesh, config.train.batch_size, config.train.data_shards)
+    streams = [iter(task.train_data(rows, s, count, config.seed)) for s in shards]
+    return streams[0] if len(streams) == 1 else ConcatShards(streams)

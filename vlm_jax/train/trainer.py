@@ -119,12 +119,16 @@ def param_layout(task: Task, config, mesh: Mesh):
     return init_fn, abstract_like(unboxed, shardings), shardings
 
 
+def sharded_init(task: Task, config, mesh: Mesh):
+    """(jitted rng -> params, their shardings): each device computes only its own shards."""
+    init_fn, _, shardings = param_layout(task, config, mesh)
+    return jax.jit(lambda r: nn.unbox(init_fn(r)), out_shardings=shardings), shardings
+
+
 def init_params(task: Task, config, mesh: Mesh) -> tuple[Any, Any]:
     """Initialise params directly into their sharded layout. Returns (params, shardings)."""
-    init_fn, _, shardings = param_layout(task, config, mesh)
-    rng = jax.random.key(config.seed)
-    params = jax.jit(lambda r: nn.unbox(init_fn(r)), out_shardings=shardings)(rng)
-    return params, shardings
+    init, shardings = sharded_init(task, config, mesh)
+    return init(jax.random.key(config.seed)), shardings
 
 
 def build_state(task: Task, config, mesh: Mesh):
