@@ -45,10 +45,10 @@ def get_config(arg=None):
     c.model.image = ml_collections.ConfigDict(
         dict(
             variant=None,
-            width=64,
+            width=48,
             depth=2,
             num_heads=4,
-            mlp_dim=128,
+            mlp_dim=96,
             patch_size=4,
             image_size=32,
             posemb="learn",
@@ -72,12 +72,12 @@ def get_config(arg=None):
     c.model.lm = ml_collections.ConfigDict(
         dict(
             vocab_size=128,
-            width=128,
+            width=96,
             depth=2,
             num_heads=4,
             num_kv_heads=2,
-            head_dim=32,
-            mlp_dim=256,
+            head_dim=24,
+            mlp_dim=192,
             rope_theta=10_000.0,
             tie_embeddings=True,
             dropout=0.0,
@@ -88,12 +88,12 @@ def get_config(arg=None):
     c.init.vision_key = "img"  # the image tower's name in that run's params
     c.init.lm_checkpoint = ""  # "lm" run (configs/lm_shapes.py) whose decoder initialises `lm`
 
-    c.train.batch_size = 64
-    c.train.total_steps = 800
+    c.train.batch_size = 32
+    c.train.total_steps = 500
     c.train.log_every = 50
-    c.train.checkpoint_every = 400
-    c.optim.lr = 1e-3
-    c.optim.warmup_steps = 50
+    c.train.checkpoint_every = 250
+    c.optim.lr = 2e-3
+    c.optim.warmup_steps = 30
     c.optim.weight_decay = 1e-4
     recipe = arg or "full"
     if recipe not in RECIPES:
@@ -101,7 +101,7 @@ def get_config(arg=None):
     c.optim.freeze = RECIPES[recipe]
 
     c.eval.batch_size = 128
-    c.eval.num_examples = 350  # held-out questions, 50 per type
+    c.eval.num_examples = 140  # held-out questions, 20 per type
     c.eval.max_new_tokens = 12
     c.eval.split = "val"
     return c

@@ -60,7 +60,6 @@ GRIDS = {
         "perceiver32/early",
         "qformer32/early",
         "mlp64/xattn",
-        "perceiver32/xattn",
     ),
     "full": tuple(CELLS),
 }
