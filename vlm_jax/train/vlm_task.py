@@ -112,7 +112,7 @@ class VLMTask(Task):
     def load_pretrained(self, params: Any) -> Any:
         """Replace `vision` / `lm` by the towers of the runs in config.init (fresh runs only)."""
         init = self.config.init
-        if init.get("vision_checkpoint"):
+        if init.get("vision_checkpoint") and "vision" in params:  # not in text-only models
             image = _restore_params(init.vision_checkpoint)[init.get("vision_key", "img")]
             params = dict(params, vision=_like(params["vision"], image, "vision"))
         if init.get("lm_checkpoint"):
