@@ -6,6 +6,8 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -51,6 +53,25 @@ def test_chunked_equals_plain(name, mesh_shape, batch_axes, tile_size):
     got = jax.jit(jax.value_and_grad(chunked, ARGNUMS))(image, text, scale, bias)
     for want, have in zip(jax.tree.leaves(expected), jax.tree.leaves(got)):
         np.testing.assert_allclose(np.asarray(have), np.asarray(want), rtol=2e-5, atol=2e-6)
+
+
+@settings(max_examples=8, deadline=None)
+@given(
+    name=st.sampled_from(["sigmoid", "softmax"]),
+    batch=st.integers(1, 23),
+    tile_size=st.integers(1, 24),
+    scale=st.floats(0.5, 20.0),
+    bias=st.floats(-10.0, 10.0),
+)
+def test_single_device_tiles_equal_plain_for_any_tile_size(name, batch, tile_size, scale, bias):
+    """Padding of the last tile (any batch, any tile) never changes the value or gradients."""
+    image, text = jax.random.normal(jax.random.key(batch), (2, batch, 4))
+    plain = build_loss(loss_config(name, chunked=False))
+    chunked = build_loss(loss_config(name, True, tile_size))
+    expected = jax.jit(jax.value_and_grad(plain, ARGNUMS))(image, text, scale, bias)
+    got = jax.jit(jax.value_and_grad(chunked, ARGNUMS))(image, text, scale, bias)
+    for want, have in zip(jax.tree.leaves(expected), jax.tree.leaves(got)):
+        np.testing.assert_allclose(np.asarray(have), np.asarray(want), rtol=2e-5, atol=2e-5)
 
 
 def test_chunked_loss_output_is_replicated_scalar_under_jit():
