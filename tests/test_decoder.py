@@ -128,3 +128,19 @@ def test_cross_attention_decoder_needs_media():
     lm = _lm(cross_attention_every=2)
     with pytest.raises(ValueError, match="needs media"):
         lm.init(jax.random.key(0), _tokens())
+
+
+def test_remat_gives_identical_outputs_and_gradients():
+    tokens = _tokens(batch=1, length=6)
+    plain, remat = _lm(depth=1), _lm(depth=1, remat=True)
+    params = nn.unbox(plain.init(jax.random.key(8), tokens)["params"])
+
+    def loss(model, p):
+        return jnp.sum(model.apply({"params": p}, tokens)[0] ** 2)
+
+    np.testing.assert_allclose(loss(remat, params), loss(plain, params), rtol=1e-6)
+    g_plain = jax.grad(lambda p: loss(plain, p))(params)
+    g_remat = jax.grad(lambda p: loss(remat, p))(params)
+    jax.tree.map(
+        lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), g_plain, g_remat
+    )
