@@ -71,13 +71,18 @@ class Checkpointer:
         """Only the params of a saved train state (for init / fine-tuning / evaluation).
 
         `abstract_params` (ShapeDtypeStructs with shardings) places them; None restores
-        arrays with the saved shapes on the default device.
+        arrays with the saved shapes on the default device. The rest of the state is read onto
+        that device too (not into its saved shardings), so a checkpoint saved on other devices,
+        e.g. by a multi-host run, restores here.
         """
         step = self.latest_step() if step is None else step
         if step is None:
             raise FileNotFoundError(f"no checkpoint in {self.directory}")
         meta_tree = self.manager.item_metadata(step)["state"]
-        abstract = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype), dict(meta_tree))
+        device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+        abstract = jax.tree.map(
+            lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), dict(meta_tree)
+        )
         if abstract_params is not None:
             abstract["params"] = abstract_params
         restored = self.manager.restore(

@@ -1,0 +1,143 @@
+"""Two processes on localhost (2 x 4 CPU devices) train exactly like one process with 8."""
+
+import json
+import os
+import shlex
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+from test_sharding import TINY, assert_close_except_key_bias
+
+import vlm_jax.train.registry_imports  # noqa: F401
+from vlm_jax.config import apply_override, load_config
+from vlm_jax.train.checkpoint import Checkpointer
+from vlm_jax.train.trainer import train
+
+REPO = Path(__file__).resolve().parents[1]
+STEPS = 4
+# Mesh (2, 2, 2) over 2 processes: `data` splits the batch between the processes, `fsdp` and
+# `tensor` within each. data_shards=2 makes the one-process run read the same global batches.
+RUN = {
+    **TINY,
+    "mesh.shape": "(2, 2, 2)",
+    "train.data_shards": "2",
+    "train.total_steps": str(STEPS),
+    "train.log_every": "1",
+    "train.checkpoint_every": str(STEPS),
+    "train.async_checkpoint": "false",
+}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        return s.getsockname()[1]
+
+
+def start_process(process_id: int, port: int, workdir: Path) -> subprocess.Popen:
+    env = os.environ | {
+        "XLA_FLAGS": "--xla_force_host_platform_device_count=4",
+        "JAX_PLATFORMS": "cpu",
+        "JAX_DEFAULT_MATMUL_PRECISION": "highest",
+    }
+    overrides = RUN | {
+        "distributed.coordinator_address": f"localhost:{port}",
+        "distributed.num_processes": "2",
+        "distributed.process_id": str(process_id),
+    }
+    args = [sys.executable, "-m", "vlm_jax.train", "--config", "configs/siglip_shapes.py"]
+    args += ["--workdir", str(workdir)] + [f"--config.{k}={v}" for k, v in overrides.items()]
+    return subprocess.Popen(
+        args, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+
+
+def losses(workdir: Path) -> list[tuple[int, float]]:
+    rows = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+    return [(row["step"], row["train/loss"]) for row in rows]
+
+
+def final_params(workdir: Path):
+    ckpt = Checkpointer(workdir / "checkpoints", async_save=False)
+    params = ckpt.restore_params(STEPS)
+    ckpt.close()
+    return jax.tree.map(np.asarray, params)
+
+
+@pytest.mark.slow
+def test_two_processes_match_one_process(tmp_path):
+    port = free_port()
+    two = tmp_path / "two_processes"
+    processes = [start_process(i, port, two) for i in range(2)]
+    try:
+        config = load_config(str(REPO / "configs/siglip_shapes.py"))
+        for key, value in RUN.items():
+            apply_override(config, key, value)
+        one = tmp_path / "one_process"
+        train(config, one)
+        outputs = [p.communicate(timeout=600)[0] for p in processes]
+    finally:
+        for p in processes:
+            p.kill()
+    for p, output in zip(processes, outputs):
+        assert p.returncode == 0, output[-4000:]
+
+    expected = losses(one)
+    assert [step for step, _ in expected] == list(range(1, STEPS + 1))
+    got = losses(two)  # written by process 0 only: one row per step
+    assert [step for step, _ in got] == [step for step, _ in expected]
+    np.testing.assert_allclose([v for _, v in got], [v for _, v in expected], rtol=1e-5)
+    # Both processes took part in the save: each stored its own data-iterator state.
+    data_dir = two / "checkpoints" / str(STEPS) / "data"
+    assert sorted(f.name for f in data_dir.glob("process_*")) == [
+        "process_0-of-2.json",
+        "process_1-of-2.json",
+    ]
+    assert_close_except_key_bias(final_params(two), final_params(one))
+
+
+def dry_run(script: str, *args: str) -> list[list[str]]:
+    """The commands a launcher would run, each split into its arguments."""
+    result = subprocess.run(
+        [str(REPO / "scripts" / script), *args],
+        env=os.environ | {"DRY_RUN": "1"},
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    return [shlex.split(line) for line in result.stdout.splitlines()]
+
+
+TRAIN_FLAGS = ["--config", "configs/siglip_shapes.py", "--workdir", "gs://b/run"]
+TRAIN_FLAGS += ["--config.mesh.shape=(-1, 1, 4)"]
+
+
+def test_tpu_pod_launcher_runs_the_trainer_on_every_worker():
+    (command,) = dry_run("launch_tpu_pod.sh", "pod", "us-central2-b", "--", *TRAIN_FLAGS)
+    assert command[:5] == ["gcloud", "compute", "tpus", "tpu-vm", "ssh"]
+    assert "--worker=all" in command and "--zone=us-central2-b" in command
+    remote = shlex.split(next(a for a in command if a.startswith("--command="))[10:])
+    start = remote.index("python3")
+    assert remote[start - 1] == "VLM_JAX_DISTRIBUTED=auto"
+    assert remote[start : start + 3 + len(TRAIN_FLAGS)] == [
+        "python3",
+        "-m",
+        "vlm_jax.train",
+        *TRAIN_FLAGS,
+    ]
+
+
+def test_slurm_launcher_submits_one_task_per_node():
+    (command,) = dry_run("launch_slurm.sh", "4", "8", "--", *TRAIN_FLAGS)
+    assert command[:4] == ["sbatch", "--nodes=4", "--ntasks-per-node=1", "--gpus-per-node=8"]
+    assert command[-len(TRAIN_FLAGS) - 1 :] == [
+        str(REPO / "scripts" / "slurm_train.sbatch"),
+        *TRAIN_FLAGS,
+    ]
+    sbatch = (REPO / "scripts" / "slurm_train.sbatch").read_text()
+    assert "VLM_JAX_DISTRIBUTED=auto" in sbatch and 'python -m vlm_jax.train "$@"' in sbatch
