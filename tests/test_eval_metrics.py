@@ -12,18 +12,18 @@ def test_retrieval_known_ranks():
     texts = np.eye(3)
     captions = ["a", "b", "c"]
     r = recall_at_k(images, texts, captions, captions, ks=(1, 2))
-    assert r["i2t_r@1"] == pytest.approx(2 / 3)
-    assert r["i2t_r@2"] == pytest.approx(1.0)
+    assert r["i2t_r1"] == pytest.approx(2 / 3)
+    assert r["i2t_r2"] == pytest.approx(1.0)
     # text "c" (axis 2): image 2 scores 0.1, the others 0 -> hit at R@1.
     # text "b" (axis 1): image 1 scores 1.0 > image 2's 0.9 -> hit.
-    assert r["t2i_r@1"] == pytest.approx(1.0)
+    assert r["t2i_r1"] == pytest.approx(1.0)
 
 
 def test_retrieval_identical_captions_count_as_one_text():
     images = np.array([[1.0, 0], [1.0, 0]])
     texts = np.array([[1.0, 0]])
     r = recall_at_k(images, texts, ["red circle", "red circle"], ["red circle"], ks=(1,))
-    assert r["i2t_r@1"] == 1.0 and r["t2i_r@1"] == 1.0
+    assert r["i2t_r1"] == 1.0 and r["t2i_r1"] == 1.0
 
 
 def test_retrieval_requires_every_caption_in_gallery():

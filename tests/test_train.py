@@ -76,7 +76,7 @@ def test_run_writes_outputs_and_resumes_exactly(tmp_path):
     rows = read_rows(full)
     assert [r["step"] for r in rows] == [2, 3, 4, 6]
     assert {"train/loss", "train/lr", "train/grad_norm", "perf/examples_per_s"} <= set(rows[0])
-    assert "eval/zeroshot_top1" in rows[1] and "eval/retrieval_i2t_r@1" in rows[-1]
+    assert "eval/zeroshot_top1" in rows[1] and "eval/retrieval_i2t_r1" in rows[-1]
     assert (full / "tensorboard").is_dir()
 
     # A run "stopped" after step 3: its checkpoint at 3 and the rows it had written so far.

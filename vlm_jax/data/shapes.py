@@ -62,7 +62,9 @@ INVERSE_RELATION = {
 _AXIS_SIGN = {"left of": (0, 1), "right of": (0, -1), "above": (1, 1), "below": (1, -1)}
 NUMBER_WORDS = {1: "a", 2: "two", 3: "three"}
 CAPTION_PREFIXES = ("a picture of", "an image of", "a photo of")
-ZEROSHOT_TEMPLATES = ("a {}", "one {}", "a picture of a {}")
+# Zero-shot classes are "colour kind"; captions name a size, so the prompt ensemble spans sizes
+# (as CLIP's "a photo of a big/small {}") and averages them out.
+ZEROSHOT_TEMPLATES = ("a {}", "a small {}", "a large {}", "a picture of a {}")
 BACKGROUND = (28, 28, 32)
 MAX_SHAPES = 3
 SPLIT_IDS = {"train": 0, "val": 1, "zeroshot": 2}

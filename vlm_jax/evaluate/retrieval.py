@@ -25,7 +25,7 @@ def recall_at_k(
     image_emb: float[N, E]; text_emb: float[M, E] (unit-norm or not: cosine is not assumed,
     ranking is by dot product); image_captions[i]: the caption of image i;
     text_captions[j]: the caption string of text j.
-    Returns {"i2t_r@1": ..., "t2i_r@1": ..., ...} in [0, 1].
+    Returns {"i2t_r1": ..., "t2i_r1": ..., ...} in [0, 1].
     """
     image_emb = np.asarray(image_emb, np.float64)
     text_emb = np.asarray(text_emb, np.float64)
@@ -41,8 +41,8 @@ def recall_at_k(
         hits_i2t = np.take_along_axis(match, top_texts, axis=1).any(axis=1)
         top_images = np.argsort(-scores.T, axis=1, kind="stable")[:, :k]  # [M, k]
         hits_t2i = np.take_along_axis(match.T, top_images, axis=1).any(axis=1)
-        results[f"i2t_r@{k}"] = float(hits_i2t.mean())
-        results[f"t2i_r@{k}"] = float(hits_t2i.mean())
+        results[f"i2t_r{k}"] = float(hits_i2t.mean())
+        results[f"t2i_r{k}"] = float(hits_t2i.mean())
     return results
 
 
