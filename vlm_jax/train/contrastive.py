@@ -16,7 +16,7 @@ from vlm_jax.evaluate import class_embeddings, recall_at_k, unique_texts, zerosh
 from vlm_jax.losses import build_loss
 from vlm_jax.models import build_model
 from vlm_jax.models.flops import forward_flops_per_example
-from vlm_jax.train.tasks import TASKS, Task
+from vlm_jax.train.tasks import TASKS, Task, check_vocab_size
 
 EVAL_TASKS = ("zeroshot", "retrieval")
 
@@ -46,11 +46,7 @@ class ContrastiveTask(Task):
     def __init__(self, config, mesh):
         super().__init__(config, mesh)
         self.tokenizer = build_tokenizer(config.tokenizer)
-        if self.tokenizer.vocab_size > config.model.text.vocab_size:
-            raise ValueError(
-                f"model.text.vocab_size={config.model.text.vocab_size} is smaller than the "
-                f"tokenizer's vocabulary ({self.tokenizer.vocab_size})"
-            )
+        check_vocab_size("model.text.vocab_size", config.model.text.vocab_size, self.tokenizer)
         check_text_conventions(config, self.tokenizer)
         self.model = build_model(config.model)
         self.loss_fn = build_loss(config.loss, mesh)

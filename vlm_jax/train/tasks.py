@@ -21,6 +21,15 @@ from vlm_jax.registry import Registry
 TASKS = Registry("task")
 
 
+def check_vocab_size(key: str, vocab_size: int, tokenizer) -> None:
+    """The model's embedding table (config `key`) must hold every id the tokenizer emits."""
+    if tokenizer.vocab_size > vocab_size:
+        raise ValueError(
+            f"{key}={vocab_size} is smaller than the tokenizer's vocabulary "
+            f"({tokenizer.vocab_size} ids)"
+        )
+
+
 class Task:
     """Base class: subclasses set `self.model` and implement the methods below."""
 
