@@ -192,6 +192,13 @@ def test_data_shards_tile_the_global_batch():
         data_shard_plan(mesh, 12)
 
 
+def test_batch_that_the_mesh_cannot_split_fails_before_compute(tmp_path):
+    config = tiny_config((8, 1, 1), **{"train.batch_size": "12"})
+    with pytest.raises(ValueError, match=r"batch size 12 is not divisible by .* size 8"):
+        trainer.train(config, tmp_path)
+    assert not (tmp_path / "checkpoints").exists()
+
+
 def test_shards_concatenate_and_resume_exactly():
     """Two shard streams in one process: the rows two processes would load, checkpointable."""
     config = tiny_config((8, 1, 1), **{"train.data_shards": "2"})

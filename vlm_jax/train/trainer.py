@@ -255,11 +255,11 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, f
 
 
 def _train_loop(config, workdir: Path, mesh: Mesh, task: Task, is_primary: bool):
+    data_iter = train_iterator(task, config, mesh)  # first: batch/mesh mismatches fail early
     state, state_shardings, tx, schedule = build_state(task, config, mesh)
     dummy = task.dummy_batch(sharding.data_parallel_size(mesh))
     batch_shardings = {k: sharding.batch_sharding(mesh, v.ndim) for k, v in dummy.items()}
     train_step = make_train_step(task, tx, schedule, state_shardings, batch_shardings, mesh)
-    data_iter = train_iterator(task, config, mesh)
     ckpt = Checkpointer(
         workdir / "checkpoints",
         keep=config.train.keep_checkpoints,
