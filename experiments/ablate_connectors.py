@@ -1,7 +1,8 @@
 """Connector x fusion x visual-token budget x seed ablation for the VLM task.
 
     python experiments/ablate_connectors.py --out runs/ablate --grid tiny --seeds 0,1 \
-        [--base configs/vlm_shapes.py] [--parallel 1] [--set train.total_steps=400 ...]
+        [--base configs/vlm_shapes.py] [--parallel 1] [--set train.total_steps=400 ...] \
+        [--reeval 700]
 
 Every (cell, seed) is one `python -m vlm_jax.train` run in OUT/runs/<cell>__s<seed>, ending
 with the VQA evaluation (accuracy per question type, swapped / blank image probes, false-yes
@@ -77,12 +78,37 @@ def run_dir(out: Path, cell: str, seed: int) -> Path:
     return out / "runs" / f"{cell.replace('/', '_')}__s{seed}"
 
 
-def train_command(base: str, workdir: Path, cell: str, seed: int, extra: list[str]) -> list[str]:
+def command(
+    module: str, base: str, workdir: Path, cell: str, seed: int, extra: list[str]
+) -> list[str]:
+    """`python -m vlm_jax.{train,evaluate}` for one run, with the cell's overrides."""
     overrides = {**CELLS[cell], "seed": seed}
     flags = [f"--config.{k}={v}" for k, v in overrides.items()]
     flags += [f"--config.{kv}" for kv in extra]
-    command = [sys.executable, "-m", "vlm_jax.train", "--config", base, "--workdir", str(workdir)]
-    return command + flags
+    return [sys.executable, "-m", module, "--config", base, "--workdir", str(workdir), *flags]
+
+
+def _run_logged(cmd: list[str], workdir: Path, what: str) -> None:
+    with open(workdir / "log.txt", "a") as log:
+        done = subprocess.run(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, check=False)
+    if done.returncode:
+        raise RuntimeError(f"{what} failed (rc={done.returncode}); see {workdir}/log.txt")
+
+
+def reevaluate(base: str, out: Path, cell: str, seed: int, extra: list[str], examples: int):
+    """Evaluate a finished run's final checkpoint on `examples` held-out questions."""
+    workdir = run_dir(out, cell, seed)
+    result = json.loads((workdir / "result.json").read_text())
+    if result.get("eval_examples") == examples:
+        return result
+    flags = [*extra, f"eval.num_examples={examples}"]
+    _run_logged(command("vlm_jax.evaluate", base, workdir, cell, seed, flags), workdir, cell)
+    newest = max(workdir.glob("eval_*.json"), key=lambda p: p.stat().st_mtime)
+    scores = json.loads(newest.read_text())
+    result.update({k.removeprefix("eval/"): v for k, v in scores.items() if k.startswith("eval/")})
+    result["eval_examples"] = examples
+    (workdir / "result.json").write_text(json.dumps(result, indent=2))
+    return result
 
 
 def summarise(workdir: Path) -> dict[str, float]:
@@ -106,14 +132,8 @@ def run_one(base: str, out: Path, cell: str, seed: int, extra: list[str]) -> dic
     if result_file.exists():
         return json.loads(result_file.read_text())
     workdir.mkdir(parents=True, exist_ok=True)
-    command = train_command(base, workdir, cell, seed, extra)
     start = time.time()
-    with open(workdir / "log.txt", "a") as log:
-        done = subprocess.run(command, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, check=False)
-    if done.returncode:
-        raise RuntimeError(
-            f"{cell} seed {seed} failed (rc={done.returncode}); see {workdir}/log.txt"
-        )
+    _run_logged(command("vlm_jax.train", base, workdir, cell, seed, extra), workdir, cell)
     result = {"cell": cell, "seed": seed, "wall_s": time.time() - start, **summarise(workdir)}
     result_file.write_text(json.dumps(result, indent=2))
     return result
@@ -199,6 +219,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seeds", default="0,1")
     parser.add_argument("--parallel", type=int, default=1, help="concurrent training processes")
     parser.add_argument("--set", action="append", default=[], help="extra key=value overrides")
+    parser.add_argument(
+        "--reeval",
+        type=int,
+        default=0,
+        help="re-evaluate every finished run on this many held-out questions (0: keep)",
+    )
     args = parser.parse_args(argv)
     cells = tuple(args.cells.split(",")) if args.cells else GRIDS[args.grid]
     unknown = [c for c in cells if c not in CELLS]
@@ -218,6 +244,9 @@ def main(argv: list[str] | None = None) -> None:
             print(f"done {cell} seed {seed}: acc={result.get('acc', float('nan')):.3f} "
                   f"({result.get('wall_s', 0):.0f}s)", flush=True)  # fmt: skip
             results.append(result)
+    if args.reeval:
+        results = [reevaluate(args.base, out, r["cell"], r["seed"], args.set, args.reeval)
+                   for r in results]  # fmt: skip
     write_csv(results, out / "results.csv")
     table = markdown_table(results, cells)
     (out / "table.md").write_text(table + "\n")
