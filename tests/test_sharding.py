@@ -53,10 +53,6 @@ def make_mesh(mesh_shape):
     return sharding.build_mesh(mesh_shape, jax.devices()[: math.prod(mesh_shape)])
 
 
-def in_mesh(config, mesh):
-    return jax.set_mesh(mesh), nn.logical_axis_rules(tuple(config.sharding.rules))
-
-
 @functools.cache
 def train_steps(mesh_shape):
     """STEPS steps of the trainer's jitted step on `mesh_shape` -> (metrics, state, optimizer)."""
@@ -214,3 +210,13 @@ def test_shards_concatenate_and_resume_exactly():
     resumed = train_iterator(task, config, task.mesh)
     resumed.set_state(state)
     np.testing.assert_array_equal(next(resumed)["id"], expected["id"])
+
+
+def test_weights_the_mesh_cannot_split_are_named_before_compute():
+    config = tiny_config((1, 1, 8), **{"model.text.num_heads": "4"})
+    mesh = make_mesh((1, 1, 8))
+    task = TASKS.get(config.task)(config, mesh)
+    rules = nn.logical_axis_rules(tuple(config.sharding.rules))
+    error = r"\['txt'\].*\['attn'\].*\(size 4\) is split over mesh axes \('tensor',\) = 8 ways"
+    with jax.set_mesh(mesh), rules, pytest.raises(ValueError, match=error):
+        trainer.param_layout(task, config, mesh)

@@ -85,6 +85,26 @@ def logical_shardings(abstract_tree, mesh: Mesh, rules) -> object:
     return nn.logical_to_mesh_sharding(specs, mesh, tuple(rules))
 
 
+def check_divisible(abstract_tree) -> None:
+    """Every dim split over mesh axes must divide evenly; else name the weight and the fix.
+
+    `abstract_tree`: ShapeDtypeStructs (or arrays) with NamedShardings, e.g. the trainer's
+    abstract params. Catching this before compilation turns XLA's shape error into one that
+    names the parameter, its dim and the mesh axes.
+    """
+    for path, leaf in jax.tree.leaves_with_path(abstract_tree):
+        mesh_shape = leaf.sharding.mesh.shape
+        for dim, (size, axes) in enumerate(zip(leaf.shape, leaf.sharding.spec)):
+            axes = (axes,) if isinstance(axes, str) else tuple(axes or ())
+            ways = math.prod(mesh_shape[a] for a in axes)
+            if size % ways:
+                raise ValueError(
+                    f"{jax.tree_util.keystr(path)} of shape {leaf.shape}: dim {dim} (size {size}) "
+                    f"is split over mesh axes {axes} = {ways} ways, which does not divide it; "
+                    f"change the model sizes, mesh.shape {dict(mesh_shape)} or sharding.rules"
+                )
+
+
 def global_batch(
     local_batch: dict[str, np.ndarray], mesh: Mesh, global_batch_size: int | None = None
 ) -> dict[str, jax.Array]:

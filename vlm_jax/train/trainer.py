@@ -116,7 +116,9 @@ def param_layout(task: Task, config, mesh: Mesh):
     boxed = jax.eval_shape(init_fn, rng)
     shardings = sharding.logical_shardings(boxed, mesh, config.sharding.rules)
     unboxed = jax.eval_shape(lambda r: nn.unbox(init_fn(r)), rng)
-    return init_fn, abstract_like(unboxed, shardings), shardings
+    abstract = abstract_like(unboxed, shardings)
+    sharding.check_divisible(abstract)
+    return init_fn, abstract, shardings
 
 
 def sharded_init(task: Task, config, mesh: Mesh):
