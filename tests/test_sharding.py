@@ -19,10 +19,11 @@ from vlm_jax.train.distributed import ConcatShards, data_shard_plan, train_itera
 from vlm_jax.train.tasks import TASKS
 
 # A tiny SigLIP two-tower model whose widths, heads, MLP and vocab divide by 8, so any mesh
-# axis can split them (heads of width 4).
+# axis can split them (heads of width 4); the data loads in the main process.
 TINY = {
     "data.image_size": "16",
     "model.image.image_size": "16",
+    "model.image.patch_size": "4",
     "model.image.width": "32",
     "model.image.depth": "1",
     "model.image.num_heads": "8",
@@ -36,6 +37,7 @@ TINY = {
     "train.total_steps": "3",
     "optim.warmup_steps": "1",
     "eval.tasks": "()",
+    "train.worker_count": "0",
 }
 STEPS = 3
 MESHES = [(8, 1, 1), (2, 2, 2), (1, 8, 1), (1, 1, 8)]
