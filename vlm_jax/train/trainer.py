@@ -158,6 +158,18 @@ def build_state(task: Task, config, mesh: Mesh):
     return state, state_shardings, tx, schedule
 
 
+def log_state_memory(state) -> None:
+    """How the mesh splits the train state: the busiest local device's share and the total."""
+    per_device = sharding.bytes_per_device(state)
+    total = sum(leaf.nbytes for leaf in jax.tree.leaves(state))
+    logging.info(
+        "train state: %.1f MiB on the busiest device of %d, %.1f MiB in all",
+        max(per_device.values()) / 2**20,
+        len(per_device),
+        total / 2**20,
+    )
+
+
 def make_train_step(task: Task, tx, schedule, state_shardings, batch_shardings, mesh: Mesh):
     """The jitted, buffer-donating train step: (state, batch) -> (state, metrics)."""
 
@@ -259,6 +271,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, f
 def _train_loop(config, workdir: Path, mesh: Mesh, task: Task, is_primary: bool):
     data_iter = train_iterator(task, config, mesh)  # first: batch/mesh mismatches fail early
     state, state_shardings, tx, schedule = build_state(task, config, mesh)
+    log_state_memory(state)
     dummy = task.dummy_batch(sharding.data_parallel_size(mesh))
     batch_shardings = {k: sharding.batch_sharding(mesh, v.ndim) for k, v in dummy.items()}
     train_step = make_train_step(task, tx, schedule, state_shardings, batch_shardings, mesh)
