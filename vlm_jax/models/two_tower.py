@@ -40,6 +40,9 @@ IMAGE_DEFAULTS: dict[str, Any] = dict(
     ln_pre=False,
     patch_bias=True,
     head_bias=True,
+    head=True,  # False: no projection, the pooled features are the embedding (SigLIP's image)
+    input_mean=None,  # a released tower's input normalisation (see ViT.input_mean)
+    input_std=None,
 )
 TEXT_DEFAULTS: dict[str, Any] = dict(
     vocab_size=REQUIRED,
@@ -57,6 +60,7 @@ TEXT_DEFAULTS: dict[str, Any] = dict(
     activation="gelu_tanh",
     ln_eps=1e-6,
     head_bias=True,
+    head=True,
 )
 
 
@@ -114,15 +118,25 @@ def _shared(model_config: ml_collections.ConfigDict) -> dict[str, Any]:
     )
 
 
+def _tower_shared(model_config: ml_collections.ConfigDict, head: bool) -> dict[str, Any]:
+    """`_shared` for one tower; without a head its pooled features are the embedding."""
+    return _shared(model_config) | ({} if head else {"out_dim": None})
+
+
 def build_vit(model_config: ml_collections.ConfigDict) -> ViT:
     settings = image_settings(model_config)
     for key in ("variant", "image_size"):
         settings.pop(key)
-    return ViT(**settings, **_shared(model_config))
+    for key in ("input_mean", "input_std"):
+        settings[key] = None if settings[key] is None else tuple(settings[key])
+    shared = _tower_shared(model_config, settings.pop("head"))
+    return ViT(**settings, **shared)
 
 
 def build_text(model_config: ml_collections.ConfigDict) -> TextTransformer:
-    return TextTransformer(**text_settings(model_config), **_shared(model_config))
+    settings = text_settings(model_config)
+    shared = _tower_shared(model_config, settings.pop("head"))
+    return TextTransformer(**settings, **shared)
 
 
 def l2_normalize(x: jax.Array) -> jax.Array:

@@ -105,6 +105,19 @@ class ViT(nn.Module):
     ln_pre: bool = False
     patch_bias: bool = True
     head_bias: bool = True
+    # Per-channel mean/std in [0, 1] units a released tower was trained to see (CLIP:
+    # OpenAI's); our inputs are in [-1, 1], so they are mapped to ((x + 1) / 2 - mean) / std.
+    # None: the inputs go in as they are (SigLIP's mean = std = 0.5 is the identity).
+    input_mean: tuple[float, ...] | None = None
+    input_std: tuple[float, ...] | None = None
+
+    def _normalize(self, images: jax.Array) -> jax.Array:
+        """float32[B, H, W, 3] in [-1, 1] -> the tower's input normalisation."""
+        if self.input_mean is None and self.input_std is None:
+            return images
+        mean = jnp.asarray(self.input_mean or (0.5, 0.5, 0.5), jnp.float32)
+        std = jnp.asarray(self.input_std or (0.5, 0.5, 0.5), jnp.float32)
+        return ((images.astype(jnp.float32) + 1) / 2 - mean) / std
 
     def _posemb(self, grid: tuple[int, int], num_tokens: int) -> jax.Array:
         """float32[1, num_tokens, D]; with a cls token the fixed sin-cos table gives it zeros."""
@@ -145,7 +158,7 @@ class ViT(nn.Module):
         _, height, width, _ = images.shape
         grid = (height // self.patch_size, width // self.patch_size)
         x = PatchEmbed(self.width, self.patch_size, self.patch_bias, self.dtype, name="embedding")(
-            images.astype(self.dtype)
+            self._normalize(images).astype(self.dtype)
         )  # [B, N, D]
         if self.pool == "cls":
             cls = self.param(
