@@ -38,7 +38,7 @@ setup(
             "scikit-learn>=1.5",
             "scikit-image>=0.24",
         ],
-        "notebooks": ["jupyter", "matplotlib>=3.8"],
+        "notebooks": ["jupyter", "matplotlib>=3.8", "pandas>=2.0"],
         "gpu": ["jax[cuda12]>=0.10.2"],
         "tpu": ["jax[tpu]>=0.10.2"],
     },
