@@ -13,6 +13,7 @@ import pytest
 
 from vlm_jax.models import MODELS, build_model
 from vlm_jax.models.layers import sincos_2d
+from vlm_jax.models.text import TextTransformer
 from vlm_jax.models.two_tower import image_settings
 
 EMBED = 16
@@ -208,3 +209,186 @@ def test_sincos_posemb_matches_numpy_reference():
                 )
             )
     np.testing.assert_allclose(sincos_2d(height, width, dim), np.stack(rows), atol=1e-6)
+
+
+def unboxed_params(model, *args):
+    return nn.unbox(init(model, *args)["params"])
+
+
+def restack(params: dict, depth: int) -> dict:
+    """Unrolled encoder params (block_0 .. block_{n-1}) -> the scanned layout (blocks [n, ...])."""
+    out = {}
+    for key, value in params.items():
+        if key == "encoder":
+            blocks = [value[f"block_{i}"] for i in range(depth)]
+            value = {k: v for k, v in value.items() if not k.startswith("block_")}
+            value["blocks"] = jax.tree.map(lambda *xs: jnp.stack(xs), *blocks)
+        elif isinstance(value, dict):
+            value = restack(value, depth)
+        out[key] = value
+    return out
+
+
+def test_scan_equals_unrolled_with_restacked_weights():
+    images, tokens = inputs()
+    unrolled = build_model(tiny_config())
+    params = unboxed_params(unrolled, images, tokens)
+    scanned = build_model(tiny_config(scan=True))
+    stacked = restack(params, depth=2)
+    expected_shapes = jax.tree.map(jnp.shape, unboxed_params(scanned, images, tokens))
+    assert jax.tree.map(jnp.shape, stacked) == expected_shapes
+    out = unrolled.apply({"params": params}, images, tokens)
+    out_scan = scanned.apply({"params": stacked}, images, tokens)
+    for key in ("image_emb", "text_emb"):
+        np.testing.assert_allclose(out_scan[key], out[key], atol=1e-5)
+
+
+def test_remat_gives_identical_outputs_and_gradients():
+    images, tokens = inputs()
+    plain = build_model(tiny_config())
+    params = unboxed_params(plain, images, tokens)
+
+    def loss(model, p):
+        out = model.apply({"params": p}, images, tokens)
+        return jnp.sum(out["image_emb"] @ out["text_emb"].T * out["logit_scale"])
+
+    value, grads = jax.value_and_grad(lambda p: loss(plain, p))(params)
+    remat = build_model(tiny_config(remat=True))
+    value_remat, grads_remat = jax.value_and_grad(lambda p: loss(remat, p))(params)
+    np.testing.assert_allclose(value_remat, value, rtol=1e-6)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6), grads_remat, grads)
+
+
+def test_bfloat16_compute_keeps_float32_params():
+    images, tokens = inputs()
+    model = build_model(tiny_config(dtype="bfloat16"))
+    params = unboxed_params(model, images, tokens)
+    assert {x.dtype for x in jax.tree.leaves(params)} == {jnp.dtype(jnp.float32)}
+    out = model.apply({"params": params}, images, tokens)
+    reference = build_model(tiny_config()).apply({"params": params}, images, tokens)
+    for key in ("image_emb", "text_emb"):
+        assert out[key].dtype == jnp.float32
+        np.testing.assert_allclose(out[key], reference[key], atol=0.05)
+
+
+def test_every_param_has_logical_axis_names():
+    images, tokens = inputs()
+    for config in (tiny_config(), tiny_config(scan=True, **{"image.pool": "cls"})):
+        params = init(build_model(config), images, tokens)["params"]
+        leaves = jax.tree.leaves(params, is_leaf=lambda x: isinstance(x, nn.Partitioned))
+        for leaf in leaves:
+            assert isinstance(leaf, nn.Partitioned), leaf
+            assert len(leaf.names) == leaf.value.ndim, (leaf.names, leaf.value.shape)
+
+
+@pytest.mark.slow
+def test_sharded_equals_unsharded():
+    from vlm_jax import sharding
+
+    images, tokens = inputs(batch=4)
+    model = build_model(tiny_config())
+    variables = init(model, images, tokens)
+    expected = model.apply({"params": nn.unbox(variables["params"])}, images, tokens)
+
+    mesh = sharding.build_mesh((2, 2, 2))
+    rules = sharding.DEFAULT_RULES
+    shardings = sharding.logical_shardings(variables["params"], mesh, rules)
+    params = jax.device_put(nn.unbox(variables["params"]), shardings)
+    fc1 = params["img"]["encoder"]["block_0"]["mlp"]["fc1"]["kernel"]
+    assert fc1.sharding.spec == jax.sharding.PartitionSpec("fsdp", "tensor")
+    batch = sharding.batch_sharding(mesh, 4)
+    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+        out = jax.jit(lambda p, x, t: model.apply({"params": p}, x, t))(
+            params,
+            jax.device_put(images, batch),
+            jax.device_put(tokens, sharding.batch_sharding(mesh, 2)),
+        )
+    for key in expected:
+        np.testing.assert_allclose(out[key], expected[key], atol=1e-5)
+
+
+def text_tower(**overrides) -> TextTransformer:
+    settings = dict(
+        vocab_size=50, max_len=12, width=32, depth=2, num_heads=2, mlp_dim=64, out_dim=None
+    )
+    return TextTransformer(**(settings | overrides), attention_impl="xla")
+
+
+def token_outputs(model, params, tokens) -> tuple[jax.Array, jax.Array]:
+    """(pooled float[B, D], final-LN token outputs float[B, L, D]) of a text tower."""
+    pooled, state = model.apply(
+        {"params": params},
+        tokens,
+        capture_intermediates=lambda module, _: module.name == "encoder",
+        mutable=["intermediates"],
+    )
+    return pooled, state["intermediates"]["encoder"]["__call__"][0]
+
+
+@pytest.mark.parametrize("pool", ["last", "eos", "first", "mean", "map"])
+@pytest.mark.parametrize("causal", [False, True])
+def test_text_padding_invariance(pool, causal):
+    model = text_tower(pool=pool, causal=causal)
+    _, tokens = inputs()
+    padded = jnp.pad(tokens, ((0, 0), (0, 4)))  # 4 more pads at the end
+    params = unboxed_params(model, padded)
+    np.testing.assert_allclose(
+        model.apply({"params": params}, padded),
+        model.apply({"params": params}, tokens),
+        atol=1e-5,
+    )
+
+
+def test_attending_to_pads_changes_outputs_when_mask_pad_is_off():
+    model = text_tower(pool="first", mask_pad=False)
+    _, tokens = inputs()
+    padded = jnp.pad(tokens, ((0, 0), (0, 4)))
+    params = unboxed_params(model, padded)
+    difference = model.apply({"params": params}, padded) - model.apply({"params": params}, tokens)
+    assert float(jnp.max(jnp.abs(difference))) > 1e-3
+
+
+def test_causal_text_ignores_later_tokens():
+    model = text_tower(causal=True)
+    _, tokens = inputs()
+    params = unboxed_params(model, tokens)
+    changed = tokens.at[:, 3].set(7)
+    _, before = token_outputs(model, params, tokens)
+    _, after = token_outputs(model, params, changed)
+    np.testing.assert_allclose(after[:, :3], before[:, :3], atol=1e-6)
+    assert float(jnp.max(jnp.abs(after[:, 3] - before[:, 3]))) > 1e-3
+    bidirectional = text_tower(causal=False)
+    _, before = token_outputs(bidirectional, params, tokens)
+    _, after = token_outputs(bidirectional, params, changed)
+    assert float(jnp.max(jnp.abs(after[:, 0] - before[:, 0]))) > 1e-3
+
+
+def test_text_pools_select_the_documented_positions():
+    tokens = jnp.array([[5, 1, 6, 1, 7, 0, 0, 0], [5, 6, 7, 8, 9, 10, 11, 12]], jnp.int32)
+    expected_index = {
+        "first": [0, 0],
+        "last": [4, 7],
+        "last_position": [7, 7],
+        "eos": [1, 7],  # first eos; a row without eos falls back to its last non-pad token
+    }
+    params = unboxed_params(text_tower(), tokens)
+    for pool, index in expected_index.items():
+        pooled, states = token_outputs(text_tower(pool=pool), params, tokens)
+        np.testing.assert_allclose(pooled, states[jnp.arange(2), jnp.array(index)], atol=1e-6)
+    pooled, states = token_outputs(text_tower(pool="mean"), params, tokens)
+    np.testing.assert_allclose(pooled[0], states[0, :5].mean(0), atol=1e-6)
+    np.testing.assert_allclose(pooled[1], states[1].mean(0), atol=1e-6)
+
+
+def test_attention_impl_propagates():
+    images, tokens = inputs()
+    model = build_model(tiny_config(attention_impl="xla"))
+    variables = init(model, images, tokens)
+    auto = build_model(tiny_config(attention_impl="auto")).apply(variables, images, tokens)
+    out = model.apply(variables, images, tokens)
+    np.testing.assert_allclose(out["text_emb"], auto["text_emb"], atol=1e-6)
+    with pytest.raises(ValueError, match="attention_impl='flash' is not one of: auto, cudnn"):
+        build_model(tiny_config(attention_impl="flash"))
+    cudnn = build_model(tiny_config(attention_impl="cudnn"))
+    with pytest.raises(ValueError, match="impl='cudnn' needs a GPU"):
+        cudnn.apply(variables, images, tokens)  # the name reached the dispatcher

@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
+from vlm_jax.kernels import ATTENTION_IMPLS
 from vlm_jax.models import MODELS
 from vlm_jax.models.layers import ACTIVATIONS, compute_dtype
 from vlm_jax.models.text import TEXT_POOLS, TextTransformer
@@ -109,10 +110,12 @@ def text_settings(model_config: ml_collections.ConfigDict) -> dict[str, Any]:
 
 def _shared(model_config: ml_collections.ConfigDict) -> dict[str, Any]:
     """Settings both towers take from the top of `model`."""
+    impl = model_config.get("attention_impl", "auto")
+    _check_choice("model.attention_impl", impl, ("auto", *ATTENTION_IMPLS.names()))
     return dict(
         out_dim=model_config.embed_dim,
         dtype=compute_dtype(model_config.get("dtype", "float32")),
-        attention_impl=model_config.get("attention_impl", "auto"),
+        attention_impl=impl,
         remat=model_config.get("remat", False),
         scan=model_config.get("scan", False),
     )
