@@ -392,3 +392,73 @@ def test_attention_impl_propagates():
     cudnn = build_model(tiny_config(attention_impl="cudnn"))
     with pytest.raises(ValueError, match="impl='cudnn' needs a GPU"):
         cudnn.apply(variables, images, tokens)  # the name reached the dispatcher
+
+
+def test_released_checkpoint_knobs_shape_the_params():
+    clip_like = {
+        "image.pool": "cls",
+        "image.ln_pre": True,
+        "image.patch_bias": False,
+        "image.head_bias": False,
+        "image.activation": "quick_gelu",
+        "image.ln_eps": 1e-5,
+        "text.head_bias": False,
+        "text.pool": "eos",
+        "text.causal": True,
+    }
+    images, tokens = inputs()
+    model = build_model(tiny_config(**clip_like))
+    params = unboxed_params(model, images, tokens)
+    img = params["img"]
+    assert "ln_pre" in img and "cls" in img
+    assert set(img["embedding"]["conv"]) == {"kernel"}
+    assert img["embedding"]["conv"]["kernel"].shape == (4, 4, 3, 32)
+    assert set(img["head"]) == {"kernel"} and set(params["txt"]["head"]) == {"kernel"}
+    assert img["posemb"].shape == (1, (IMAGE // 4) ** 2 + 1, 32)  # cls + patches
+    out = model.apply({"params": params}, images, tokens)
+    assert bool(jnp.all(jnp.isfinite(out["image_emb"])))
+
+
+@pytest.mark.parametrize("activation", ["gelu_tanh", "gelu", "quick_gelu"])
+def test_mlp_activation_matches_float64_reference(activation):
+    from scipy.special import erf
+
+    from vlm_jax.models.layers import MlpBlock
+
+    x = np.random.default_rng(0).normal(size=(2, 3, 8)).astype(np.float32)
+    block = MlpBlock(16, activation=activation)
+    params = nn.unbox(block.init(jax.random.key(0), x)["params"])
+    p = jax.tree.map(lambda a: np.asarray(a, np.float64), params)
+    h = x.astype(np.float64) @ p["fc1"]["kernel"] + p["fc1"]["bias"]
+    reference_act = {
+        "gelu_tanh": lambda u: 0.5 * u * (1 + np.tanh(np.sqrt(2 / np.pi) * (u + 0.044715 * u**3))),
+        "gelu": lambda u: 0.5 * u * (1 + erf(u / np.sqrt(2))),
+        "quick_gelu": lambda u: u / (1 + np.exp(-1.702 * u)),
+    }[activation]
+    expected = reference_act(h) @ p["fc2"]["kernel"] + p["fc2"]["bias"]
+    np.testing.assert_allclose(block.apply({"params": params}, x), expected, atol=1e-5)
+
+
+def test_ln_eps_reaches_the_layer_norms():
+    images, tokens = inputs()
+    model = build_model(tiny_config())
+    params = unboxed_params(model, images, tokens)
+    large_eps = build_model(tiny_config(**{"image.ln_eps": 10.0, "text.ln_eps": 10.0}))
+    small = model.apply({"params": params}, images, tokens)
+    large = large_eps.apply({"params": params}, images, tokens)
+    for key in ("image_emb", "text_emb"):
+        assert float(jnp.max(jnp.abs(small[key] - large[key]))) > 1e-3
+
+
+def test_dropout_is_active_only_in_training():
+    config = tiny_config(**{"image.dropout": 0.2, "text.dropout": 0.2})
+    model = build_model(config)
+    images, tokens = inputs()
+    variables = init(model, images, tokens)
+    a, b = (
+        model.apply(variables, images, tokens, train=True, rngs={"dropout": jax.random.key(s)})
+        for s in (1, 2)
+    )
+    assert float(jnp.max(jnp.abs(a["text_emb"] - b["text_emb"]))) > 1e-4
+    eval_a, eval_b = (model.apply(variables, images, tokens) for _ in range(2))
+    np.testing.assert_array_equal(eval_a["image_emb"], eval_b["image_emb"])
