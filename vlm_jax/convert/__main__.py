@@ -1,0 +1,47 @@
+"""Convert released checkpoints into vlm_jax (and back to HuggingFace).
+
+    python -m vlm_jax.convert --from {hf,open_clip,big_vision} --src PATH --out DIR
+    python -m vlm_jax.convert --to hf --src DIR --out HF_DIR
+
+DIR then holds `checkpoints/0` (params), `convert.json` and `config.py`, so
+`python -m vlm_jax.evaluate --config DIR/config.py --workdir DIR` evaluates the release and
+`python -m vlm_jax.train ... --config.init.checkpoint=DIR` fine-tunes from it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from collections.abc import Sequence
+
+from vlm_jax.convert import big_vision, common, hf, open_clip
+
+IMPORTERS = {"hf": hf.convert, "open_clip": open_clip.convert, "big_vision": big_vision.convert}
+EXPORTERS = {"hf": hf.export}
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    direction = parser.add_mutually_exclusive_group(required=True)
+    direction.add_argument("--from", dest="source", choices=sorted(IMPORTERS))
+    direction.add_argument("--to", dest="target", choices=sorted(EXPORTERS))
+    parser.add_argument("--src", required=True, help="release file/dir, or converted DIR")
+    parser.add_argument("--out", required=True, help="output directory")
+    args = parser.parse_args(argv)
+    os.environ.setdefault("JAX_PLATFORMS", "cpu")  # conversion is host work
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
+    if args.source:
+        out = IMPORTERS[args.source](args.src, args.out)
+    else:
+        out = EXPORTERS[args.target](args.src, args.out)
+    logging.info("wrote %s", out)
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except (common.ConversionError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
