@@ -28,19 +28,19 @@ def test_block_flops_formula():
     assert block_flops(10, 64, 256) == 24 * 10 * 64**2 + 4 * 10**2 * 64
 
 
-@pytest.mark.parametrize("pool", ["map", "cls"])
-def test_forward_flops_match_xla_cost_analysis(pool):
+@pytest.mark.parametrize(
+    "image",
+    [
+        {"pool": "map"},
+        {"pool": "cls"},
+        {"pool": "gap", "head": False, "width": 64, "mlp_dim": 256},  # pooled features = emb
+    ],
+)
+def test_forward_flops_match_xla_cost_analysis(image):
     # Wide enough that matmuls dominate the elementwise work XLA also counts.
-    config = tiny_config(
-        **{
-            "image.width": 128,
-            "image.mlp_dim": 512,
-            "image.pool": pool,
-            "text.width": 128,
-            "text.mlp_dim": 512,
-            "embed_dim": 64,
-        }
-    )
+    sizes = {"image.width": 128, "image.mlp_dim": 512, "text.width": 128, "text.mlp_dim": 512}
+    sizes |= {f"image.{key}": value for key, value in image.items()}
+    config = tiny_config(embed_dim=64, **sizes)
     batch = 2
     analytic = batch * forward_flops_per_example(config)
     measured = xla_forward_flops(config, batch)

@@ -7,7 +7,7 @@ sequence length T and embedding dim E:
                       (= 24*T*D^2 + 4*T^2*D when M = 4D)
   MAP head (1 probe): q 2*D*D + kv 2*T*D*2D + QK^T/AV 2*2*T*D + out 2*D*D + MLP 2*D*M*2
   image patch embed:  2*N*(p*p*3)*D over N = (image_size/p)^2 patches (T = N, +1 with cls)
-  heads:              2*D*E per tower
+  heads:              2*D*E per tower (none with `head=False`)
   text embedding:     0 (a gather, not a matmul)
 
 Causal text attention is counted in full (T*T): the XLA and cuDNN paths compute the whole
@@ -46,7 +46,7 @@ def encoder_flops(tokens: int, settings: dict, pool: str, embed_dim: int) -> flo
     flops = settings["depth"] * block_flops(tokens, width, mlp_dim)
     if pool == "map":
         flops += map_head_flops(tokens, width, mlp_dim)
-    return flops + 2.0 * width * embed_dim
+    return flops + (2.0 * width * embed_dim if settings["head"] else 0.0)
 
 
 def image_flops(model_config: ml_collections.ConfigDict) -> float:
