@@ -5,8 +5,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import pytest
+from test_models import tiny_config
 
-from tests.test_models import tiny_config
 from vlm_jax.models import build_model
 from vlm_jax.models.flops import block_flops, forward_flops_per_example
 
