@@ -237,8 +237,8 @@ def test_scan_equals_unrolled_with_restacked_weights():
     stacked = restack(params, depth=2)
     expected_shapes = jax.tree.map(jnp.shape, unboxed_params(scanned, images, tokens))
     assert jax.tree.map(jnp.shape, stacked) == expected_shapes
-    out = unrolled.apply({"params": params}, images, tokens)
-    out_scan = scanned.apply({"params": stacked}, images, tokens)
+    out = jax.jit(unrolled.apply)({"params": params}, images, tokens)
+    out_scan = jax.jit(scanned.apply)({"params": stacked}, images, tokens)
     for key in ("image_emb", "text_emb"):
         np.testing.assert_allclose(out_scan[key], out[key], atol=1e-5)
 
@@ -252,9 +252,9 @@ def test_remat_gives_identical_outputs_and_gradients():
         out = model.apply({"params": p}, images, tokens)
         return jnp.sum(out["image_emb"] @ out["text_emb"].T * out["logit_scale"])
 
-    value, grads = jax.value_and_grad(lambda p: loss(plain, p))(params)
+    value, grads = jax.jit(jax.value_and_grad(lambda p: loss(plain, p)))(params)
     remat = build_model(tiny_config(remat=True))
-    value_remat, grads_remat = jax.value_and_grad(lambda p: loss(remat, p))(params)
+    value_remat, grads_remat = jax.jit(jax.value_and_grad(lambda p: loss(remat, p)))(params)
     np.testing.assert_allclose(value_remat, value, rtol=1e-6)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6), grads_remat, grads)
 
