@@ -29,6 +29,9 @@ def base_config() -> ml_collections.ConfigDict:
     # Row blocks of the global batch, each read from its own record shard (0: one per process
     # group holding distinct rows). Fixed, it makes the data order independent of the host count.
     c.train.data_shards = 0
+    # Non-finite loss/gradients: the step's update is always dropped; "skip" counts it and goes
+    # on, "stop" saves the last good state and raises naming the parameters (train/numerics.py).
+    c.train.on_nonfinite = "skip"
 
     c.optim = ml_collections.ConfigDict()
     c.optim.name = "adamw"

@@ -24,6 +24,7 @@ from jax.sharding import Mesh
 from vlm_jax import sharding
 from vlm_jax.config import to_json
 from vlm_jax.train import metrics as metrics_lib
+from vlm_jax.train import numerics
 from vlm_jax.train.checkpoint import Checkpointer
 from vlm_jax.train.distributed import train_iterator
 from vlm_jax.train.optim import build_optimizer
@@ -182,7 +183,8 @@ def make_train_step(task: Task, tx, schedule, state_shardings, batch_shardings, 
         out["train/grad_norm"] = optax.tree.norm(grads)
         out["train/lr"] = schedule(state.step)
         new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
-        return new_state, out
+        new_state, guard_out = numerics.guard(state, new_state, loss, grads)
+        return new_state, out | guard_out
 
     return jax.jit(
         step_fn,
@@ -232,17 +234,20 @@ class PerfMeter:
 
 
 def restore_or_init(ckpt: Checkpointer, state, state_shardings, data_iter, config, mesh):
-    """Resume from the newest checkpoint, else optionally load init params. -> (state, step)."""
+    """Resume from the newest checkpoint, else optionally load init params.
+
+    -> (state, step or None, the checkpoint's meta dict).
+    """
     latest = ckpt.latest_step()
     if latest is not None:
         logging.info("resuming from checkpoint step %d in %s", latest, ckpt.directory)
-        state, _ = ckpt.restore(latest, abstract_like(state, state_shardings), data_iter)
-        return state, latest
+        state, meta = ckpt.restore(latest, abstract_like(state, state_shardings), data_iter)
+        return state, latest, meta
     if config.init.checkpoint:
         state = state.replace(
             params=load_init_params(config.init.checkpoint, state, state_shardings)
         )
-    return state, None
+    return state, None, {}
 
 
 def load_init_params(path: str, state, state_shardings):
@@ -280,7 +285,7 @@ def _train_loop(config, workdir: Path, mesh: Mesh, task: Task, is_primary: bool)
         keep=config.train.keep_checkpoints,
         async_save=config.train.async_checkpoint,
     )
-    state, resumed = restore_or_init(ckpt, state, state_shardings, data_iter, config, mesh)
+    state, resumed, meta = restore_or_init(ckpt, state, state_shardings, data_iter, config, mesh)
     if resumed is None:
         state = state.replace(params=task.load_pretrained(state.params))
     start = resumed or 0
@@ -290,6 +295,9 @@ def _train_loop(config, workdir: Path, mesh: Mesh, task: Task, is_primary: bool)
     perf = PerfMeter(config.train.batch_size, task.train_flops_per_example(), config, mesh)
     last: dict[str, float] = {}
     step = start
+    monitor = numerics.NonFiniteMonitor(
+        config.train.on_nonfinite, state.params, meta.get("nonfinite_skipped", 0)
+    )
     with StopRequest() as stop:
         while step < total:
             batch = {k: v for k, v in next(data_iter).items() if k in batch_shardings}
@@ -297,12 +305,15 @@ def _train_loop(config, workdir: Path, mesh: Mesh, task: Task, is_primary: bool)
                 state, sharding.global_batch(batch, mesh, config.train.batch_size)
             )
             step += 1
+            _on_nonfinite(monitor.push(step, step_metrics), monitor, ckpt, step, state, data_iter)
             if step == start + 1:  # exclude compilation from perf numbers
                 jax.block_until_ready(step_metrics)
                 perf.reset(step)
             row = {}
             if step % config.train.log_every == 0 or step == total:
+                _on_nonfinite(monitor.flush(), monitor, ckpt, step, state, data_iter)
                 row |= {k: float(v) for k, v in jax.device_get(step_metrics).items()}
+                row["train/nonfinite_skipped"] = monitor.skipped
                 row |= perf.report(step)
                 progress.update(step, row)
             evaluating = (config.train.eval_every and step % config.train.eval_every == 0) or (
@@ -316,7 +327,9 @@ def _train_loop(config, workdir: Path, mesh: Mesh, task: Task, is_primary: bool)
             stopping = stop.should_stop()
             saving = step % config.train.checkpoint_every == 0 or step == total or stopping
             if saving:
-                ckpt.save(step, state, data_iter, {"step": step}, force=True)
+                _on_nonfinite(monitor.flush(), monitor, ckpt, step, state, data_iter)
+                meta = {"step": step, "nonfinite_skipped": monitor.skipped}
+                ckpt.save(step, state, data_iter, meta, force=True)
             if evaluating or saving:  # keep eval and checkpoint time out of perf/step_time_s
                 perf.reset(step)
             if stopping:
@@ -326,6 +339,17 @@ def _train_loop(config, workdir: Path, mesh: Mesh, task: Task, is_primary: bool)
     writer.close()
     progress.close()
     return last
+
+
+def _on_nonfinite(event: dict, monitor, ckpt: Checkpointer, step: int, state, data_iter) -> None:
+    """train.on_nonfinite='stop': save the (guarded, last good) state, then raise."""
+    if not event or monitor.policy != "stop":
+        return
+    ckpt.save(
+        step, state, data_iter, {"step": step, "nonfinite_skipped": monitor.skipped}, force=True
+    )
+    ckpt.close()
+    raise monitor.error(event, step)
 
 
 def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str | Path) -> dict:

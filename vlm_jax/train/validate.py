@@ -5,6 +5,7 @@ from __future__ import annotations
 import ml_collections
 
 from vlm_jax.config import check_choice
+from vlm_jax.train.numerics import CHOICES as NONFINITE_CHOICES
 
 DTYPES = ("float32", "bfloat16")
 ATTENTION_CHOICES = ("auto", "xla", "pallas", "cudnn")
@@ -25,5 +26,6 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
             raise ValueError(f"train.{key}={train[key]!r} must be a positive integer")
     if train.eval_every < 0:
         raise ValueError(f"train.eval_every={train.eval_every!r} must be >= 0 (0: only at the end)")
+    check_choice("train.on_nonfinite", train.get("on_nonfinite", "skip"), NONFINITE_CHOICES)
     check_choice("optim.name", config.optim.name, ("adamw",))
     check_choice("optim.schedule", config.optim.schedule, ("cosine", "linear", "constant"))
