@@ -37,10 +37,10 @@ def perturb(model, torch) -> None:
             param.add_(0.05 * torch.randn_like(param))
 
 
-def build_hf(kind: str, torch):
+def build_hf(kind: str, torch, vocab_size: int = VOCAB):
     import transformers
 
-    text = dict(TOWER, vocab_size=VOCAB, max_position_embeddings=MAX_LEN)
+    text = dict(TOWER, vocab_size=vocab_size, max_position_embeddings=MAX_LEN)
     vision = dict(TOWER, image_size=IMAGE, patch_size=PATCH)
     if kind == "clip":
         text |= dict(bos_token_id=VOCAB - 2, eos_token_id=VOCAB - 1, pad_token_id=0)
@@ -184,3 +184,38 @@ def test_missing_and_unexpected_keys_are_named(tmp_path, torch):
     save_file(state, weights)
     with pytest.raises(common.ConversionError, match="text_model.head.weight.*shape"):
         hf.convert(tmp_path / "release", tmp_path / "out")
+
+
+@pytest.mark.slow
+def test_converted_checkpoint_is_evaluated_and_fine_tuned(tmp_path, torch):
+    """The converter's output is an init `train` loads (then evaluates: same params path as
+    `evaluate`, which reads checkpoints through the same Checkpointer.restore_params)."""
+    import vlm_jax.train.registry_imports  # noqa: F401
+    from vlm_jax.config import apply_override, load_config
+    from vlm_jax.train.trainer import train
+
+    save_release(build_hf("siglip", torch, vocab_size=300), tmp_path / "release", "siglip")
+    hf.convert(tmp_path / "release", tmp_path / "ours")
+    overrides = {  # a byte tokenizer fits the tiny vocabulary; a small shapes world
+        "model.text.pad_id": "0",  # the byte tokenizer's (SigLIP attends to pads anyway)
+        "data.image_size": str(IMAGE),
+        "data.val_size": "16",
+        "data.zeroshot_size": "16",
+        "train.batch_size": "8",
+        "train.total_steps": "1",
+        "train.async_checkpoint": "false",
+        "eval.batch_size": "16",
+        "init.checkpoint": str(tmp_path / "ours"),
+    }
+    config = load_config(str(tmp_path / "ours" / "config.py"))
+    config.tokenizer = {"name": "bytes", "max_len": MAX_LEN}
+    for key, value in overrides.items():
+        apply_override(config, key, value)
+    config.optim.lr = 0.0  # one step that leaves the weights as loaded
+    config.optim.weight_decay = 0.0
+    results = train(config, tmp_path / "finetune")
+    assert 0 <= results["eval/zeroshot_top1"] <= 1
+    loaded, _ = common.load_converted(tmp_path / "ours")
+    tuned, _ = common.load_converted(tmp_path / "finetune")
+    for path, value in common.flatten(loaded).items():
+        np.testing.assert_allclose(common.flatten(tuned)[path], value, err_msg=path)
