@@ -23,6 +23,8 @@ setup(
         "tqdm>=4.66",
         "absl-py>=2.1",
         "matplotlib>=3.8",
+        "ftfy>=6.0",  # CLIP BPE text cleaning
+        "regex>=2023.0",  # CLIP BPE pre-tokenisation
     ],
     extras_require={
         "test": [
