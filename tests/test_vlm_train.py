@@ -150,6 +150,7 @@ def test_vision_tower_initialises_from_a_contrastive_checkpoint(tmp_path):
     clip = load_config("configs/siglip_shapes.py")
     for key in ("width", "depth", "num_heads", "mlp_dim", "image_size"):
         clip.model.image[key] = int(TINY[f"model.image.{key}"])
+    clip.model.image.patch_size = load_config("configs/vlm_shapes.py").model.image.patch_size
     two_tower = build_model(clip.model)
     images, tokens = jnp.zeros((1, 16, 16, 3)), jnp.zeros((1, 16), jnp.int32)
     clip_params = nn.unbox(two_tower.init(jax.random.key(1), images, tokens)["params"])
