@@ -17,6 +17,8 @@ import grain
 import jax
 import orbax.checkpoint as ocp
 
+from vlm_jax.train.integrity import check_params_match
+
 ITEMS = ("state", "data", "meta")
 
 
@@ -84,6 +86,7 @@ class Checkpointer:
             lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), dict(meta_tree)
         )
         if abstract_params is not None:
+            check_params_match(abstract["params"], abstract_params, f"{self.directory}/{step}")
             abstract["params"] = abstract_params
         restored = self.manager.restore(
             step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract))
