@@ -1,4 +1,5 @@
 """Import every task module so that TASKS knows them all."""
 
-import vlm_jax.train.contrastive  # noqa: F401
-import vlm_jax.train.vlm_task
+from vlm_jax.train import contrastive, vlm_task
+
+TASK_MODULES = (contrastive, vlm_task)
