@@ -28,7 +28,7 @@ from vlm_jax.data.vqa import build_vqa_pipeline, encode_example, image_token_id
 from vlm_jax.evaluate.vqa import evaluate_vqa, load_examples
 from vlm_jax.models.vlm import build_decoder_lm, build_vlm
 from vlm_jax.train.checkpoint import Checkpointer
-from vlm_jax.train.tasks import TASKS, Task
+from vlm_jax.train.tasks import TASKS, Task, check_vocab_size
 
 
 def next_token_loss(
@@ -46,20 +46,12 @@ def next_token_loss(
     return (nll * w).sum() / count, {"token_acc": correct.sum() / count}
 
 
-def _check_vocab(config: ml_collections.ConfigDict, tokenizer) -> None:
-    if tokenizer.vocab_size > config.model.lm.vocab_size:
-        raise ValueError(
-            f"model.lm.vocab_size={config.model.lm.vocab_size} is smaller than the tokenizer's "
-            f"vocabulary ({tokenizer.vocab_size})"
-        )
-
-
 @TASKS.register("vlm")
 class VLMTask(Task):
     def __init__(self, config, mesh):
         super().__init__(config, mesh)
         self.tokenizer = build_tokenizer(config.tokenizer)
-        _check_vocab(config, self.tokenizer)
+        check_vocab_size("model.lm.vocab_size", config.model.lm.vocab_size, self.tokenizer)
         if config.model.image_token_id != image_token_id(self.tokenizer):
             raise ValueError(
                 f"model.image_token_id={config.model.image_token_id} but the tokenizer's "
@@ -128,7 +120,7 @@ class LMTask(Task):
     def __init__(self, config, mesh):
         super().__init__(config, mesh)
         self.tokenizer = build_tokenizer(config.tokenizer)
-        _check_vocab(config, self.tokenizer)
+        check_vocab_size("model.lm.vocab_size", config.model.lm.vocab_size, self.tokenizer)
         self.model = build_decoder_lm(config.model)
 
     def dummy_batch(self, batch_size: int) -> dict[str, np.ndarray]:
