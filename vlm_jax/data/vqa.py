@@ -28,6 +28,7 @@ import ml_collections
 import numpy as np
 
 from vlm_jax.data import preprocess, shapes
+from vlm_jax.data.pipeline import batched
 from vlm_jax.data.sources import DATA_SOURCES, shapes_world
 from vlm_jax.data.tokenizers import Tokenizer
 
@@ -253,20 +254,16 @@ def build_vqa_pipeline(
     seed: int = 0,
     num_epochs: int | None = None,
     worker_count: int = 0,
-) -> grain.DataLoader:
+) -> grain.IterDataset:
     """Per-process VQA batches; the iterator supports get_state/set_state (Grain)."""
-    source = ShapesVQASource(config.data, split)
-    sampler = grain.samplers.IndexSampler(
-        num_records=len(source),
-        shard_options=grain.sharding.ShardOptions(process_index, process_count, True),
+    return batched(
+        ShapesVQASource(config.data, split),
+        [VQAInputs(tokenizer, config.tokenizer.max_len, config.data.image_size)],
+        batch_size=batch_size,
+        process_index=process_index,
+        process_count=process_count,
         shuffle=shuffle,
-        num_epochs=num_epochs,
         seed=seed,
-    )
-    operations = [
-        VQAInputs(tokenizer, config.tokenizer.max_len, config.data.image_size),
-        grain.transforms.Batch(batch_size, drop_remainder=True),
-    ]
-    return grain.DataLoader(
-        data_source=source, sampler=sampler, operations=operations, worker_count=worker_count
+        num_epochs=num_epochs,
+        worker_count=worker_count,
     )
