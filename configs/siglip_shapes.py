@@ -47,6 +47,7 @@ def get_config(arg=None):
             image_size=32,
             posemb="learn",
             pool="map",
+            stem="patch",
             dropout=0.0,
         )
     )

@@ -33,6 +33,7 @@ def test_block_flops_formula():
     [
         {"pool": "map"},
         {"pool": "cls"},
+        {"pool": "gap", "stem": "conv", "patch_size": 8, "image_size": 32},
         {"pool": "gap", "head": False, "width": 64, "mlp_dim": 256},  # pooled features = emb
     ],
 )

@@ -15,6 +15,7 @@ from vlm_jax.models import MODELS, build_model
 from vlm_jax.models.layers import sincos_2d
 from vlm_jax.models.text import TextTransformer
 from vlm_jax.models.two_tower import image_settings
+from vlm_jax.models.vit import ConvStem
 
 EMBED = 16
 IMAGE = 16
@@ -148,6 +149,46 @@ def test_image_pools_and_posembs(pool, posemb):
     assert ("posemb" in img) == (posemb == "learn")
 
 
+def test_conv_stem_matches_numpy_reference():
+    """stem='conv': stride-2 3x3 SAME convs + GELU with doubling channels, then a 1x1 conv; the
+    token grid is the patch stem's (patch 4 on 16 px -> 4 x 4 tokens)."""
+    model = build_model(tiny_config(**{"image.stem": "conv"}))
+    images, tokens = inputs()
+    variables = nn.meta.unbox(init(model, images, tokens))
+    stem = variables["params"]["img"]["stem"]
+    assert "embedding" not in variables["params"]["img"]
+    assert [stem[f"conv{i}"]["kernel"].shape for i in range(2)] == [(3, 3, 3, 16), (3, 3, 16, 32)]
+    tokens_out = ConvStem(32, 4).apply({"params": stem}, images)
+    x = np.asarray(images, np.float64)
+    for i in range(2):
+        x = gelu_tanh(conv2d_same_stride2(x, stem[f"conv{i}"]["kernel"]) + stem[f"conv{i}"]["bias"])
+    x = x @ np.asarray(stem["proj"]["kernel"], np.float64)[0, 0] + stem["proj"]["bias"]
+    np.testing.assert_allclose(tokens_out, x.reshape(2, 16, 32), rtol=1e-4, atol=1e-5)
+
+
+def conv2d_same_stride2(x: np.ndarray, kernel) -> np.ndarray:
+    """x: [B, H, W, C], kernel: [3, 3, C, F] -> [B, H/2, W/2, F]; SAME pads 0 before, 1 after."""
+    kernel = np.asarray(kernel, np.float64)
+    padded = np.pad(x, ((0, 0), (0, 1), (0, 1), (0, 0)))
+    height, width = x.shape[1] // 2, x.shape[2] // 2
+    out = np.zeros((x.shape[0], height, width, kernel.shape[-1]))
+    for dy in range(3):
+        for dx in range(3):
+            window = padded[:, dy : dy + 2 * height : 2, dx : dx + 2 * width : 2]  # [B, h, w, C]
+            out += window @ kernel[dy, dx]
+    return out
+
+
+def gelu_tanh(x: np.ndarray) -> np.ndarray:
+    return 0.5 * x * (1 + np.tanh(np.sqrt(2 / np.pi) * (x + 0.044715 * x**3)))
+
+
+def test_conv_stem_needs_a_power_of_two_patch():
+    config = tiny_config(**{"image.stem": "conv", "image.patch_size": 6, "image.image_size": 24})
+    with pytest.raises(ValueError, match="stem='conv' needs a power-of-two patch_size >= 2, got 6"):
+        build_model(config)
+
+
 @pytest.mark.parametrize("pool", ["last", "eos", "first", "mean", "map", "last_position"])
 def test_text_pools(pool):
     model = build_model(tiny_config(**{"text.pool": pool}))
@@ -161,6 +202,7 @@ def test_text_pools(pool):
     [
         ("image.pool", "avg", "image.pool='avg' is not one of: cls, gap, map"),
         ("image.posemb", "rope", "posemb='rope' is not one of: learn, sincos2d"),
+        ("image.stem", "cnn", "image.stem='cnn' is not one of: patch, conv"),
         ("image.variant", "X/16", "variant='X/16' is not one of: mu, Ti, S"),
         ("text.pool", "cls", "text.pool='cls' is not one of: last, eos"),
         ("text.activation", "relu", "activation='relu' is not one of: gelu_tanh"),

@@ -7,6 +7,8 @@ sequence length T and embedding dim E:
                       (= 24*T*D^2 + 4*T^2*D when M = 4D)
   MAP head (1 probe): q 2*D*D + kv 2*T*D*2D + QK^T/AV 2*2*T*D + out 2*D*D + MLP 2*D*M*2
   image patch embed:  2*N*(p*p*3)*D over N = (image_size/p)^2 patches (T = N, +1 with cls)
+  image conv stem:    per 3x3 stride-2 conv i, 2*(image_size/2^i)^2*(9*C_in)*C_out, then
+                      the 1x1 projection 2*N*C*D (channels as in vit.ConvStem)
   heads:              2*D*E per tower (none with `head=False`)
   text embedding:     0 (a gather, not a matmul)
 
@@ -22,6 +24,7 @@ from __future__ import annotations
 import ml_collections
 
 from vlm_jax.models.two_tower import image_settings, text_settings
+from vlm_jax.models.vit import conv_stem_channels
 
 
 def block_flops(tokens: int, width: int, mlp_dim: int) -> float:
@@ -49,10 +52,23 @@ def encoder_flops(tokens: int, settings: dict, pool: str, embed_dim: int) -> flo
     return flops + (2.0 * width * embed_dim if settings["head"] else 0.0)
 
 
+def conv_stem_flops(image_size: int, patch_size: int, width: int) -> float:
+    """vit.ConvStem: stride-2 3x3 convs with doubling channels, then a 1x1 conv to `width`."""
+    flops, size, channels_in = 0.0, image_size, 3
+    for channels in conv_stem_channels(patch_size, width):
+        size //= 2
+        flops += 2.0 * size * size * 9 * channels_in * channels
+        channels_in = channels
+    return flops + 2.0 * size * size * channels_in * width
+
+
 def image_flops(model_config: ml_collections.ConfigDict) -> float:
     s = image_settings(model_config)
     patches = (s["image_size"] // s["patch_size"]) ** 2
-    embed = 2.0 * patches * s["patch_size"] ** 2 * 3 * s["width"]
+    if s["stem"] == "conv":
+        embed = conv_stem_flops(s["image_size"], s["patch_size"], s["width"])
+    else:
+        embed = 2.0 * patches * s["patch_size"] ** 2 * 3 * s["width"]
     tokens = patches + (s["pool"] == "cls")
     return embed + encoder_flops(tokens, s, s["pool"], model_config.embed_dim)
 

@@ -22,7 +22,14 @@ from vlm_jax.kernels import ATTENTION_IMPLS
 from vlm_jax.models import MODELS
 from vlm_jax.models.layers import ACTIVATIONS, compute_dtype
 from vlm_jax.models.text import TEXT_POOLS, TextTransformer
-from vlm_jax.models.vit import IMAGE_POOLS, POSEMBS, ViT, decode_variant
+from vlm_jax.models.vit import (
+    IMAGE_POOLS,
+    POSEMBS,
+    STEMS,
+    ViT,
+    conv_stem_channels,
+    decode_variant,
+)
 
 REQUIRED = object()  # marks a setting with no default
 IMAGE_DEFAULTS: dict[str, Any] = dict(
@@ -35,6 +42,7 @@ IMAGE_DEFAULTS: dict[str, Any] = dict(
     image_size=REQUIRED,
     posemb="learn",
     pool="map",
+    stem="patch",
     dropout=0.0,
     activation="gelu_tanh",
     ln_eps=1e-6,
@@ -91,6 +99,9 @@ def image_settings(model_config: ml_collections.ConfigDict) -> dict[str, Any]:
     settings = _resolve(section, IMAGE_DEFAULTS, "model.image")
     _check_choice("model.image.pool", settings["pool"], IMAGE_POOLS)
     _check_choice("model.image.posemb", settings["posemb"], POSEMBS)
+    _check_choice("model.image.stem", settings["stem"], STEMS)
+    if settings["stem"] == "conv":
+        conv_stem_channels(settings["patch_size"], settings["width"])  # raises if it can't
     _check_choice("model.image.activation", settings["activation"], tuple(ACTIVATIONS))
     if settings["image_size"] % settings["patch_size"]:
         raise ValueError(

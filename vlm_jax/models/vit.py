@@ -38,6 +38,7 @@ VARIANTS: dict[str, tuple[int, int, int, int]] = {
 }
 IMAGE_POOLS = ("cls", "gap", "map")
 POSEMBS = ("learn", "sincos2d")
+STEMS = ("patch", "conv")
 
 
 def decode_variant(variant: str) -> dict[str, int]:
@@ -84,6 +85,53 @@ class PatchEmbed(nn.Module):
         return x.reshape(x.shape[0], -1, self.width)
 
 
+def conv_stem_channels(patch_size: int, width: int) -> list[int]:
+    """Output channels of ConvStem's stride-2 convs: doubling, the last one `width`."""
+    num_convs = patch_size.bit_length() - 1
+    if patch_size < 2 or 2**num_convs != patch_size:
+        raise ValueError(
+            f"image stem='conv' needs a power-of-two patch_size >= 2, got {patch_size}"
+        )
+    return [max(width // 2 ** (num_convs - 1 - i), 8) for i in range(num_convs)]
+
+
+class ConvStem(nn.Module):
+    """Early convolutions (Xiao et al. 2021, "Early Convolutions Help Transformers See Better"):
+    log2(p) stride-2 3x3 convs, channels doubling up to `width`, then a 1x1 conv to `width`.
+    Same token grid as a p x p PatchEmbed, but overlapping receptive fields, so a small shape cut
+    by a patch border is still seen whole; costs ~20% of a 4-layer width-128 ViT at 16 tokens.
+
+        float[B, H, W, 3] -> float[B, H/p * W/p, D]
+    """
+
+    width: int
+    patch_size: int
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, images: jax.Array) -> jax.Array:
+        x = images
+        for i, channels in enumerate(conv_stem_channels(self.patch_size, self.width)):
+            x = nn.gelu(self._conv(channels, 3, 2, f"conv{i}")(x))  # [B, H/2^(i+1), ., C]
+        x = self._conv(self.width, 1, 1, "proj")(x)  # [B, H/p, W/p, D]
+        return x.reshape(x.shape[0], -1, self.width)
+
+    def _conv(self, features: int, size: int, stride: int, name: str) -> nn.Conv:
+        return nn.Conv(
+            features,
+            (size, size),
+            strides=(stride, stride),
+            padding="SAME",
+            dtype=self.dtype,
+            param_dtype=jnp.float32,
+            kernel_init=nn.with_logical_partitioning(
+                nn.initializers.lecun_normal(), (None, None, None, "embed")
+            ),
+            bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("embed",)),
+            name=name,
+        )
+
+
 class ViT(nn.Module):
     """ViT with `cls | gap | map` pooling and a linear head to `out_dim` (None: no head)."""
 
@@ -95,6 +143,7 @@ class ViT(nn.Module):
     out_dim: int | None = None
     posemb: str = "learn"
     pool: str = "map"
+    stem: str = "patch"  # "patch": one p x p conv (standard ViT); "conv": ConvStem
     dropout: float = 0.0
     dtype: Dtype = jnp.float32
     attention_impl: str = "auto"
@@ -133,6 +182,13 @@ class ViT(nn.Module):
         table = jnp.pad(table, ((num_tokens - table.shape[0], 0), (0, 0)))
         return table[None]
 
+    def _stem(self) -> nn.Module:
+        if self.stem == "conv":
+            return ConvStem(self.width, self.patch_size, self.dtype, name="stem")
+        return PatchEmbed(
+            self.width, self.patch_size, self.patch_bias, self.dtype, name="embedding"
+        )
+
     def _pool(self, x: jax.Array) -> jax.Array:
         """x: float[B, T, D] -> float[B, D]."""
         if self.pool == "cls":
@@ -155,11 +211,11 @@ class ViT(nn.Module):
             raise ValueError(f"image pool={self.pool!r} is not one of: {', '.join(IMAGE_POOLS)}")
         if self.posemb not in POSEMBS:
             raise ValueError(f"image posemb={self.posemb!r} is not one of: {', '.join(POSEMBS)}")
+        if self.stem not in STEMS:
+            raise ValueError(f"image stem={self.stem!r} is not one of: {', '.join(STEMS)}")
         _, height, width, _ = images.shape
         grid = (height // self.patch_size, width // self.patch_size)
-        x = PatchEmbed(self.width, self.patch_size, self.patch_bias, self.dtype, name="embedding")(
-            self._normalize(images).astype(self.dtype)
-        )  # [B, N, D]
+        x = self._stem()(self._normalize(images).astype(self.dtype))  # [B, N, D]
         if self.pool == "cls":
             cls = self.param(
                 "cls",
