@@ -1,11 +1,15 @@
-"""Two processes on localhost (2 x 4 CPU devices) train exactly like one process with 8."""
+"""Two processes on localhost (2 x 4 CPU devices) train exactly like one process with 8, also
+when one of them is preempted (SIGTERM) mid-run and both are relaunched."""
 
 import json
 import os
 import shlex
+import signal
 import socket
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 import jax
@@ -19,7 +23,7 @@ from vlm_jax.train.checkpoint import Checkpointer
 from vlm_jax.train.trainer import train
 
 REPO = Path(__file__).resolve().parents[1]
-STEPS = 4
+STEPS = 24
 # Mesh (2, 2, 2) over 2 processes: `data` splits the batch between the processes, `fsdp` and
 # `tensor` within each. data_shards=2 makes the one-process run read the same global batches.
 RUN = {
@@ -28,7 +32,7 @@ RUN = {
     "train.data_shards": "2",
     "train.total_steps": str(STEPS),
     "train.log_every": "1",
-    "train.checkpoint_every": str(STEPS),
+    "train.checkpoint_every": "100",
     "train.async_checkpoint": "false",
 }
 
@@ -58,8 +62,28 @@ def start_process(process_id: int, port: int, workdir: Path) -> subprocess.Popen
 
 
 def losses(workdir: Path) -> list[tuple[int, float]]:
-    rows = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+    path = workdir / "metrics.jsonl"
+    rows = [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
     return [(row["step"], row["train/loss"]) for row in rows]
+
+
+def preempt_after(process: subprocess.Popen, workdir: Path, rows: int) -> None:
+    """SIGTERM to `process` once `rows` steps are logged (run in a thread)."""
+    deadline = time.time() + 300
+    while len(losses(workdir)) < rows and process.poll() is None and time.time() < deadline:
+        time.sleep(0.1)
+    process.send_signal(signal.SIGTERM)
+
+
+def wait_all(processes: list[subprocess.Popen]) -> list[str]:
+    try:
+        outputs = [p.communicate(timeout=600)[0] for p in processes]
+    finally:
+        for p in processes:
+            p.kill()
+    for p, output in zip(processes, outputs):
+        assert p.returncode == 0, output[-4000:]
+    return outputs
 
 
 def final_params(workdir: Path):
@@ -70,35 +94,53 @@ def final_params(workdir: Path):
 
 
 @pytest.mark.slow
-def test_two_processes_match_one_process(tmp_path):
-    port = free_port()
+def test_two_processes_match_one_process_through_a_preemption(tmp_path):
     two = tmp_path / "two_processes"
+    port = free_port()
     processes = [start_process(i, port, two) for i in range(2)]
+    preempt = threading.Thread(target=preempt_after, args=(processes[1], two, 3))
+    preempt.start()
     try:
         config = load_config(str(REPO / "configs/siglip_shapes.py"))
         for key, value in RUN.items():
             apply_override(config, key, value)
         one = tmp_path / "one_process"
-        train(config, one)
-        outputs = [p.communicate(timeout=600)[0] for p in processes]
+        train(config, one)  # the uninterrupted reference, while the two processes run
     finally:
-        for p in processes:
-            p.kill()
-    for p, output in zip(processes, outputs):
-        assert p.returncode == 0, output[-4000:]
+        preempt.join()
+    # Only process 1 got SIGTERM; JAX's preemption service stops both at the same step.
+    for output in wait_all(processes):
+        assert "preemption sync point reached" in output, output[-4000:]
+    stopped_at = checkpoint_steps(two)[-1]
+    assert 3 <= stopped_at < STEPS
+    assert_both_processes_saved(two, stopped_at)
+    port = free_port()
+    wait_all([start_process(i, port, two) for i in range(2)])  # resumes, runs to the end
 
     expected = losses(one)
     assert [step for step, _ in expected] == list(range(1, STEPS + 1))
     got = losses(two)  # written by process 0 only: one row per step
     assert [step for step, _ in got] == [step for step, _ in expected]
     np.testing.assert_allclose([v for _, v in got], [v for _, v in expected], rtol=1e-5)
-    # Both processes took part in the save: each stored its own data-iterator state.
-    data_dir = two / "checkpoints" / str(STEPS) / "data"
+    assert checkpoint_steps(two) == [stopped_at, STEPS]
+    assert_both_processes_saved(two, STEPS)
+    assert_close_except_key_bias(final_params(two), final_params(one))
+
+
+def checkpoint_steps(workdir: Path) -> list[int]:
+    ckpt = Checkpointer(workdir / "checkpoints", async_save=False)
+    steps = ckpt.all_steps()
+    ckpt.close()
+    return sorted(steps)
+
+
+def assert_both_processes_saved(workdir: Path, step: int) -> None:
+    """Each process stored its own data-iterator state in the step's checkpoint."""
+    data_dir = workdir / "checkpoints" / str(step) / "data"
     assert sorted(f.name for f in data_dir.glob("process_*")) == [
         "process_0-of-2.json",
         "process_1-of-2.json",
     ]
-    assert_close_except_key_bias(final_params(two), final_params(one))
 
 
 def dry_run(script: str, *args: str) -> list[list[str]]:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import logging
-import signal
 import time
 from pathlib import Path
 from typing import Any
@@ -17,7 +16,6 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
-import numpy as np
 import optax
 from jax.sharding import Mesh
 
@@ -28,6 +26,7 @@ from vlm_jax.train import numerics
 from vlm_jax.train.checkpoint import Checkpointer
 from vlm_jax.train.distributed import train_iterator
 from vlm_jax.train.optim import build_optimizer
+from vlm_jax.train.preemption import StopRequest
 from vlm_jax.train.state import TrainState
 from vlm_jax.train.tasks import TASKS, Task
 from vlm_jax.train.validate import validate_config
@@ -36,38 +35,6 @@ from vlm_jax.train.validate import validate_config
 # these is another experiment's, and is refused (the others only steer logging and saving).
 IDENTITY_SECTIONS = ("task", "seed", "model", "loss", "data", "tokenizer", "optim")
 IDENTITY_TRAIN_KEYS = ("batch_size", "total_steps", "grad_cache_chunks")
-
-
-class StopRequest:
-    """SIGTERM/SIGINT -> finish the current step, checkpoint, exit cleanly."""
-
-    def __init__(self):
-        self.requested = False
-        self._previous = {}
-
-    def __enter__(self):
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            self._previous[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def _handle(self, signum, frame):
-        if self.requested and signum == signal.SIGINT:
-            raise KeyboardInterrupt
-        logging.warning("signal %d: stopping after this step and saving a checkpoint", signum)
-        self.requested = True
-
-    def __exit__(self, *exc):
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
-
-    def should_stop(self) -> bool:
-        """All processes agree: stop if any process was signalled."""
-        if jax.process_count() == 1:
-            return self.requested
-        from jax.experimental import multihost_utils
-
-        flags = multihost_utils.process_allgather(np.array(self.requested))
-        return bool(np.any(flags))
 
 
 def identity(config_json: str) -> dict:
@@ -324,7 +291,7 @@ def _train_loop(config, workdir: Path, mesh: Mesh, task: Task, is_primary: bool)
             if row:
                 writer.write(step, row)
                 last = row
-            stopping = stop.should_stop()
+            stopping = stop.should_stop(step)
             saving = step % config.train.checkpoint_every == 0 or step == total or stopping
             if saving:
                 _on_nonfinite(monitor.flush(), monitor, ckpt, step, state, data_iter)
