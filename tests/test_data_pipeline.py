@@ -44,10 +44,12 @@ def assert_same_batches(first: list[dict], second: list[dict]) -> None:
 def test_batch_layout_and_content_match_the_source():
     loader = build_pipeline(CONFIG, TOKENIZER, "val", batch_size=8, shuffle=False, num_epochs=1)
     batch = next(iter(loader))
-    assert batch.keys() == {"image", "tokens", "id"}
+    assert batch.keys() == {"image", "tokens", "id", "bad_records", "truncated_captions"}
     assert batch["image"].shape == (8, 32, 32, 3) and batch["image"].dtype == np.float32
     assert batch["tokens"].shape == (8, 16) and batch["tokens"].dtype == np.int32
     assert batch["id"].dtype == np.int64
+    assert batch["bad_records"].dtype == batch["truncated_captions"].dtype == np.int32
+    assert batch["bad_records"].sum() == batch["truncated_captions"].sum() == 0
     np.testing.assert_array_equal(batch["id"], np.arange(8))
     source = build_source(CONFIG.data, "val")
     records = [source[i] for i in range(8)]

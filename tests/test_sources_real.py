@@ -8,7 +8,13 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from vlm_jax.data import array_record_source, folder, tfds_source, write_shards  # noqa: F401
+from vlm_jax.data import (  # noqa: F401
+    array_record_source,
+    folder,
+    records,
+    tfds_source,
+    write_shards,
+)
 from vlm_jax.data.pipeline import build_pipeline, default_data_config
 from vlm_jax.data.sources import build_source
 from vlm_jax.data.tokenizers import build_tokenizer
@@ -58,17 +64,23 @@ def data_config(**overrides) -> ml_collections.ConfigDict:
     return config
 
 
-def test_folder_source_skips_and_counts_bad_records(image_folder, caplog):
+def test_folder_source_drops_bad_rows_and_raises_on_undecodable(image_folder, caplog):
     root, images = image_folder
     source = build_source(data_config(source="folder", path=str(root)), "train")
     assert len(source) == 7  # 9 rows - missing file - empty caption
     assert dict(source.bad.counts) == {"missing_file": 1, "empty_caption": 1}
-    records = [source[i] for i in range(len(source))]
-    assert dict(source.bad.counts)["undecodable_image"] == 1
-    assert "undecodable_image" in caplog.text
-    # The corrupt row (index 3 among usable rows) is replaced by the next good one.
-    assert records[3]["id"] == records[4]["id"] == 6
-    for record in records:
+    assert "missing_file" in caplog.text
+    with pytest.raises(records.BadRecordError, match="undecodable_image: id=5 .*corrupt.png"):
+        source[3]
+    # In the pipeline the corrupt row (index 3 among usable rows) is replaced by the next one.
+    tokenizer = build_tokenizer(ml_collections.ConfigDict({"name": "bytes", "max_len": 24}))
+    bad = records.BadRecords("skip", "folder train")
+    checked = records.CheckedSource(source, records.RecordCheck(tokenizer, 24), bad)
+    loaded = [checked[i] for i in range(len(checked))]
+    assert dict(bad.counts) == {"undecodable_image": 1}
+    assert loaded[3]["id"] == loaded[4]["id"] == 6
+    assert [r["bad_records"] for r in loaded] == [0, 0, 0, 1, 0, 0, 0]
+    for record in loaded:
         np.testing.assert_array_equal(record["image"], images[int(record["caption"].split()[-1])])
     val = build_source(data_config(source="folder", path=str(root)), "val")
     assert [val[i]["caption"] for i in range(2)] == ["a val picture 6", "a val picture 7"]
@@ -79,7 +91,7 @@ def test_folder_source_skips_and_counts_bad_records(image_folder, caplog):
 
 def test_folder_source_fails_when_asked(image_folder):
     root, _ = image_folder
-    with pytest.raises(folder.BadRecordError, match="missing_file.*missing.png"):
+    with pytest.raises(records.BadRecordError, match="missing_file.*missing.png"):
         build_source(data_config(source="folder", path=str(root), on_error="fail"), "train")
     with pytest.raises(ValueError, match="on_error='ignore' is not one of: skip, fail"):
         build_source(data_config(source="folder", path=str(root), on_error="ignore"), "train")

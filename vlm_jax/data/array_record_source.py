@@ -15,7 +15,7 @@ import grain
 import ml_collections
 import msgpack
 
-from vlm_jax.data.folder import BadRecords, SkipUndecodable, decode_image
+from vlm_jax.data.records import BadRecordError, decode_image
 from vlm_jax.data.sources import DATA_SOURCES
 
 
@@ -29,13 +29,20 @@ def pack_record(image_bytes: bytes, fields: dict) -> bytes:
 
 
 def unpack_record(data: bytes) -> dict:
-    """A shard record -> {"image": uint8[H, W, 3], "caption", "id", ["label"]}."""
-    record = msgpack.unpackb(data, raw=False)
-    return {**record, "image": decode_image(record["image"])}
+    """A shard record -> {"image": uint8[H, W, 3], "caption", "id", ["label"]}; a record that
+    does not parse, or has no image bytes, is a BadRecordError("unreadable_record")."""
+    try:
+        record = msgpack.unpackb(data, raw=False)
+    except Exception as e:  # msgpack raises many types on corrupt bytes; all mean unreadable
+        raise BadRecordError("unreadable_record", f"{type(e).__name__}: {e}") from None
+    image = record.get("image") if isinstance(record, dict) else None
+    if not isinstance(image, bytes):
+        raise BadRecordError("unreadable_record", f"no image bytes in {type(record).__name__}")
+    return {**record, "image": decode_image(image, f"id={record.get('id')}")}
 
 
 @DATA_SOURCES.register("array_record")
-class ArrayRecordSource(SkipUndecodable):
+class ArrayRecordSource:
     """Records of one split of a `write_shards` output directory."""
 
     def __init__(self, config: ml_collections.ConfigDict, split: str):
@@ -48,8 +55,12 @@ class ArrayRecordSource(SkipUndecodable):
         self.classnames = meta.get("classnames", [])
         self.templates = tuple(config.get("templates") or meta.get("templates", ()))
         self.shards = grain.sources.ArrayRecordDataSource([str(p) for p in paths])
-        bad = BadRecords(config.get("on_error", "skip"), f"array_record source {str(self.root)!r}")
-        super().__init__(lambda i: unpack_record(self.shards[i]), len(self.shards), bad)
+
+    def __len__(self) -> int:
+        return len(self.shards)
+
+    def __getitem__(self, index: int) -> dict:
+        return unpack_record(self.shards[index])
 
     def __repr__(self) -> str:
         return f"ArrayRecordSource(root={str(self.root)!r}, records={len(self)})"

@@ -12,7 +12,8 @@ hand-offs, as much as drawing a shapes record; MapDataset with no reader threads
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import grain
 import ml_collections
@@ -20,6 +21,14 @@ import numpy as np
 from absl import flags
 
 from vlm_jax.data import preprocess, shapes
+from vlm_jax.data.records import (
+    COUNTERS,
+    DEFAULT_MAX_ASPECT_RATIO,
+    BadRecords,
+    CheckedSource,
+    RecordCheck,
+    RecordError,
+)
 from vlm_jax.data.sources import build_source
 from vlm_jax.data.tokenizers import Tokenizer
 
@@ -36,6 +45,9 @@ def default_data_config() -> ml_collections.ConfigDict:
             "image_size": world.image_size,
             "flip": True,  # random horizontal flip of train records (captions mirrored)
             "seed": world.seed,
+            "on_error": "skip",  # a bad record: "skip" (replace, count, log) or "fail" (raise)
+            "long_captions": "truncate",  # over tokenizer.max_len: "truncate" or "bad" (record)
+            "max_aspect_ratio": DEFAULT_MAX_ASPECT_RATIO,  # images more elongated are bad records
             "colours": world.colours,
             "kinds": world.kinds,
             "supersample": world.supersample,
@@ -64,7 +76,8 @@ class RandomCrop(grain.transforms.RandomMap):
 
 
 class ToModelInputs(grain.transforms.Map):
-    """Record -> {"image": float32[S, S, 3] in [-1, 1], "tokens": int32[L], "id", ["label"]}."""
+    """Record -> {"image": float32[S, S, 3] in [-1, 1], "tokens": int32[L], "id", ["label"],
+    and the int32 counters of `records.COUNTERS` when the record has them}."""
 
     def __init__(self, tokenizer: Tokenizer, max_len: int, image_size: int):
         self.tokenizer = tokenizer
@@ -78,7 +91,43 @@ class ToModelInputs(grain.transforms.Map):
             "tokens": self.tokenizer.batch_encode([record["caption"]], self.max_len)[0],
         }
         example.update({key: np.int64(record[key]) for key in BATCH_FIELDS if key in record})
+        example.update({key: np.int32(record[key]) for key in COUNTERS if key in record})
         return example
+
+
+def _in_context(where: str, transform: Any, call: Callable, record: Any, *args: Any) -> Any:
+    """call(record, *args), any exception re-raised as a RecordError naming the record and
+    source (transforms run deep in Grain, maybe in a worker process)."""
+    try:
+        return call(record, *args)
+    except Exception as e:
+        record_id = record.get("id") if isinstance(record, dict) else None
+        raise RecordError(
+            f"{where}: {type(transform).__name__} failed on record id={record_id}: "
+            f"{type(e).__name__}: {e}"
+        ) from e
+
+
+class InContextMap(grain.transforms.Map):
+    """A Map whose failures name the record and source (see _in_context)."""
+
+    def __init__(self, transform: grain.transforms.Map, where: str):
+        self.transform = transform
+        self.where = where
+
+    def map(self, record: dict) -> dict:
+        return _in_context(self.where, self.transform, self.transform.map, record)
+
+
+class InContextRandomMap(grain.transforms.RandomMap):
+    """A RandomMap whose failures name the record and source (see _in_context)."""
+
+    def __init__(self, transform: grain.transforms.RandomMap, where: str):
+        self.transform = transform
+        self.where = where
+
+    def random_map(self, record: dict, rng: np.random.Generator) -> dict:
+        return _in_context(self.where, self.transform, self.transform.random_map, record, rng)
 
 
 def _mark_absl_flags_parsed() -> None:
@@ -86,6 +135,24 @@ def _mark_absl_flags_parsed() -> None:
     notebooks) because nothing parsed them; take their defaults there. No-op under app.run."""
     if not flags.FLAGS.is_parsed():
         flags.FLAGS.mark_as_parsed()
+
+
+def check_shard_size(
+    name: str, length: int, batch_size: int, process_count: int, drop_remainder: bool
+) -> int:
+    """Records per process; ValueError saying what to change when that is too few for a
+    batch (drop_remainder=True: a full batch) or for any record at all."""
+    shard = length // process_count
+    if shard == 0:
+        raise ValueError(f"{name}: {length} records cannot be split over {process_count} processes")
+    if drop_remainder and shard < batch_size:
+        raise ValueError(
+            f"{name}: {length} records give {shard} per process ({process_count} processes), "
+            f"fewer than the per-process batch size {batch_size}, so no full batch can be made: "
+            f"lower the batch size to at most {shard} per process ({shard * process_count} in "
+            "all) or add records to the split"
+        )
+    return shard
 
 
 def batched(
@@ -100,6 +167,7 @@ def batched(
     num_epochs: int | None = None,
     worker_count: int = 0,
     drop_remainder: bool = True,
+    name: str | None = None,
 ) -> grain.IterDataset:
     """Any random-access source -> this process's stream of transformed, batched records.
 
@@ -108,22 +176,22 @@ def batched(
     permutation of that shard; random transforms draw from generators seeded by (seed, the
     transform's place in the list, position in the stream). Workers take whole batches in
     turn, so the stream is the same for every `worker_count` (but a saved state restores only
-    into the same worker_count). num_epochs=None repeats forever.
+    into the same worker_count). num_epochs=None repeats forever. Errors raised by a transform
+    name the record and `name` (default: repr(source)).
     """
     if not 0 <= process_index < process_count:
         raise ValueError(f"process_index={process_index} is not in [0, {process_count})")
-    shard = len(source) // process_count
-    if shard == 0:
-        raise ValueError(f"{len(source)} records cannot be split over {process_count} processes")
+    name = name or repr(source)
+    shard = check_shard_size(name, len(source), batch_size, process_count, drop_remainder)
     dataset = grain.MapDataset.source(source)[process_index * shard : (process_index + 1) * shard]
     if shuffle:
         dataset = dataset.shuffle(seed=seed)
     dataset = dataset.repeat(num_epochs)
     for position, transform in enumerate(transforms, start=1):
         if isinstance(transform, grain.transforms.RandomMap):  # own stream: crop and flip
-            dataset = dataset.random_map(transform, seed=seed + position)  # are independent
-        else:
-            dataset = dataset.map(transform)
+            dataset = dataset.random_map(InContextRandomMap(transform, name), seed=seed + position)
+        else:  # (random streams of different transforms are independent)
+            dataset = dataset.map(InContextMap(transform, name))
     dataset = dataset.batch(batch_size, drop_remainder=drop_remainder)
     # Records are generated by Python code that holds the GIL: reader threads only add overhead.
     stream = dataset.to_iter_dataset(grain.ReadOptions(num_threads=0, prefetch_buffer_size=0))
@@ -149,13 +217,24 @@ def build_pipeline(
 ) -> grain.IterDataset:
     """Batches of `split` for one process (see `batched` for sharding, epochs and workers).
 
-    Train records are augmented (random crop when the source's images are not already
-    `image_size`, and `config.data.flip`); other splits are resized and centre-cropped.
-    Batches: {"image": float32[b, S, S, 3] in [-1, 1], "tokens": int32[b, L], "id": int64[b],
-    "label": int64[b] (zeroshot)}; b == batch_size unless drop_remainder=False. The iterator's
-    get_state() is a small JSON-able dict (grain.checkpoint.CheckpointHandler stores it).
+    Every record is checked first (`records.CheckedSource`: bad ones are replaced, counted and
+    logged, or raise, per `config.data.on_error`). Train records are then augmented (random crop
+    when the source's images are not already `image_size`, and `config.data.flip`); other
+    splits are resized and centre-cropped. Batches: {"image": float32[b, S, S, 3] in [-1, 1],
+    "tokens": int32[b, L], "id": int64[b], "label": int64[b] (zeroshot), "bad_records":
+    int32[b] (bad records stepped over to reach each), "truncated_captions": int32[b] (0/1)};
+    b == batch_size unless drop_remainder=False. The iterator's get_state() is a small
+    JSON-able dict (grain.checkpoint.CheckpointHandler stores it).
     """
     data = config.data
+    where = f"data.source={data.source!r} split={split!r}"
+    check = RecordCheck(
+        tokenizer,
+        config.tokenizer.max_len,
+        data.get("long_captions", "truncate"),
+        data.get("max_aspect_ratio", DEFAULT_MAX_ASPECT_RATIO),
+    )
+    bad = BadRecords(data.get("on_error", "skip"), where)
     transforms = []
     if split == "train":
         transforms.append(RandomCrop(data.image_size))
@@ -163,7 +242,7 @@ def build_pipeline(
             transforms.append(RandomFlip())
     transforms.append(ToModelInputs(tokenizer, config.tokenizer.max_len, data.image_size))
     return batched(
-        build_source(data, split),
+        CheckedSource(build_source(data, split), check, bad),
         transforms,
         batch_size=batch_size,
         process_index=process_index,
@@ -173,4 +252,5 @@ def build_pipeline(
         num_epochs=num_epochs,
         worker_count=worker_count,
         drop_remainder=drop_remainder,
+        name=where,
     )

@@ -13,7 +13,8 @@
 and checkpoints it like any source. Zero-shot class names come from the label feature's names,
 unless `config.data.classnames` lists them (ImageNet's feature names are WordNet ids). A record
 without a caption but with a label is captioned by the first template and its class name.
-Undecodable or caption-less records are replaced and reported as in `vlm_jax.data.folder`.
+Undecodable or caption-less records raise BadRecordError; the pipeline replaces and reports them
+(`vlm_jax.data.records`).
 """
 
 from __future__ import annotations
@@ -23,7 +24,8 @@ from typing import Any
 import ml_collections
 import numpy as np
 
-from vlm_jax.data.folder import DEFAULT_TEMPLATES, BadRecordError, BadRecords, SkipUndecodable
+from vlm_jax.data.folder import DEFAULT_TEMPLATES
+from vlm_jax.data.records import BadRecordError, as_rgb
 from vlm_jax.data.sources import DATA_SOURCES
 
 
@@ -48,16 +50,8 @@ def as_text(value: Any) -> str:
     return (value.decode("utf-8") if isinstance(value, bytes) else str(value)).strip()
 
 
-def as_rgb(image: Any) -> np.ndarray:
-    """uint8[H, W, 1 | 3 | 4] -> uint8[H, W, 3]."""
-    image = np.asarray(image)
-    if image.dtype != np.uint8 or image.ndim != 3 or image.shape[-1] not in (1, 3, 4):
-        raise BadRecordError("undecodable_image", f"{image.dtype}{list(image.shape)} image")
-    return np.repeat(image, 3, axis=-1) if image.shape[-1] == 1 else image[..., :3]
-
-
 @DATA_SOURCES.register("tfds")
-class TfdsSource(SkipUndecodable):
+class TfdsSource:
     """Records {"image": uint8[H, W, 3], "caption", "id", ["label"]} of a prepared TFDS split."""
 
     def __init__(self, config: ml_collections.ConfigDict, split: str):
@@ -79,10 +73,11 @@ class TfdsSource(SkipUndecodable):
         label_names = getattr(features.get(self.label_key), "names", [])
         self.classnames = list(config.get("classnames") or label_names)
         self.templates = tuple(config.get("templates") or DEFAULT_TEMPLATES)
-        bad = BadRecords(config.get("on_error", "skip"), f"tfds {config.tfds_name}:{split}")
-        super().__init__(self.load, len(self.source), bad)
 
-    def load(self, index: int) -> dict:
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def __getitem__(self, index: int) -> dict:
         example = self.source[index]
         record = {"image": as_rgb(lookup(example, self.image_key)), "id": index}
         label = lookup(example, self.label_key)

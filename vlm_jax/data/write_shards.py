@@ -21,17 +21,18 @@ from array_record.python.array_record_module import ArrayRecordWriter
 
 from vlm_jax.data import folder
 from vlm_jax.data.array_record_source import pack_record, shard_name
+from vlm_jax.data.records import ON_ERROR_CHOICES, BadRecordError, BadRecords, decode_image
 
 
-def good_records(root: Path, split: str, bad: folder.BadRecords) -> list[bytes]:
+def good_records(root: Path, split: str, bad: BadRecords) -> list[bytes]:
     """The packed records of a split whose files exist, decode and have a caption."""
     rows = folder.read_manifest(folder.find_manifest(root, split))
     packed = []
     for row in folder.usable_rows(rows, root, bad):
         data = (root / row["image"]).read_bytes()
         try:
-            folder.decode_image(data)
-        except folder.BadRecordError as e:
+            decode_image(data)
+        except BadRecordError as e:
             bad.report(e.reason, f"image {row['image']!r}: {e.detail}")
             continue
         packed.append(pack_record(data, folder.record_fields(row, int(row["id"]))))
@@ -58,7 +59,7 @@ def write_shards(
     classnames, templates = folder.zeroshot_metadata(root, config)
     meta = {"classnames": classnames, "templates": list(templates), "splits": {}}
     for split in splits:
-        bad = folder.BadRecords(on_error, f"write_shards {split!r}")
+        bad = BadRecords(on_error, f"write_shards {split!r}")
         records = good_records(root, split, bad)
         write_split(records, out, split, max(1, min(num_shards, len(records))))
         meta["splits"][split] = {"written": len(records), "skipped": dict(bad.counts)}
@@ -73,7 +74,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--out", required=True, help="output directory for the shards")
     parser.add_argument("--splits", default="train,val,zeroshot")
     parser.add_argument("--num_shards", type=int, default=4)
-    parser.add_argument("--on_error", choices=folder.ON_ERROR_CHOICES, default="skip")
+    parser.add_argument("--on_error", choices=ON_ERROR_CHOICES, default="skip")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
     splits = [s for s in args.splits.split(",") if s]
