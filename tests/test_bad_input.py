@@ -3,6 +3,7 @@ id and skipped (or fail the run), and nothing else ever escapes a Grain worker w
 
 import io
 import json
+import pickle
 
 import grain
 import ml_collections
@@ -145,6 +146,13 @@ def test_checked_source_replaces_bad_records_or_fails_naming_them(caplog):
     assert failing[0]["id"] == 0
     with pytest.raises(records.BadRecordError, match="empty_caption: here: record 1: id=1"):
         failing[1]
+
+
+def test_errors_survive_pickling_between_grain_processes():
+    error = pickle.loads(pickle.dumps(records.BadRecordError("bad_image", "id=3: float64[2]")))
+    assert (error.reason, error.detail) == ("bad_image", "id=3: float64[2]")
+    with pytest.raises(ValueError, match="reason='odd' is not one of: missing_file"):
+        records.BadRecordError("odd", "")
 
 
 def test_unexpected_errors_name_the_record_and_split():
@@ -354,7 +362,8 @@ def test_planted_folder_gives_valid_batches_and_exact_counts(planted_folder, wor
     assert sum(int(b["truncated_captions"].sum()) for b in strict) == 0
 
 
-def test_planted_folder_fails_naming_the_record_when_asked(planted_folder):
+@pytest.mark.parametrize("worker_count", [0, 1])
+def test_planted_folder_fails_naming_the_record_when_asked(planted_folder, worker_count):
     root, _ = planted_folder
     with pytest.raises(records.BadRecordError, match="empty_caption: .* row 11 \\(id=11\\)"):
         all_batches(folder_config(root, on_error="fail"))
@@ -363,7 +372,24 @@ def test_planted_folder_fails_naming_the_record_when_asked(planted_folder):
     )
     message = "undecodable_image: data.source='folder' split='train': record 1: id=1 image"
     with pytest.raises(records.BadRecordError, match=message):
-        all_batches(folder_config(root, on_error="fail"))
+        all_batches(folder_config(root, on_error="fail"), worker_count)
+
+
+def test_resume_over_bad_records_is_exact(planted_folder):
+    def stream():
+        return iter(build_pipeline(folder_config(root), TOKENIZER, "train", batch_size=4, seed=3))
+
+    root, _ = planted_folder
+    iterator = stream()
+    next(iterator)
+    state = iterator.get_state()
+    expected = [next(iterator) for _ in range(4)]
+    assert sum(int(b["bad_records"].sum()) for b in expected) > 0
+    restored = stream()
+    restored.set_state(state)
+    for batch, again in zip(expected, [next(restored) for _ in range(4)]):
+        for key in batch:
+            np.testing.assert_array_equal(batch[key], again[key], err_msg=key)
 
 
 def test_source_shorter_than_the_batch_fails_at_build_time(planted_folder):

@@ -22,12 +22,12 @@ from absl import flags
 
 from vlm_jax.data import preprocess, shapes
 from vlm_jax.data.records import (
-    COUNTERS,
     DEFAULT_MAX_ASPECT_RATIO,
     BadRecords,
     CheckedSource,
     RecordCheck,
     RecordError,
+    counters,
 )
 from vlm_jax.data.sources import build_source
 from vlm_jax.data.tokenizers import Tokenizer
@@ -91,7 +91,7 @@ class ToModelInputs(grain.transforms.Map):
             "tokens": self.tokenizer.batch_encode([record["caption"]], self.max_len)[0],
         }
         example.update({key: np.int64(record[key]) for key in BATCH_FIELDS if key in record})
-        example.update({key: np.int32(record[key]) for key in COUNTERS if key in record})
+        example.update(counters(record))
         return example
 
 

@@ -130,6 +130,16 @@ def check_caption(caption: Any) -> str:
     return caption.strip()
 
 
+def check_image(record: dict) -> dict:
+    """The record with its image as uint8[H, W, 3]: the check of records without captions."""
+    return {**record, "image": as_rgb(record.get("image"))}
+
+
+def counters(record: dict) -> dict[str, np.int32]:
+    """The COUNTERS fields of a checked record, as they go into a batch."""
+    return {key: np.int32(record[key]) for key in COUNTERS if key in record}
+
+
 class RecordCheck:
     """record -> the record with image uint8[H, W, 3], a clean caption, and
     "truncated_captions" (1 when the caption's tokens exceed max_len and are cut, else 0)."""

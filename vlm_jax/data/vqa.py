@@ -29,6 +29,7 @@ import numpy as np
 
 from vlm_jax.data import preprocess, shapes
 from vlm_jax.data.pipeline import batched
+from vlm_jax.data.records import BadRecords, CheckedSource, check_image, counters
 from vlm_jax.data.sources import DATA_SOURCES, shapes_world
 from vlm_jax.data.tokenizers import Tokenizer
 
@@ -226,7 +227,7 @@ def encode_example(
 
 class VQAInputs(grain.transforms.Map):
     """Record -> {"image": float32[1, S, S, 3], "tokens", "prefix_len", "loss_mask",
-    "question_type", "id"}."""
+    "question_type", "id", and the `records.COUNTERS` the record has}."""
 
     def __init__(self, tokenizer: Tokenizer, max_len: int, image_size: int):
         self.tokenizer = tokenizer
@@ -239,7 +240,7 @@ class VQAInputs(grain.transforms.Map):
         example["image"] = image[None]
         example["question_type"] = np.int32(record["question_type"])
         example["id"] = np.int64(record["id"])
-        return example
+        return example | counters(record)
 
 
 def build_vqa_pipeline(
@@ -255,9 +256,12 @@ def build_vqa_pipeline(
     num_epochs: int | None = None,
     worker_count: int = 0,
 ) -> grain.IterDataset:
-    """Per-process VQA batches; the iterator supports get_state/set_state (Grain)."""
+    """Per-process VQA batches; the iterator supports get_state/set_state (Grain). Records are
+    checked as in `build_pipeline` (images only: prompts and answers are made here)."""
+    where = f"data.source={config.data.source!r} split={split!r}"
+    bad = BadRecords(config.data.get("on_error", "skip"), where)
     return batched(
-        ShapesVQASource(config.data, split),
+        CheckedSource(ShapesVQASource(config.data, split), check_image, bad),
         [VQAInputs(tokenizer, config.tokenizer.max_len, config.data.image_size)],
         batch_size=batch_size,
         process_index=process_index,
@@ -266,4 +270,5 @@ def build_vqa_pipeline(
         seed=seed,
         num_epochs=num_epochs,
         worker_count=worker_count,
+        name=where,
     )
