@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 from PIL import Image
 
-from vlm_jax.data import build_pipeline, default_data_config, records
+from vlm_jax.data import build_pipeline, build_source, default_data_config, records
 from vlm_jax.data.array_record_source import unpack_record
 from vlm_jax.data.pipeline import RandomCrop, RandomFlip, ToModelInputs, batched
 from vlm_jax.data.tokenizers import ByteTokenizer
@@ -406,3 +406,15 @@ def test_source_shorter_than_the_batch_fails_at_build_time(planted_folder):
         drop_remainder=False, shuffle=False,
     )  # fmt: skip
     assert [len(batch["id"]) for batch in short] == [5]
+
+
+def test_rows_of_a_labelled_split_need_class_indices(tmp_path, caplog):
+    files = {f"{i}.png": png_bytes(pixels((4, 4, 3), i)) for i in range(4)}
+    rows = [{"image": f"imgs/{i}.png", "caption": f"c {i}", "label": i} for i in range(4)]
+    rows[1].pop("label")
+    rows[2]["label"] = "cat"
+    write_folder(tmp_path / "labelled", rows, files)
+    source = build_source(folder_config(tmp_path / "labelled").data, "train")
+    assert [source[i]["label"] for i in range(len(source))] == [0, 3]
+    assert dict(source.bad.counts) == {"bad_label": 2}
+    assert "bad_label: row 2 (id=2): label 'cat' is not a class index" in caplog.text

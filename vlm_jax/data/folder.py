@@ -73,7 +73,9 @@ def record_fields(row: dict, index: int) -> dict:
 
 
 def usable_rows(rows: list[dict], root: Path, bad: BadRecords) -> list[dict]:
-    """Rows whose image file exists and caption is non-empty (others are reported)."""
+    """Rows whose image file exists, caption is non-empty and, when any row of the manifest
+    has a label, label is a class index (others are reported)."""
+    labelled = any(row.get("label") not in (None, "") for row in rows)
     kept = []
     for index, row in enumerate(rows):
         image, where = row.get("image") or "", f"row {index} (id={row.get('id', index)})"
@@ -81,6 +83,8 @@ def usable_rows(rows: list[dict], root: Path, bad: BadRecords) -> list[dict]:
             bad.report("missing_file", f"{where}: image {image!r} not under {root}")
         elif not str(row.get("caption") or "").strip():
             bad.report("empty_caption", f"{where}: image {image!r}")
+        elif labelled and not str(row.get("label")).strip().isdigit():
+            bad.report("bad_label", f"{where}: label {row.get('label')!r} is not a class index")
         else:
             kept.append({**row, "id": row.get("id", index)})
     return kept

@@ -41,6 +41,7 @@ REASONS = (
     "bad_caption",  # a caption that is not a str
     "long_caption",  # more tokens than tokenizer.max_len (data.long_captions == "bad")
     "tokenizer_error",  # the tokenizer raised on the caption
+    "bad_label",  # a labelled split's record without a class index as its label
 )
 COUNTERS = ("bad_records", "truncated_captions")  # int fields every checked record carries
 MAX_CONSECUTIVE_BAD = 100  # more bad records in a row than this: the data is broken, stop

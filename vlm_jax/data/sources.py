@@ -2,7 +2,10 @@
 
 A source is anything with `__len__` and `__getitem__(index) -> record`, where a record is
 `{"image": uint8[H, W, 3], "caption": str, "id": int, ...}` and the same index always gives the
-same record (Grain shuffles, shards and checkpoints by index). Register new sources with
+same record (Grain shuffles, shards and checkpoints by index). A record that is bad data raises
+`records.BadRecordError` (or comes back bad: the pipeline's `records.RecordCheck` normalises
+and checks every image and caption, grey/RGBA arrays and encoded bytes included); the pipeline
+replaces it by the next good record and counts it. Register new sources with
 `@DATA_SOURCES.register("name")` on a callable `(config.data, split) -> source`. Sources with a
 zero-shot split expose `classnames` (indexed by the record's "label") and `templates`.
 """
