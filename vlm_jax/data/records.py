@@ -171,7 +171,8 @@ class RecordCheck:
         caption = check_caption(record.get("caption"))
         count = self.token_count(caption)
         if count > self.max_len and self.long_captions == "bad":
-            raise BadRecordError("long_caption", f"{count} tokens > tokenizer.max_len")
+            detail = f"{count} tokens > tokenizer.max_len={self.max_len}"
+            raise BadRecordError("long_caption", detail)
         truncated = int(count > self.max_len)
         return {**record, "image": image, "caption": caption, "truncated_captions": truncated}
 
