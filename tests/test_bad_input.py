@@ -418,3 +418,19 @@ def test_rows_of_a_labelled_split_need_class_indices(tmp_path, caplog):
     assert [source[i]["label"] for i in range(len(source))] == [0, 3]
     assert dict(source.bad.counts) == {"bad_label": 2}
     assert "bad_label: row 2 (id=2): label 'cat' is not a class index" in caplog.text
+
+
+def test_evaluation_captions_belong_to_their_images_when_rows_are_dropped(tmp_path):
+    """Row 1 (empty caption) is dropped when the manifest is read, so record ids and source
+    indices differ from there on; the captions the pipeline carries (retrieval's gallery) still
+    belong to their images' rows."""
+    files = {f"{i}.png": png_bytes(pixels((9, 10, 3), i)) for i in range(5)}
+    rows = [{"image": f"imgs/{i}.png", "caption": f"caption {i}"} for i in range(5)]
+    rows[1]["caption"] = ""
+    write_folder(tmp_path / "dropped", rows, files)
+    stream = build_pipeline(
+        folder_config(tmp_path / "dropped"), TOKENIZER, "train", batch_size=2, num_epochs=1,
+        shuffle=False, drop_remainder=False, captions=True,
+    )  # fmt: skip
+    pairs = [(int(i), str(c)) for b in stream for i, c in zip(b["id"], b["caption"])]
+    assert pairs == [(0, "caption 0"), (2, "caption 2"), (3, "caption 3"), (4, "caption 4")]

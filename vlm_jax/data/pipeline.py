@@ -77,12 +77,14 @@ class RandomCrop(grain.transforms.RandomMap):
 
 class ToModelInputs(grain.transforms.Map):
     """Record -> {"image": float32[S, S, 3] in [-1, 1], "tokens": int32[L], "id", ["label"],
-    and the int32 counters of `records.COUNTERS` when the record has them}."""
+    and the int32 counters of `records.COUNTERS` when the record has them; with `captions`
+    also "caption": the checked caption text (evaluation: the text a retrieval gallery shows)}."""
 
-    def __init__(self, tokenizer: Tokenizer, max_len: int, image_size: int):
+    def __init__(self, tokenizer: Tokenizer, max_len: int, image_size: int, captions=False):
         self.tokenizer = tokenizer
         self.max_len = max_len
         self.image_size = image_size
+        self.captions = captions
 
     def map(self, record: dict) -> dict:
         image = preprocess.fit_image(record["image"], self.image_size)
@@ -92,6 +94,8 @@ class ToModelInputs(grain.transforms.Map):
         }
         example.update({key: np.int64(record[key]) for key in BATCH_FIELDS if key in record})
         example.update(counters(record))
+        if self.captions:
+            example["caption"] = np.str_(record["caption"])
         return example
 
 
@@ -214,6 +218,7 @@ def build_pipeline(
     num_epochs: int | None = None,
     worker_count: int = 0,
     drop_remainder: bool = True,
+    captions: bool = False,
 ) -> grain.IterDataset:
     """Batches of `split` for one process (see `batched` for sharding, epochs and workers).
 
@@ -222,7 +227,8 @@ def build_pipeline(
     when the source's images are not already `image_size`, and `config.data.flip`); other
     splits are resized and centre-cropped. Batches: {"image": float32[b, S, S, 3] in [-1, 1],
     "tokens": int32[b, L], "id": int64[b], "label": int64[b] (zeroshot), "bad_records":
-    int32[b] (bad records stepped over to reach each), "truncated_captions": int32[b] (0/1)};
+    int32[b] (bad records stepped over to reach each), "truncated_captions": int32[b] (0/1),
+    with `captions` "caption": str[b]};
     b == batch_size unless drop_remainder=False. The iterator's get_state() is a small
     JSON-able dict (grain.checkpoint.CheckpointHandler stores it).
     """
@@ -240,7 +246,7 @@ def build_pipeline(
         transforms.append(RandomCrop(data.image_size))
         if data.get("flip", False):
             transforms.append(RandomFlip())
-    transforms.append(ToModelInputs(tokenizer, config.tokenizer.max_len, data.image_size))
+    transforms.append(ToModelInputs(tokenizer, config.tokenizer.max_len, data.image_size, captions))
     return batched(
         CheckedSource(build_source(data, split), check, bad),
         transforms,

@@ -140,6 +140,7 @@ class ContrastiveTask(Task):
                 shuffle=False,
                 num_epochs=1,
                 drop_remainder=False,
+                captions=True,
             )
         )
         return {k: np.concatenate([b[k] for b in batches]) for k in batches[0]}
@@ -177,10 +178,9 @@ class ContrastiveTask(Task):
         return {f"zeroshot_{k}": v for k, v in accuracy.items()}
 
     def _eval_retrieval(self, params) -> dict[str, float]:
-        source = build_source(self.split_config("val").data, "val")
         data = self._load_split("val")
         image_emb = self._embed_all(self._embed_image, params, data["image"])
-        image_captions = [source[int(i)]["caption"] for i in data["id"]]
+        image_captions = [str(caption) for caption in data["caption"]]
         gallery = unique_texts(image_captions)
         text_emb = self._embed_texts(params, gallery)
         results = {
