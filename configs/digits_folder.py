@@ -21,6 +21,7 @@ import ml_collections
 import numpy as np
 
 from vlm_jax.config import load_config
+from vlm_jax.data.pipeline import record_check_config
 
 NAMES = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 CAPTIONS = ("a handwritten {}", "the digit {}", "a scanned {}", "a drawing of the number {}")
@@ -39,7 +40,7 @@ def vocabulary() -> tuple[str, ...]:
 def get_config(arg=None):
     c = load_config(str(Path(__file__).with_name("siglip_shapes.py")))
     c.data = ml_collections.ConfigDict(
-        dict(source="folder", path="", image_size=IMAGE_SIZE, flip=False, on_error="skip")
+        dict(source="folder", path="", image_size=IMAGE_SIZE, flip=False, **record_check_config())
     )
     c.data.templates = TEMPLATES
     c.tokenizer.words = vocabulary()

@@ -8,6 +8,7 @@ Nothing is downloaded at run time.
 
 import ml_collections
 
+from vlm_jax.data.pipeline import record_check_config
 from vlm_jax.train.defaults import base_config
 
 
@@ -26,7 +27,7 @@ def get_config(arg=None):
             label_key="label",
             image_size=224,
             flip=False,
-            on_error="skip",
+            **record_check_config(),
             classnames=(),
             templates=("a photo of a {}.", "a bad photo of a {}.", "a photo of the large {}."),
         )

@@ -36,6 +36,16 @@ from vlm_jax.data.tokenizers import Tokenizer
 BATCH_FIELDS = ("id", "label")
 
 
+def record_check_config() -> dict:
+    """The `config.data` keys of the record check every source goes through (any source's
+    config should hold them, so they can be set from the CLI)."""
+    return {
+        "on_error": "skip",  # a bad record: "skip" (replace, count, log) or "fail" (raise)
+        "long_captions": "truncate",  # over tokenizer.max_len: "truncate" or "bad" (record)
+        "max_aspect_ratio": DEFAULT_MAX_ASPECT_RATIO,  # images more elongated are bad records
+    }
+
+
 def default_data_config() -> ml_collections.ConfigDict:
     """Every `config.data` key the built-in pieces read, with defaults (the shapes world's)."""
     world = shapes.World()
@@ -45,9 +55,7 @@ def default_data_config() -> ml_collections.ConfigDict:
             "image_size": world.image_size,
             "flip": True,  # random horizontal flip of train records (captions mirrored)
             "seed": world.seed,
-            "on_error": "skip",  # a bad record: "skip" (replace, count, log) or "fail" (raise)
-            "long_captions": "truncate",  # over tokenizer.max_len: "truncate" or "bad" (record)
-            "max_aspect_ratio": DEFAULT_MAX_ASPECT_RATIO,  # images more elongated are bad records
+            **record_check_config(),
             "colours": world.colours,
             "kinds": world.kinds,
             "supersample": world.supersample,
