@@ -2,9 +2,15 @@
 
 Layout: WORKDIR/checkpoints/<step>/{state, data, meta}. `state` holds params, optimizer state,
 step and RNG (restored straight into the sharded layout); `data` holds one JSON file per process
-with that process's iterator state; `meta` is JSON (config fingerprint, metrics position).
-Saves are asynchronous where Orbax supports it; a step directory only appears once complete,
-so an interrupted save never shadows the previous good checkpoint.
+with that process's iterator state; `meta` is JSON (config fingerprint, metrics position, and a
+fingerprint of every state array).
+
+Integrity: Orbax writes a step into `<step>.orbax-checkpoint-tmp` and renames it when complete,
+so a save killed mid-write leaves no `<step>` directory. Files damaged later (truncated, deleted,
+overwritten) are caught on restore: missing or malformed files make Orbax/TensorStore raise, and
+bytes changed inside a compressed array chunk (which TensorStore decodes without complaint) are
+caught by the array fingerprints stored in `meta`. `restore_newest_intact` then falls back to the
+newest step that restores cleanly and moves the damaged ones aside to `<step>.corrupt`.
 """
 
 from __future__ import annotations
@@ -15,11 +21,101 @@ from typing import Any
 
 import grain
 import jax
+import jax.numpy as jnp
+import numpy as np
 import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
 
 from vlm_jax.train.integrity import check_params_match
 
 ITEMS = ("state", "data", "meta")
+TMP_SUFFIX = ".orbax-checkpoint-tmp"  # Orbax's name for a step directory still being written
+CORRUPT_SUFFIX = ".corrupt"
+
+
+class DamagedCheckpoint(Exception):
+    """A saved step whose arrays do not match the fingerprints written with them."""
+
+
+def _words(x: jax.Array) -> jax.Array:
+    """The bits of `x` as uint32 words: uint32[*x.shape] (uint32[*x.shape, 2] for 8-byte dtypes)."""
+    if x.dtype == jnp.bool_:
+        return x.astype(jnp.uint32)
+    if x.dtype.itemsize == 8:
+        return jax.lax.bitcast_convert_type(x, jnp.uint32)
+    unsigned = jnp.dtype(f"uint{x.dtype.itemsize * 8}")
+    return jax.lax.bitcast_convert_type(x, unsigned).astype(jnp.uint32)
+
+
+def _leaf_fingerprint(x: jax.Array) -> jax.Array:
+    """uint32[2]: sum of the words and sum of the words weighted by position, mod 2**32.
+
+    Any single changed word changes the first sum; swapped or shifted words change the second.
+    The linear position is built from iotas, not a reshape, so sharded leaves stay in place.
+    """
+    words = _words(x)
+    position = jnp.zeros(words.shape, jnp.uint32)
+    for dim, size in enumerate(words.shape):
+        position = position * size + jax.lax.broadcasted_iota(jnp.uint32, words.shape, dim)
+    weights = position * jnp.uint32(2654435761) + jnp.uint32(1)
+    return jnp.stack([jnp.sum(words, dtype=jnp.uint32), jnp.sum(words * weights, dtype=jnp.uint32)])
+
+
+_fingerprints = jax.jit(lambda tree: jax.tree.map(_leaf_fingerprint, tree))
+
+
+def _key_name(key: Any) -> str:
+    """'params', '0', 'count': the same for a field, a dict key or an index of that name."""
+    for attr in ("key", "name", "idx"):
+        if hasattr(key, attr):
+            return str(getattr(key, attr))
+    return str(key)
+
+
+def fingerprint(tree: Any) -> dict[str, str]:
+    """{'a/b/kernel' leaf path: 16 hex digits} (cheap: one pass over the arrays, on device).
+
+    Paths do not depend on the container types, so a TrainState and the nested dicts Orbax
+    restores it as (`restore_params`) give the same keys.
+    """
+    values, _ = jax.tree_util.tree_flatten_with_path(jax.device_get(_fingerprints(tree)))
+    return {
+        "/".join(map(_key_name, path)): "".join(f"{int(w):08x}" for w in np.asarray(v))
+        for path, v in values
+    }
+
+
+def check_fingerprint(state: Any, expected: dict[str, str] | None, where: str) -> None:
+    """Raise DamagedCheckpoint naming the leaves of `state` that differ from `expected`."""
+    if expected is None:  # saved before fingerprints existed
+        return
+    got = fingerprint(state)
+    bad = sorted(p for p in got.keys() | expected.keys() if got.get(p) != expected.get(p))
+    if bad:
+        raise DamagedCheckpoint(
+            f"{where}: {len(bad)} arrays differ from the fingerprints saved with them: "
+            + ", ".join(bad[:5])
+            + (", ..." if len(bad) > 5 else "")
+        )
+
+
+def _describe(error: BaseException) -> str:
+    """'ValueError: ...Truncated Zstd-compressed stream...': the innermost cause, which names
+    the file and the problem (Orbax's outer message often names neither)."""
+    for _ in range(10):
+        cause = error.__cause__ or (None if error.__suppress_context__ else error.__context__)
+        if cause is None:
+            break
+        error = cause
+    lines = str(error).strip().splitlines() or [""]
+    return f"{type(error).__name__}: {lines[0][:300]}"
+
+
+def _all_processes_agree(ok: bool) -> bool:
+    """True only if `ok` on every process (a file may be damaged on one host only)."""
+    if jax.process_count() == 1:
+        return ok
+    return bool(np.all(multihost_utils.process_allgather(np.array(ok))))
 
 
 class Checkpointer:
@@ -48,6 +144,7 @@ class Checkpointer:
         return list(self.manager.all_steps())
 
     def save(self, step: int, state: Any, data_iterator: Any, meta: dict, *, force=False) -> bool:
+        meta = {**meta, "fingerprint": fingerprint(state)}
         args = {"state": ocp.args.StandardSave(state), "meta": ocp.args.JsonSave(meta)}
         if data_iterator is not None:
             args["data"] = grain.checkpoint.CheckpointSave(data_iterator)
@@ -59,7 +156,10 @@ class Checkpointer:
     def restore(
         self, step: int, abstract_state: Any, data_iterator: Any = None
     ) -> tuple[Any, dict]:
-        """Restore state (into the shardings of `abstract_state`) and the iterator in place."""
+        """Restore state (into the shardings of `abstract_state`) and the iterator in place.
+
+        Raises (Orbax, TensorStore, JSON or DamagedCheckpoint errors) if the step is damaged.
+        """
         args = {
             "state": ocp.args.StandardRestore(abstract_state),
             "meta": ocp.args.JsonRestore(),
@@ -67,7 +167,9 @@ class Checkpointer:
         if data_iterator is not None:
             args["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
         restored = self.manager.restore(step, args=ocp.args.Composite(**args))
-        return restored["state"], dict(restored["meta"] or {})
+        meta = dict(restored["meta"] or {})
+        check_fingerprint(restored["state"], meta.pop("fingerprint", None), str(self._path(step)))
+        return restored["state"], meta
 
     def restore_params(self, step: int | None, abstract_params: Any = None) -> Any:
         """Only the params of a saved train state (for init / fine-tuning / evaluation).
@@ -88,10 +190,43 @@ class Checkpointer:
         if abstract_params is not None:
             check_params_match(abstract["params"], abstract_params, f"{self.directory}/{step}")
             abstract["params"] = abstract_params
-        restored = self.manager.restore(
-            step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract))
-        )
+        args = {"state": ocp.args.StandardRestore(abstract), "meta": ocp.args.JsonRestore()}
+        restored = self.manager.restore(step, args=ocp.args.Composite(**args))
+        meta = restored["meta"] or {}
+        check_fingerprint(restored["state"], meta.get("fingerprint"), str(self._path(step)))
         return restored["state"]["params"]
+
+    def restore_newest_intact(
+        self, abstract_state: Any, data_iterator: Any = None
+    ) -> tuple[Any, int, dict] | None:
+        """Resume: restore the newest step that restores cleanly -> (state, step, meta).
+
+        Newer damaged steps are logged and moved aside. None if there is no checkpoint at all
+        (a save cut off before any step completed counts as none: the run starts fresh). If
+        every step is damaged, raises RuntimeError and moves nothing: starting over would
+        silently throw away the run, and an error common to all steps (out of memory, another
+        model config) is more likely than all of them being damaged.
+        """
+        damaged = self._interrupted_saves()
+        for step in sorted(self.all_steps(), reverse=True):
+            try:
+                state, meta = self.restore(step, abstract_state, data_iterator)
+                problem = None
+            except Exception as error:  # damage surfaces as many error types; all are reported
+                problem = _describe(error)
+            if _all_processes_agree(problem is None):
+                self._set_aside(damaged, step)
+                logging.info("resuming from checkpoint step %d in %s", step, self.directory)
+                return state, step, meta
+            damaged[step] = problem or "damaged on another process"
+        if self.all_steps():
+            raise RuntimeError(
+                f"no intact checkpoint in {self.directory} (nothing was moved): "
+                + "; ".join(f"step {s}: {p}" for s, p in sorted(damaged.items()))
+                + ". Repair or remove the damaged steps, or start in a new workdir."
+            )
+        self._set_aside(damaged, None)
+        return None
 
     def wait(self) -> None:
         self.manager.wait_until_finished()
@@ -99,3 +234,50 @@ class Checkpointer:
     def close(self) -> None:
         self.manager.wait_until_finished()
         self.manager.close()
+
+    def _interrupted_saves(self) -> dict[int, str]:
+        """{step: problem} for leftover tmp directories of saves newer than the newest step."""
+        newest = self.latest_step()
+        found = {}
+        for path in self.directory.glob(f"*{TMP_SUFFIX}*"):
+            step = path.name.split(".")[0]
+            if step.isdigit() and (newest is None or int(step) > newest):
+                found[int(step)] = f"its save was cut off mid-write (left {path.name})"
+        return found
+
+    def _set_aside(self, damaged: dict[int, str], resumed: int | None) -> None:
+        """Log each damaged step and move finished ones to `<step>.corrupt` (Orbax skips it).
+
+        Unfinished saves stay where they are: they are not steps to Orbax, which replaces them
+        when it saves that step again.
+        """
+        finished = set(self.all_steps())  # the same list on every process (read at start-up)
+        target = f"step {resumed}" if resumed is not None else "scratch (no complete checkpoint)"
+        for step, problem in sorted(damaged.items(), reverse=True):
+            moved = f"; moved to {self._move_aside(step).name}" if step in finished else ""
+            logging.warning(
+                "checkpoint step %d in %s is unusable: %s%s; resuming from %s",
+                step,
+                self.directory,
+                problem,
+                moved,
+                target,
+            )
+        if finished & damaged.keys():
+            self.manager.reload()
+
+    def _move_aside(self, step: int) -> Path:
+        """Rename a step to a free `<step>.corrupt[-n]` (process 0 renames, all processes wait)."""
+        path = self._path(step)
+        target = path.with_name(path.name + CORRUPT_SUFFIX)
+        n = 1
+        while target.exists():
+            target, n = path.with_name(f"{path.name}{CORRUPT_SUFFIX}-{n}"), n + 1
+        if jax.process_index() == 0:
+            path.rename(target)
+        if jax.process_count() > 1:
+            multihost_utils.sync_global_devices(f"checkpoint: moved step {step} aside")
+        return target
+
+    def _path(self, step: int) -> Path:
+        return self.directory / str(step)

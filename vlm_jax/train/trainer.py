@@ -201,15 +201,13 @@ class PerfMeter:
 
 
 def restore_or_init(ckpt: Checkpointer, state, state_shardings, data_iter, config, mesh):
-    """Resume from the newest checkpoint, else optionally load init params.
+    """Resume from the newest intact checkpoint, else optionally load init params.
 
     -> (state, step or None, the checkpoint's meta dict).
     """
-    latest = ckpt.latest_step()
-    if latest is not None:
-        logging.info("resuming from checkpoint step %d in %s", latest, ckpt.directory)
-        state, meta = ckpt.restore(latest, abstract_like(state, state_shardings), data_iter)
-        return state, latest, meta
+    restored = ckpt.restore_newest_intact(abstract_like(state, state_shardings), data_iter)
+    if restored is not None:  # damaged newer steps were logged and moved aside
+        return restored
     if config.init.checkpoint:
         state = state.replace(
             params=load_init_params(config.init.checkpoint, state, state_shardings)
