@@ -61,7 +61,7 @@ def _leaf_fingerprint(x: jax.Array) -> jax.Array:
     return jnp.stack([jnp.sum(words, dtype=jnp.uint32), jnp.sum(words * weights, dtype=jnp.uint32)])
 
 
-_fingerprints = jax.jit(lambda tree: jax.tree.map(_leaf_fingerprint, tree))
+_fingerprints = jax.jit(lambda leaves: [_leaf_fingerprint(x) for x in leaves])
 
 
 def _key_name(key: Any) -> str:
@@ -72,17 +72,28 @@ def _key_name(key: Any) -> str:
     return str(key)
 
 
+def _devices(leaf: Any) -> frozenset[int] | None:
+    sharding = getattr(leaf, "sharding", None)
+    return None if sharding is None else frozenset(d.id for d in sharding.device_set)
+
+
 def fingerprint(tree: Any) -> dict[str, str]:
     """{'a/b/kernel' leaf path: 16 hex digits} (cheap: one pass over the arrays, on device).
 
     Paths do not depend on the container types, so a TrainState and the nested dicts Orbax
-    restores it as (`restore_params`) give the same keys.
+    restores it as (`restore_params`) give the same keys. One jit per set of devices the leaves
+    live on (`restore_params` puts params on a mesh and the rest on one device), outside any
+    context mesh.
     """
-    values, _ = jax.tree_util.tree_flatten_with_path(jax.device_get(_fingerprints(tree)))
-    return {
-        "/".join(map(_key_name, path)): "".join(f"{int(w):08x}" for w in np.asarray(v))
-        for path, v in values
-    }
+    by_devices: dict[Any, list] = {}
+    for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+        by_devices.setdefault(_devices(leaf), []).append(("/".join(map(_key_name, path)), leaf))
+    out = {}
+    with jax.set_mesh(None):
+        for group in by_devices.values():
+            values = jax.device_get(_fingerprints([leaf for _, leaf in group]))
+            out |= {p: "".join(f"{int(w):08x}" for w in v) for (p, _), v in zip(group, values)}
+    return out
 
 
 def check_fingerprint(state: Any, expected: dict[str, str] | None, where: str) -> None:
