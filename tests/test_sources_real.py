@@ -205,7 +205,8 @@ def test_tfds_source_reads_a_prepared_dataset(tmp_path):
 @pytest.mark.slow
 def test_digits_folder_trains_and_zero_shot_classifies(tmp_path):
     """Real images end to end through the CLI: scikit-learn's digits written as a folder +
-    JSONL, trained and evaluated; zero-shot accuracy on held-out digits far above chance (0.1)."""
+    JSONL, trained and evaluated; zero-shot accuracy on held-out digits far above chance (0.1).
+    One training image is corrupted on disk: it is stepped over and counted in metrics.jsonl."""
     import os
     import subprocess
     import sys
@@ -216,8 +217,12 @@ def test_digits_folder_trains_and_zero_shot_classifies(tmp_path):
     data, workdir = tmp_path / "digits", tmp_path / "run"
     config = str(repo / "configs" / "digits_folder.py")
     subprocess.run([sys.executable, config, str(data)], check=True, env=env)
+    first = json.loads((data / "train.jsonl").read_text().splitlines()[0])
+    (data / first["image"]).write_bytes(b"not an image")
     flags = ["--config", config, "--workdir", str(workdir), f"--config.data.path={data}"]
     for command in ("train", "evaluate"):
         subprocess.run([sys.executable, "-m", f"vlm_jax.{command}", *flags], check=True, env=env)
     results = json.loads(next(workdir.glob("eval_*.json")).read_text())
     assert results["eval/zeroshot_top1"] >= 0.5, results
+    rows = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+    assert rows[-1]["data/bad_records"] >= 1 and rows[0]["data/truncated_captions"] == 0

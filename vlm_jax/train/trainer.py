@@ -24,6 +24,7 @@ from vlm_jax.config import to_json
 from vlm_jax.train import metrics as metrics_lib
 from vlm_jax.train import numerics
 from vlm_jax.train.checkpoint import Checkpointer
+from vlm_jax.train.data_counters import DataCounters
 from vlm_jax.train.distributed import train_iterator
 from vlm_jax.train.optim import build_optimizer
 from vlm_jax.train.preemption import StopRequest
@@ -261,24 +262,29 @@ def _train_loop(config, workdir: Path, mesh: Mesh, task: Task, is_primary: bool)
     last: dict[str, float] = {}
     step = start
     monitor = numerics.NonFiniteMonitor(
-        config.train.on_nonfinite, state.params, meta.get("nonfinite_skipped", 0)
+        config.train.on_nonfinite, state.params, meta.get("train/nonfinite_skipped", 0)
     )
+    first_row = sharding.process_batch_rows(mesh, config.train.batch_size).start
+    data_counts = DataCounters(meta, first_row)
+    counts = (monitor, data_counts)
     with StopRequest() as stop:
         while step < total:
-            batch = {k: v for k, v in next(data_iter).items() if k in batch_shardings}
+            host_batch = next(data_iter)
+            data_counts.add(host_batch)
+            batch = {k: v for k, v in host_batch.items() if k in batch_shardings}
             state, step_metrics = train_step(
                 state, sharding.global_batch(batch, mesh, config.train.batch_size)
             )
             step += 1
-            _on_nonfinite(monitor.push(step, step_metrics), monitor, ckpt, step, state, data_iter)
+            _on_nonfinite(monitor.push(step, step_metrics), ckpt, step, state, data_iter, counts)
             if step == start + 1:  # exclude compilation from perf numbers
                 jax.block_until_ready(step_metrics)
                 perf.reset(step)
             row = {}
             if step % config.train.log_every == 0 or step == total:
-                _on_nonfinite(monitor.flush(), monitor, ckpt, step, state, data_iter)
+                _on_nonfinite(monitor.flush(), ckpt, step, state, data_iter, counts)
                 row |= {k: float(v) for k, v in jax.device_get(step_metrics).items()}
-                row["train/nonfinite_skipped"] = monitor.skipped
+                row |= run_counts(monitor, data_counts)
                 row |= perf.report(step)
                 progress.update(step, row)
             evaluating = (config.train.eval_every and step % config.train.eval_every == 0) or (
@@ -292,8 +298,8 @@ def _train_loop(config, workdir: Path, mesh: Mesh, task: Task, is_primary: bool)
             stopping = stop.should_stop(step)
             saving = step % config.train.checkpoint_every == 0 or step == total or stopping
             if saving:
-                _on_nonfinite(monitor.flush(), monitor, ckpt, step, state, data_iter)
-                meta = {"step": step, "nonfinite_skipped": monitor.skipped}
+                _on_nonfinite(monitor.flush(), ckpt, step, state, data_iter, counts)
+                meta = {"step": step} | run_counts(monitor, data_counts)
                 ckpt.save(step, state, data_iter, meta, force=True)
             if evaluating or saving:  # keep eval and checkpoint time out of perf/step_time_s
                 perf.reset(step)
@@ -306,13 +312,20 @@ def _train_loop(config, workdir: Path, mesh: Mesh, task: Task, is_primary: bool)
     return last
 
 
-def _on_nonfinite(event: dict, monitor, ckpt: Checkpointer, step: int, state, data_iter) -> None:
+def run_counts(monitor: numerics.NonFiniteMonitor, data_counts: DataCounters) -> dict:
+    """Counters logged in metrics.jsonl and kept in the checkpoint meta across resumes:
+    train/nonfinite_skipped, data/bad_records, data/truncated_captions (every process calls
+    this together: the data totals are summed over processes)."""
+    return {"train/nonfinite_skipped": monitor.skipped} | data_counts.totals()
+
+
+def _on_nonfinite(event: dict, ckpt: Checkpointer, step: int, state, data_iter, counts) -> None:
     """train.on_nonfinite='stop': save the (guarded, last good) state, then raise."""
+    monitor, data_counts = counts
     if not event or monitor.policy != "stop":
         return
-    ckpt.save(
-        step, state, data_iter, {"step": step, "nonfinite_skipped": monitor.skipped}, force=True
-    )
+    meta = {"step": step} | run_counts(monitor, data_counts)
+    ckpt.save(step, state, data_iter, meta, force=True)
     ckpt.close()
     raise monitor.error(event, step)
 

@@ -1,0 +1,38 @@
+"""Totals of the data pipeline's per-record counters (`records.COUNTERS`) for metrics.jsonl.
+
+Every batch carries int32[b] "bad_records" (bad records stepped over to reach each example)
+and "truncated_captions" (0/1); the batches may be built in Grain worker processes, so the
+counts reach the trainer only through them. Totals are summed over the processes that load
+distinct rows (processes holding the same rows of a global batch load them both, and count
+once) and carried across resumes in the checkpoint meta as "data/<counter>".
+"""
+
+from __future__ import annotations
+
+import jax
+import numpy as np
+from jax.experimental import multihost_utils
+
+from vlm_jax.data.records import COUNTERS
+
+
+class DataCounters:
+    def __init__(self, meta: dict, first_row: int):
+        self.base = np.asarray([int(meta.get(f"data/{k}", 0)) for k in COUNTERS], np.int64)
+        self.local = np.zeros(len(COUNTERS), np.int64)
+        self.first_row = first_row  # of this process's rows in the global batch
+
+    def add(self, host_batch: dict[str, np.ndarray]) -> None:
+        for i, key in enumerate(COUNTERS):
+            if key in host_batch:
+                self.local[i] += int(np.sum(host_batch[key]))
+
+    def totals(self) -> dict[str, int]:
+        """{"data/bad_records": n, ...} over all processes; call on every process together."""
+        summed = self.local
+        if jax.process_count() > 1:
+            mine = np.concatenate([[self.first_row], self.local])
+            gathered = np.asarray(multihost_utils.process_allgather(mine)).reshape(-1, len(mine))
+            _, distinct = np.unique(gathered[:, 0], return_index=True)
+            summed = gathered[distinct, 1:].sum(0)
+        return {f"data/{k}": int(n) for k, n in zip(COUNTERS, self.base + summed)}
