@@ -31,6 +31,8 @@ INVALID = [
     ({"mesh.shape": "(-1, 3, 1)"}, r"mesh.shape=\(-1, 3, 1\): 8 devices are not divisible by 3"),
     ({"mesh.shape": "(8, 1)"}, r"mesh.shape=\(8, 1\) must have one size per axis"),
     ({"train.batch_size": "12"}, r"batch.*12.*8"),
+    ({"data.on_error": "ignore"}, r"data.on_error='ignore' is not one of: skip, fail"),
+    ({"data.long_captions": "drop"}, r"data.long_captions='drop' is not one of: truncate, bad"),
 ]
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import ml_collections
 
 from vlm_jax.config import check_choice
+from vlm_jax.data.records import LONG_CAPTION_CHOICES, ON_ERROR_CHOICES
 from vlm_jax.train.numerics import CHOICES as NONFINITE_CHOICES
 
 DTYPES = ("float32", "bfloat16")
@@ -29,3 +30,6 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     check_choice("train.on_nonfinite", train.get("on_nonfinite", "skip"), NONFINITE_CHOICES)
     check_choice("optim.name", config.optim.name, ("adamw",))
     check_choice("optim.schedule", config.optim.schedule, ("cosine", "linear", "constant"))
+    data = config.get("data") or {}
+    check_choice("data.on_error", data.get("on_error", "skip"), ON_ERROR_CHOICES)
+    check_choice("data.long_captions", data.get("long_captions", "truncate"), LONG_CAPTION_CHOICES)
