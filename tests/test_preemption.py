@@ -2,6 +2,7 @@
 (also in the middle of writing a checkpoint) or relaunched onto damaged checkpoints ends exactly
 like an uninterrupted run: the same final params, every metric row once with the same values."""
 
+import contextlib
 import json
 import os
 import random
@@ -74,9 +75,12 @@ def logged_up_to(workdir: Path, step: int) -> bool:
 
 def saves_in_progress(workdir: Path) -> set[tuple[str, int]]:
     """(name, inode) of Orbax's tmp directories: steps being written (or left by a kill)."""
+    found = set()
     directory = workdir / "checkpoints"
-    found = directory.glob(f"*{TMP_SUFFIX}*") if directory.is_dir() else []
-    return {(p.name, p.stat().st_ino) for p in found}
+    for path in directory.glob(f"*{TMP_SUFFIX}*") if directory.is_dir() else []:
+        with contextlib.suppress(FileNotFoundError):  # finished (renamed) since the glob
+            found.add((path.name, path.stat().st_ino))
+    return found
 
 
 def freeze_when(run: Run, condition) -> None:
