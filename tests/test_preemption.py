@@ -127,17 +127,33 @@ def assert_same_run(workdir: Path, reference: Path) -> None:
     )
 
 
+@pytest.fixture
+def launch():
+    """Run(...) that cannot outlive the test (a failed assertion may leave one frozen)."""
+    runs = []
+
+    def start(workdir: Path, name: str) -> Run:
+        runs.append(Run(workdir, name))
+        return runs[-1]
+
+    yield start
+    for run in runs:
+        if run.proc.poll() is None:
+            run.signal(signal.SIGKILL)
+            run.proc.wait()
+
+
 @pytest.mark.slow
-def test_kills_at_random_steps_and_damaged_checkpoints_match_an_uninterrupted_run(tmp_path):
+def test_kills_at_random_steps_and_damaged_checkpoints_match_an_uninterrupted_run(tmp_path, launch):
     """SIGTERM, SIGKILL between saves, SIGKILL mid-save, then the two newest intact steps
     damaged: each relaunch resumes from the newest intact step, and the run ends as if never
     interrupted. The reference run goes alongside (it shares nothing with the other)."""
-    uninterrupted = Run(tmp_path / "uninterrupted", "launch")
+    uninterrupted = launch(tmp_path / "uninterrupted", "launch")
     rng = random.Random(7)  # which steps get the signals; the same every time
     workdir = tmp_path / "run"
 
     sigterm_at = rng.randint(2, 4)
-    run = Run(workdir, "1-sigterm")
+    run = launch(workdir, "1-sigterm")
     freeze_when(run, lambda: logged_up_to(workdir, sigterm_at))
     run.signal(signal.SIGTERM)
     run.signal(signal.SIGCONT)  # finish the step, checkpoint it, exit 0
@@ -145,7 +161,7 @@ def test_kills_at_random_steps_and_damaged_checkpoints_match_an_uninterrupted_ru
     stopped_at = rows(workdir)[-1]["step"]
     assert checkpoint_steps(workdir)[-1] == stopped_at < STEPS
 
-    run = Run(workdir, "2-sigkill")
+    run = launch(workdir, "2-sigkill")
     kill_at = stopped_at + rng.randint(1, 3)
     kill_at += (1 - kill_at) % EVERY  # just after a checkpoint step: steps are lost
     freeze_when(run, lambda: logged_up_to(workdir, kill_at) and not saves_in_progress(workdir))
@@ -159,7 +175,7 @@ def test_kills_at_random_steps_and_damaged_checkpoints_match_an_uninterrupted_ru
         return [name for name, _ in new if int(name.split(".")[0]) >= resumed_at + 3 * EVERY]
 
     left_before = saves_in_progress(workdir)
-    run = Run(workdir, "3-sigkill-mid-save")
+    run = launch(workdir, "3-sigkill-mid-save")
     freeze_when(run, cut_off_saves)  # two steps saved, the third being written
     cut_off = cut_off_saves()[0]  # "<step>.orbax-checkpoint-tmp"
     log = kill(run)
@@ -169,7 +185,7 @@ def test_kills_at_random_steps_and_damaged_checkpoints_match_an_uninterrupted_ru
     truncate(checkpoints / str(newest) / "data" / "process_0-of-1.json")  # iterator state
     largest_file(checkpoints / str(older) / "state").unlink()  # an array chunk
 
-    log = Run(workdir, "4-completes").wait()
+    log = launch(workdir, "4-completes").wait()
     assert f"checkpoint step {cut_off.split('.')[0]} in" in log and f"left {cut_off}" in log
     assert f"checkpoint step {newest} in" in log and "JSONDecodeError" in log
     assert f"moved to {older}.corrupt; resuming from step {intact}" in log
