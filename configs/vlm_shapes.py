@@ -52,6 +52,7 @@ def get_config(arg=None):
             patch_size=4,
             image_size=32,
             posemb="learn",
+            stem="patch",  # "conv" to load a contrastive run trained with the conv stem
             pool="map",  # unused here: the VLM reads the patch tokens
             dropout=0.0,
         )

@@ -141,7 +141,8 @@ def test_lm_pretraining_initialises_the_vlm_and_eval_and_cli_run(tmp_path, capsy
 
 
 def test_vision_tower_initialises_from_a_contrastive_checkpoint(tmp_path):
-    """The two-tower model's `img` ViT (minus its pooling head) loads into the VLM's `vision`."""
+    """The two-tower model's `img` ViT (minus its pooling head) loads into the VLM's `vision`;
+    the quickstart's conv stem needs the VLM's model.image.stem set to match."""
     from flax import linen as nn
 
     from vlm_jax.models import build_model
@@ -158,15 +159,26 @@ def test_vision_tower_initialises_from_a_contrastive_checkpoint(tmp_path):
     ckpt.save(1, {"params": clip_params, "step": jnp.int32(1)}, None, {"step": 1}, force=True)
     ckpt.close()
 
-    config = tiny_config(**{"init.vision_checkpoint": str(tmp_path / "clip")})
-    mesh = sharding.build_mesh((1, 1, 1), devices=jax.devices()[:1])
-    task = VLMTask(config, mesh)
-    with jax.set_mesh(mesh):
-        params, _ = init_params(task, config, mesh)
-    loaded = task.load_pretrained(params)
-    assert set(loaded["vision"]) == {"embedding", "posemb", "encoder"}
+    assert clip.model.image.stem == "conv"
+    mismatched = tiny_config(**{"init.vision_checkpoint": str(tmp_path / "clip")})
+    with pytest.raises(ValueError, match=r"init checkpoint has no vision/embedding.*'stem'"):
+        load_vision(mismatched)
+    config = tiny_config(
+        **{"init.vision_checkpoint": str(tmp_path / "clip"), "model.image.stem": "conv"}
+    )
+    params, loaded = load_vision(config)
+    assert set(loaded["vision"]) == {"stem", "posemb", "encoder"}
     for name in loaded["vision"]:
         jax.tree.map(
             np.testing.assert_array_equal, loaded["vision"][name], clip_params["img"][name]
         )
     jax.tree.map(np.testing.assert_array_equal, loaded["lm"], params["lm"])
+
+
+def load_vision(config):
+    """Init the VLM task's params, then its load_pretrained hook -> (params, loaded)."""
+    mesh = sharding.build_mesh((1, 1, 1), devices=jax.devices()[:1])
+    task = VLMTask(config, mesh)
+    with jax.set_mesh(mesh):
+        params, _ = init_params(task, config, mesh)
+    return params, task.load_pretrained(params)

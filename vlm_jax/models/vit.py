@@ -132,6 +132,15 @@ class ConvStem(nn.Module):
         )
 
 
+def build_stem(stem: str, width: int, patch_size: int, dtype: Dtype, patch_bias: bool = True):
+    """The image -> tokens module, under the param name released checkpoints use for it."""
+    if stem == "conv":
+        return ConvStem(width, patch_size, dtype, name="stem")
+    if stem == "patch":
+        return PatchEmbed(width, patch_size, patch_bias, dtype, name="embedding")
+    raise ValueError(f"image stem={stem!r} is not one of: {', '.join(STEMS)}")
+
+
 class ViT(nn.Module):
     """ViT with `cls | gap | map` pooling and a linear head to `out_dim` (None: no head)."""
 
@@ -211,8 +220,6 @@ class ViT(nn.Module):
             raise ValueError(f"image pool={self.pool!r} is not one of: {', '.join(IMAGE_POOLS)}")
         if self.posemb not in POSEMBS:
             raise ValueError(f"image posemb={self.posemb!r} is not one of: {', '.join(POSEMBS)}")
-        if self.stem not in STEMS:
-            raise ValueError(f"image stem={self.stem!r} is not one of: {', '.join(STEMS)}")
         _, height, width, _ = images.shape
         grid = (height // self.patch_size, width // self.patch_size)
         x = self._stem()(self._normalize(images).astype(self.dtype))  # [B, N, D]

@@ -28,7 +28,7 @@ from vlm_jax.models import (
 from vlm_jax.models.decoder import DecoderLM, KVCache, decoder_from_config
 from vlm_jax.models.layers import Dtype, Encoder, sincos_2d
 from vlm_jax.models.projectors import build_connector
-from vlm_jax.models.vit import POSEMBS, PatchEmbed, decode_variant
+from vlm_jax.models.vit import POSEMBS, build_stem, decode_variant
 
 FUSIONS = ("early", "cross_attention", "none")
 
@@ -157,8 +157,9 @@ class VisionLanguageModel(nn.Module):
 class PatchTokens(nn.Module):
     """The ViT's patch tokens (after its final LayerNorm, before pooling): float[B, N, W].
 
-    Built from the ViT's own pieces under the ViT's param names (embedding, posemb, encoder),
-    so the image tower of a contrastive run initialises it (its pooling head is unused).
+    Built from the ViT's own pieces under the ViT's param names (embedding or stem, posemb,
+    encoder), so the image tower of a contrastive run initialises it (its pooling head is
+    unused); `stem` must be the one that run used.
     """
 
     width: int
@@ -167,6 +168,7 @@ class PatchTokens(nn.Module):
     mlp_dim: int
     patch_size: int
     posemb: str = "learn"
+    stem: str = "patch"
     dtype: Dtype = jnp.float32
     attention_impl: str = "auto"
     remat: bool = False
@@ -176,7 +178,7 @@ class PatchTokens(nn.Module):
     def __call__(self, images: jax.Array, train: bool = False) -> jax.Array:
         if self.posemb not in POSEMBS:
             raise ValueError(f"image posemb={self.posemb!r} is not one of: {', '.join(POSEMBS)}")
-        x = PatchEmbed(self.width, self.patch_size, dtype=self.dtype, name="embedding")(
+        x = build_stem(self.stem, self.width, self.patch_size, self.dtype)(
             images.astype(self.dtype)
         )  # [B, N, W]
         grid = (images.shape[1] // self.patch_size, images.shape[2] // self.patch_size)
@@ -215,6 +217,7 @@ def vision_tower(model_cfg: ml_collections.ConfigDict) -> PatchTokens:
         image["mlp_dim"],
         image["patch_size"],
         posemb=image.get("posemb", "learn"),
+        stem=image.get("stem", "patch"),
         dtype=_dtype(model_cfg),
         attention_impl=model_cfg.get("attention_impl", "auto"),
         remat=model_cfg.get("remat", False),
