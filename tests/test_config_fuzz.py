@@ -85,6 +85,7 @@ VALID = st.fixed_dictionaries(
         "model.dtype": st.sampled_from(["float32", "bfloat16"]),
         "model.image.pool": st.sampled_from(["map", "gap", "cls"]),
         "model.image.posemb": st.sampled_from(["learn", "sincos2d"]),
+        "model.image.stem": st.sampled_from(["patch", "conv"]),
         "model.image.patch_size": st.sampled_from(["4", "8"]),
         "model.text.pool": st.sampled_from(["last", "eos", "first", "mean", "map"]),
         "model.text.causal": st.sampled_from(["true", "false"]),
