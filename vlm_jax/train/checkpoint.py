@@ -22,10 +22,10 @@ from typing import Any
 import grain
 import jax
 import jax.numpy as jnp
-import numpy as np
 import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
+from vlm_jax.train.distributed import any_process
 from vlm_jax.train.integrity import check_params_match
 
 ITEMS = ("state", "data", "meta")
@@ -120,13 +120,6 @@ def _describe(error: BaseException) -> str:
         error = cause
     lines = str(error).strip().splitlines() or [""]
     return f"{type(error).__name__}: {lines[0][:300]}"
-
-
-def _all_processes_agree(ok: bool) -> bool:
-    """True only if `ok` on every process (a file may be damaged on one host only)."""
-    if jax.process_count() == 1:
-        return ok
-    return bool(np.all(multihost_utils.process_allgather(np.array(ok))))
 
 
 class Checkpointer:
@@ -225,7 +218,7 @@ class Checkpointer:
                 problem = None
             except Exception as error:  # damage surfaces as many error types; all are reported
                 problem = _describe(error)
-            if _all_processes_agree(problem is None):
+            if not any_process(problem is not None):  # damaged on one host is damaged
                 self._set_aside(damaged, step)
                 logging.info("resuming from checkpoint step %d in %s", step, self.directory)
                 return state, step, meta

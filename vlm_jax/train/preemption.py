@@ -15,8 +15,9 @@ import logging
 import signal
 
 import jax
-import numpy as np
 from jax.experimental import multihost_utils
+
+from vlm_jax.train.distributed import any_process
 
 
 def jax_preemption_service() -> bool:
@@ -55,5 +56,4 @@ class StopRequest:
         preempted = self.jax_preemption and multihost_utils.reached_preemption_sync_point(step)
         if preempted:
             logging.warning("step %d: preemption sync point reached on all processes", step)
-        interrupted = multihost_utils.process_allgather(np.array(self.requested))
-        return preempted or bool(np.any(interrupted))
+        return any_process(self.requested) or preempted
