@@ -266,7 +266,10 @@ def _train_loop(config, workdir: Path, mesh: Mesh, task: Task, is_primary: bool)
     )
     first_row = sharding.process_batch_rows(mesh, config.train.batch_size).start
     data_counts = DataCounters(meta, first_row)
-    counts = (monitor, data_counts)
+
+    def checkpoint_meta() -> dict:
+        return {"step": step} | run_counts(monitor, data_counts)
+
     with StopRequest() as stop:
         while step < total:
             host_batch = next(data_iter)
@@ -276,13 +279,15 @@ def _train_loop(config, workdir: Path, mesh: Mesh, task: Task, is_primary: bool)
                 state, sharding.global_batch(batch, mesh, config.train.batch_size)
             )
             step += 1
-            _on_nonfinite(monitor.push(step, step_metrics), ckpt, step, state, data_iter, counts)
+            _on_nonfinite(
+                monitor.push(step, step_metrics), monitor, ckpt, state, data_iter, checkpoint_meta
+            )
             if step == start + 1:  # exclude compilation from perf numbers
                 jax.block_until_ready(step_metrics)
                 perf.reset(step)
             row = {}
             if step % config.train.log_every == 0 or step == total:
-                _on_nonfinite(monitor.flush(), ckpt, step, state, data_iter, counts)
+                _on_nonfinite(monitor.flush(), monitor, ckpt, state, data_iter, checkpoint_meta)
                 row |= {k: float(v) for k, v in jax.device_get(step_metrics).items()}
                 row |= run_counts(monitor, data_counts)
                 row |= perf.report(step)
@@ -298,9 +303,8 @@ def _train_loop(config, workdir: Path, mesh: Mesh, task: Task, is_primary: bool)
             stopping = stop.should_stop(step)
             saving = step % config.train.checkpoint_every == 0 or step == total or stopping
             if saving:
-                _on_nonfinite(monitor.flush(), ckpt, step, state, data_iter, counts)
-                meta = {"step": step} | run_counts(monitor, data_counts)
-                ckpt.save(step, state, data_iter, meta, force=True)
+                _on_nonfinite(monitor.flush(), monitor, ckpt, state, data_iter, checkpoint_meta)
+                ckpt.save(step, state, data_iter, checkpoint_meta(), force=True)
             if evaluating or saving:  # keep eval and checkpoint time out of perf/step_time_s
                 perf.reset(step)
             if stopping:
@@ -319,12 +323,13 @@ def run_counts(monitor: numerics.NonFiniteMonitor, data_counts: DataCounters) ->
     return {"train/nonfinite_skipped": monitor.skipped} | data_counts.totals()
 
 
-def _on_nonfinite(event: dict, ckpt: Checkpointer, step: int, state, data_iter, counts) -> None:
-    """train.on_nonfinite='stop': save the (guarded, last good) state, then raise."""
-    monitor, data_counts = counts
+def _on_nonfinite(event: dict, monitor, ckpt: Checkpointer, state, data_iter, meta_fn) -> None:
+    """train.on_nonfinite='stop': save the (guarded, last good) state, then raise.
+    `meta_fn()` -> the checkpoint meta of this step."""
     if not event or monitor.policy != "stop":
         return
-    meta = {"step": step} | run_counts(monitor, data_counts)
+    meta = meta_fn()
+    step = meta["step"]
     ckpt.save(step, state, data_iter, meta, force=True)
     ckpt.close()
     raise monitor.error(event, step)
