@@ -19,7 +19,8 @@ rows are sliced off, so results never change.
 
 One kernel source: compiled through Triton on GPU (operands [B, T, H, D]), lowered
 through Mosaic for TPU (operands transposed to [B, H, T, D]; only the lowering is
-tested, by exporting for TPU), and run by the Pallas interpreter on CPU. Under a mesh the
+tested, by exporting for TPU), and run by the Pallas interpreter on CPU. CPU tests also
+export for GPU, so the Triton lowering is checked without a GPU. Under a mesh the
 dispatcher entry `pallas_attention` runs the kernels per (batch, head) shard.
 """
 
