@@ -88,7 +88,7 @@ class ContrastiveTask(Task):
         from vlm_jax.train.gradcache import gradcache_value_and_grad
 
         def apply_fn(p, images, tokens, rngs):
-            return self._apply(p, images, tokens, rngs, True)
+            return self._apply(self.stop_frozen(p), images, tokens, rngs, True)
 
         loss, grads = gradcache_value_and_grad(
             apply_fn, self.loss_fn, params, batch, num_chunks=chunks, rngs=rng

@@ -14,9 +14,11 @@ import flax.linen as nn
 import jax
 import ml_collections
 import numpy as np
+from jax import lax
 from jax.sharding import Mesh
 
 from vlm_jax.registry import Registry
+from vlm_jax.train.optim import regex_mask
 
 TASKS = Registry("task")
 
@@ -59,8 +61,27 @@ class Task:
     def value_and_grad(
         self, params: Any, batch: dict[str, jax.Array], rng: jax.Array
     ) -> tuple[tuple[jax.Array, dict[str, jax.Array]], Any]:
-        """((loss, metrics), grads); override for schemes such as gradient caching."""
-        return jax.value_and_grad(self.loss, has_aux=True)(params, batch, rng, True)
+        """((loss, metrics), grads); override for schemes such as gradient caching.
+
+        Frozen params (optim.freeze) get zero gradients without a backward pass through
+        them: see `stop_frozen`.
+        """
+        loss = lambda p: self.loss(self.stop_frozen(p), batch, rng, True)
+        return jax.value_and_grad(loss, has_aux=True)(params)
+
+    def stop_frozen(self, params: Any) -> Any:
+        """`params` with `lax.stop_gradient` on the leaves optim.freeze matches.
+
+        Call it on the params inside the differentiated function. Their gradients are then
+        symbolic zeros, so XLA never builds the backward pass of a frozen tower (a frozen
+        vision tower costs its forward only) and the zero update of the optimizer's
+        freeze is not paid for with a full gradient computation.
+        """
+        freeze = self.config.optim.freeze
+        if not freeze:
+            return params
+        frozen = regex_mask(params, freeze)
+        return jax.tree.map(lambda p, f: lax.stop_gradient(p) if f else p, params, frozen)
 
     def train_data(
         self, batch_size: int, process_index: int, process_count: int, seed: int

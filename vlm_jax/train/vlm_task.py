@@ -7,7 +7,7 @@ Training recipes are config only:
   full:    optim.freeze = ()
   init.vision_checkpoint: a contrastive run's workdir; its image tower initialises `vision`
   init.lm_checkpoint:     an "lm" run's workdir; its decoder initialises `lm`
-Frozen params get a zero update and no optimizer state (trainer's optim.freeze).
+Frozen params get a zero update, no optimizer state and no backward pass (optim.freeze).
 """
 
 from __future__ import annotations
