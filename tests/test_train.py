@@ -8,8 +8,9 @@ import numpy as np
 import pytest
 
 import vlm_jax.train.registry_imports  # noqa: F401
-from vlm_jax.config import apply_override, load_config
+from vlm_jax.config import apply_override, load_config, to_json
 from vlm_jax.train.checkpoint import Checkpointer
+from vlm_jax.train.contrastive import ContrastiveTask
 from vlm_jax.train.trainer import evaluate_checkpoint, train
 
 TINY = {
@@ -104,8 +105,39 @@ def test_workdir_of_another_experiment_is_refused(tmp_path):
         train(config, tmp_path)
 
 
-def test_invalid_choice_fails_before_compute(tmp_path):
-    config = tiny_config(**{"loss.name": "sigmoud"})
-    with pytest.raises(ValueError, match=r"sigmoud.*sigmoid.*softmax"):
+def test_resuming_with_another_data_worker_count_is_refused(tmp_path):
+    """Grain's multi-process iterator saves per-worker positions: no silent mis-restore."""
+    config = tiny_config(**{"train.worker_count": "1"})
+    (tmp_path / "config.json").write_text(to_json(tiny_config(**{"train.worker_count": "0"})))
+    with pytest.raises(ValueError, match=r"different experiment.*train\.worker_count: 0"):
+        train(config, tmp_path)
+
+
+@pytest.mark.parametrize(
+    "key,value,message",
+    [
+        ("loss.name", "sigmoud", r"sigmoud.*sigmoid.*softmax"),
+        ("eval.tasks", "zeroshot,retreival", r"eval.tasks='retreival'.*zeroshot, retrieval"),
+    ],
+)
+def test_invalid_choice_fails_before_compute(tmp_path, key, value, message):
+    config = tiny_config(**{key: value})
+    with pytest.raises(ValueError, match=message):
         train(config, tmp_path)
     assert not (tmp_path / "checkpoints").exists()
+
+
+def test_a_failing_evaluation_saves_the_trained_state_first(tmp_path, monkeypatch):
+    """An evaluator that raises at the last step must not cost the training since the last
+    checkpoint: the step is saved, then the error propagates."""
+    config = tiny_config(**{"train.eval_every": "0", "train.checkpoint_every": "100"})
+
+    def broken(self, params):
+        raise RuntimeError("evaluator out of memory")
+
+    monkeypatch.setattr(ContrastiveTask, "evaluate", broken)
+    with pytest.raises(RuntimeError, match="out of memory"):
+        train(config, tmp_path)
+    saved = Checkpointer(tmp_path / "checkpoints", async_save=False)
+    assert saved.manager.all_steps() == [6]
+    saved.close()

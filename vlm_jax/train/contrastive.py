@@ -48,6 +48,8 @@ class ContrastiveTask(Task):
         self.tokenizer = build_tokenizer(config.tokenizer)
         check_vocab_size("model.text.vocab_size", config.model.text.vocab_size, self.tokenizer)
         check_text_conventions(config, self.tokenizer)
+        for name in config.eval.tasks:  # before any compute, not at the first evaluation
+            check_choice("eval.tasks", name, EVAL_TASKS)
         self.model = build_model(config.model)
         self.loss_fn = build_loss(config.loss, mesh)
         replicated = sharding.replicated(mesh)
@@ -163,7 +165,6 @@ class ContrastiveTask(Task):
     def evaluate(self, params: Any) -> dict[str, float]:
         results = {}
         for name in self.config.eval.tasks:
-            check_choice("eval.tasks", name, EVAL_TASKS)
             results |= getattr(self, f"_eval_{name}")(params)
         return results
 

@@ -2,8 +2,9 @@
 
 Parameters are addressed by their path joined with "/" (e.g. "img/block_0/attn/query/kernel").
 `optim.freeze` is a tuple of regexes: matching params are frozen (zero update, no optimizer
-state; `Task.stop_frozen` also keeps their backward pass out of the compiled step). Weight decay applies to params whose path matches `optim.decay_regex` (default: every
-matrix "kernel", "embedding" and position embedding; not biases, norms, temperature).
+state; `Task.stop_frozen` also keeps their backward pass out of the compiled step). Weight
+decay applies to params whose path matches `optim.decay_regex` (default: every matrix
+"kernel", "embedding" and position embedding; not biases, norms, temperature).
 """
 
 from __future__ import annotations

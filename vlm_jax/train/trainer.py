@@ -35,7 +35,15 @@ from vlm_jax.train.validate import validate_config
 # Config sections that define the experiment: a workdir holding a run that differs in any of
 # these is another experiment's, and is refused (the others only steer logging and saving).
 IDENTITY_SECTIONS = ("task", "seed", "model", "loss", "data", "tokenizer", "optim")
-IDENTITY_TRAIN_KEYS = ("batch_size", "total_steps", "grad_cache_chunks")
+# worker_count and data_shards change the data iterator's saved state (Grain's multi-process
+# iterator checkpoints per-worker positions), so a run cannot resume with other values.
+IDENTITY_TRAIN_KEYS = (
+    "batch_size",
+    "total_steps",
+    "grad_cache_chunks",
+    "worker_count",
+    "data_shards",
+)
 
 
 def identity(config_json: str) -> dict:
@@ -296,7 +304,13 @@ def _train_loop(config, workdir: Path, mesh: Mesh, task: Task, is_primary: bool)
                 step == total
             )
             if evaluating:
-                row |= {f"eval/{k}": v for k, v in task.evaluate(state.params).items()}
+                try:
+                    row |= {f"eval/{k}": v for k, v in task.evaluate(state.params).items()}
+                except Exception:  # keep the trained state; `python -m vlm_jax.evaluate` reruns
+                    logging.error("evaluation at step %d failed; saving the checkpoint first", step)
+                    ckpt.save(step, state, data_iter, checkpoint_meta(), force=True)
+                    ckpt.close()
+                    raise
             if row:
                 writer.write(step, row)
                 last = row
