@@ -120,6 +120,80 @@ def test_write_shards_then_array_record_source(image_folder, tmp_path, capsys):
     assert zeroshot.classnames == CLASSES and [zeroshot[i]["label"] for i in range(3)] == [0, 1, 2]
 
 
+def shard_names(out, split: str = "train") -> list[str]:
+    return sorted(path.name for path in out.glob(f"{split}-*.array_record"))
+
+
+def read_captions(out) -> list[str]:
+    source = build_source(data_config(source="array_record", path=str(out)), "train")
+    return [source[i]["caption"] for i in range(len(source))]
+
+
+def test_rewriting_shards_replaces_the_earlier_set(image_folder, tmp_path):
+    root, _ = image_folder
+    out = tmp_path / "shards"
+    write_shards.write_shards(root, out, ["train", "val"], 3, "skip")
+    write_shards.main(
+        ["--src", str(root), "--out", str(out), "--splits", "train", "--num_shards", "2"]
+    )
+    assert shard_names(out) == [f"train-0000{i}-of-00002.array_record" for i in range(2)]
+    assert read_captions(out) == [f"picture number {i}" for i in range(6)]  # each once
+    assert shard_names(out, "val") == [f"val-0000{i}-of-00002.array_record" for i in range(2)]
+    assert json.loads((out / "meta.json").read_text())["splits"]["val"]["written"] == 2
+
+
+def test_an_interrupted_rewrite_keeps_the_earlier_shards(image_folder, tmp_path, monkeypatch):
+    root, _ = image_folder
+    out = tmp_path / "shards"
+    write_shards.write_shards(root, out, ["train"], 3, "skip")
+    before = {name: (out / name).read_bytes() for name in shard_names(out)}
+
+    class DiskFullAtSecondShard(write_shards.ArrayRecordWriter):
+        opened = 0
+
+        def __init__(self, path, options):
+            DiskFullAtSecondShard.opened += 1
+            if DiskFullAtSecondShard.opened == 2:
+                raise OSError("disk full")
+            super().__init__(path, options)
+
+    monkeypatch.setattr(write_shards, "ArrayRecordWriter", DiskFullAtSecondShard)
+    with pytest.raises(OSError, match="disk full"):
+        write_shards.write_shards(root, out, ["train"], 2, "skip")
+    assert {name: (out / name).read_bytes() for name in shard_names(out)} == before
+    assert read_captions(out) == [f"picture number {i}" for i in range(6)]
+
+
+def test_array_record_source_reads_only_one_complete_shard_set(image_folder, tmp_path):
+    root, _ = image_folder
+    out, other = tmp_path / "shards", tmp_path / "other"
+    write_shards.write_shards(root, out, ["train"], 3, "skip")
+    write_shards.write_shards(root, other, ["train"], 2, "skip")
+    stale = other / "train-00001-of-00002.array_record"
+    (out / stale.name).write_bytes(stale.read_bytes())
+    message = (
+        "holds 2 shard sets of split 'train' \\(-of-00002: train-00001-of-00002.array_record; "
+        "-of-00003: train-00000-of-00003.array_record, train-00001-of-00003.array_record, "
+        "train-00002-of-00003.array_record\\); rerun write_shards"
+    )
+    with pytest.raises(ValueError, match=message):
+        build_source(data_config(source="array_record", path=str(out)), "train")
+    (out / stale.name).unlink()
+    (out / "train-00001-of-00003.array_record").unlink()
+    message = (
+        "not one complete set: missing \\[train-00001-of-00003.array_record\\], unexpected \\[\\]"
+    )
+    with pytest.raises(ValueError, match=message):
+        build_source(data_config(source="array_record", path=str(out)), "train")
+    # A complete set by name whose shards hold 3 + 3 + 2 records, not the 6 meta.json names.
+    for i in range(2):
+        source_shard = other / f"train-0000{i}-of-00002.array_record"
+        (out / f"train-0000{i}-of-00003.array_record").write_bytes(source_shard.read_bytes())
+    message = "meta.json says 6 'train' records were written, but the shards .* hold 8"
+    with pytest.raises(ValueError, match=message):
+        build_source(data_config(source="array_record", path=str(out)), "train")
+
+
 def test_sources_feed_the_grain_pipeline(image_folder, tmp_path):
     root, _ = image_folder
     write_shards.write_shards(root, tmp_path / "shards", ["train"], 2, "skip")

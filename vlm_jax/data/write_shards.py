@@ -6,6 +6,11 @@
 Every image is decoded once here, so the shards hold only good records; missing files, empty
 captions and undecodable images are counted per split, logged, and recorded in OUT/meta.json
 (or stop the run with --on_error fail). The original encoded bytes are stored, not pixels.
+
+Writing into an OUT that already holds shards of a split replaces them: the new set is written
+in full first (as .tmp files), then renamed into place, and only then are the split's earlier
+shards that are not part of it deleted, so an interrupted write never loses the earlier set and
+a finished one never leaves shards of two writes (which `ArrayRecordSource` refuses to read).
 """
 
 from __future__ import annotations
@@ -20,7 +25,7 @@ import ml_collections
 from array_record.python.array_record_module import ArrayRecordWriter
 
 from vlm_jax.data import folder
-from vlm_jax.data.array_record_source import pack_record, shard_name
+from vlm_jax.data.array_record_source import pack_record, shard_name, split_shards
 from vlm_jax.data.records import ON_ERROR_CHOICES, BadRecordError, BadRecords, decode_image
 
 
@@ -40,31 +45,50 @@ def good_records(root: Path, split: str, bad: BadRecords) -> list[bytes]:
 
 
 def write_split(records: list[bytes], out: Path, split: str, num_shards: int) -> None:
-    """Contiguous chunks of `records` into `num_shards` shards (record order is kept)."""
+    """Contiguous chunks of `records` into `num_shards` shards (record order is kept), which
+    replace the split's earlier shards once all of them are written (see the module doc)."""
+    names = [shard_name(split, i, num_shards) for i in range(num_shards)]
     bounds = [len(records) * i // num_shards for i in range(num_shards + 1)]
-    for i in range(num_shards):
-        writer = ArrayRecordWriter(str(out / shard_name(split, i, num_shards)), "group_size:1")
+    for i, name in enumerate(names):
+        writer = ArrayRecordWriter(str(out / f"{name}.tmp"), "group_size:1")
         for record in records[bounds[i] : bounds[i + 1]]:
             writer.write(record)
         writer.close()
+    stale = sorted(set(split_shards(out, split)) - set(names))
+    for name in names:
+        (out / f"{name}.tmp").replace(out / name)
+    for name in stale:
+        (out / name).unlink()
+    if stale:
+        logging.info("write_shards: %s: removed %d earlier shards", split, len(stale))
+
+
+def write_meta(out: Path, meta: dict) -> None:
+    """OUT/meta.json, replaced whole (a reader never sees it half written)."""
+    temporary = out / "meta.json.tmp"
+    temporary.write_text(json.dumps(meta, indent=2))
+    temporary.replace(out / "meta.json")
 
 
 def write_shards(
     src: str | Path, out: str | Path, splits: Sequence[str], num_shards: int, on_error: str
 ) -> dict:
-    """Convert every split of folder `src` into shards in `out`; returns (and writes) meta."""
+    """Convert every split of folder `src` into shards in `out`; returns (and writes) meta,
+    which keeps the counts of splits already in `out` that this call does not rewrite."""
     root, out = Path(src), Path(out)
     out.mkdir(parents=True, exist_ok=True)
     config = ml_collections.ConfigDict({"path": str(root)})
     classnames, templates = folder.zeroshot_metadata(root, config)
-    meta = {"classnames": classnames, "templates": list(templates), "splits": {}}
+    earlier = json.loads((out / "meta.json").read_text()) if (out / "meta.json").is_file() else {}
+    meta = {"classnames": classnames, "templates": list(templates)}
+    meta["splits"] = earlier.get("splits", {})
     for split in splits:
         bad = BadRecords(on_error, f"write_shards {split!r}")
         records = good_records(root, split, bad)
         write_split(records, out, split, max(1, min(num_shards, len(records))))
         meta["splits"][split] = {"written": len(records), "skipped": dict(bad.counts)}
         logging.info("write_shards: %s: %s", split, meta["splits"][split])
-    (out / "meta.json").write_text(json.dumps(meta, indent=2))
+        write_meta(out, meta)  # after each split: meta.json always matches the shards
     return meta
 
 
@@ -79,7 +103,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
     splits = [s for s in args.splits.split(",") if s]
     meta = write_shards(args.src, args.out, splits, args.num_shards, args.on_error)
-    print(json.dumps(meta["splits"]))
+    print(json.dumps({split: meta["splits"][split] for split in splits}))
 
 
 if __name__ == "__main__":
