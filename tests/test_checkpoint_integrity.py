@@ -1,16 +1,26 @@
 """Checkpoint integrity: a checkpoint of another model config fails naming the mismatched
-parameters; a damaged or cut-off newest step is detected, logged and skipped on resume."""
+parameters; a damaged or cut-off newest step is detected, logged and skipped on resume, and
+when another run's params are loaded (init checkpoints, generation)."""
 
 import collections
 import logging
 import shutil
+import types
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from vlm_jax.train.checkpoint import Checkpointer, DamagedCheckpoint, check_fingerprint, fingerprint
+from vlm_jax.train.checkpoint import (
+    Checkpointer,
+    DamagedCheckpoint,
+    ModelMismatch,
+    check_fingerprint,
+    fingerprint,
+    load_params,
+)
+from vlm_jax.train.trainer import load_init_params
 
 
 def save_tiny(directory):
@@ -167,3 +177,57 @@ def test_no_intact_step_fails_naming_each_and_moves_nothing(tmp_path):
     assert "step 1: FileNotFoundError" in str(info.value)
     assert "step 2: FileNotFoundError" in str(info.value)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["1", "2"]
+
+
+# Loading another run's params (config.init.*, python -m vlm_jax.generate): the same checks.
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+@pytest.mark.parametrize("damage", ["changed bytes in array chunk", "truncated array chunk"])
+def test_load_params_skips_a_damaged_newest_step_and_leaves_it_in_place(tmp_path, caplog, damage):
+    save_steps(tmp_path / "checkpoints")
+    DAMAGE[damage](tmp_path / "checkpoints" / "2")
+    with caplog.at_level(logging.WARNING):
+        params = load_params(tmp_path)  # a workdir: its checkpoints/ is found
+    np.testing.assert_array_equal(params["w"], state_at(1)["params"]["w"])
+    assert "checkpoint step 2 in" in caplog.text
+    assert "loading params of step 1 instead" in caplog.text
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["1", "2"]
+
+
+def test_load_params_of_changed_bytes_in_the_only_step_fails_naming_the_arrays(tmp_path):
+    save_steps(tmp_path, steps=(1,))
+    flip_middle_byte(largest_file(tmp_path / "1" / "state"))
+    with pytest.raises(RuntimeError, match="no intact checkpoint") as info:
+        load_params(tmp_path)  # a checkpoints directory itself
+    assert "step 1: DamagedCheckpoint" in str(info.value) and "params/w" in str(info.value)
+
+
+def test_load_params_without_a_checkpoint_names_the_path(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no checkpoint directory at .*missing"):
+        load_params(tmp_path / "missing")
+    assert not (tmp_path / "missing").exists()  # a typo does not create directories
+    with pytest.raises(FileNotFoundError, match="no checkpoint in"):
+        load_params(tmp_path)
+
+
+def test_load_params_of_another_model_fails_at_once_without_fallback(tmp_path, caplog):
+    save_steps(tmp_path)
+    other = {"w": jax.ShapeDtypeStruct((40, 99), jnp.float32), "b": abstract(jnp.ones(3))}
+    with caplog.at_level(logging.WARNING), pytest.raises(ModelMismatch, match=r"w: checkpoint"):
+        load_params(tmp_path, other)
+    assert "unusable" not in caplog.text
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+def test_init_checkpoint_with_a_damaged_newest_step_loads_the_intact_one(tmp_path, caplog):
+    """trainer.load_init_params (config.init.checkpoint) goes through load_params."""
+    save_steps(tmp_path / "run" / "checkpoints")
+    flip_middle_byte(largest_file(tmp_path / "run" / "checkpoints" / "2" / "state"))
+    like = state_at(0)["params"]
+    state = types.SimpleNamespace(params=like)
+    shardings = types.SimpleNamespace(params=jax.tree.map(lambda x: x.sharding, like))
+    with caplog.at_level(logging.WARNING):
+        params = load_init_params(str(tmp_path / "run"), state, shardings)
+    np.testing.assert_array_equal(params["w"], state_at(1)["params"]["w"])
+    assert "DamagedCheckpoint" in caplog.text

@@ -1,6 +1,8 @@
 """The "vlm" and "lm" tasks end to end: freezing, init from an LM run, eval probes, CLI."""
 
 import json
+import logging
+import os
 
 import jax
 import jax.numpy as jnp
@@ -12,9 +14,10 @@ from PIL import Image
 from vlm_jax import sharding
 from vlm_jax.config import apply_override, load_config
 from vlm_jax.data import shapes
+from vlm_jax.train.checkpoint import Checkpointer, load_params
 from vlm_jax.train.optim import build_optimizer, param_paths
 from vlm_jax.train.trainer import init_params, train
-from vlm_jax.train.vlm_task import VLMTask, _restore_params, next_token_loss
+from vlm_jax.train.vlm_task import VLMTask, next_token_loss
 
 TINY = {
     "data.image_size": "16",
@@ -124,7 +127,7 @@ def test_lm_pretraining_initialises_the_vlm_and_eval_and_cli_run(tmp_path, capsy
         assert 0.0 <= final[key] <= 1.0
     assert final["eval/visual_tokens"] == 16 and final["eval/prefill_gflops"] > 0
     # Stage 1 keeps the LM frozen: after training it still equals the text-only run's LM.
-    lm_params, vlm_params = _restore_params(str(lm_dir)), _restore_params(str(vlm_dir))
+    lm_params, vlm_params = load_params(lm_dir), load_params(vlm_dir)
     jax.tree.map(np.testing.assert_array_equal, lm_params, vlm_params["lm"])
 
     from vlm_jax.generate import main
@@ -146,7 +149,6 @@ def test_vision_tower_initialises_from_a_contrastive_checkpoint(tmp_path):
     from flax import linen as nn
 
     from vlm_jax.models import build_model
-    from vlm_jax.train.checkpoint import Checkpointer
 
     clip = load_config("configs/siglip_shapes.py")
     for key in ("width", "depth", "num_heads", "mlp_dim", "image_size"):
@@ -182,3 +184,54 @@ def load_vision(config):
     with jax.set_mesh(mesh):
         params, _ = init_params(task, config, mesh)
     return params, task.load_pretrained(params)
+
+
+def save_params_steps(directory, params_by_step: dict) -> None:
+    """A run's checkpoints/ holding only params (what init / generation read) per step."""
+    ckpt = Checkpointer(directory, async_save=False)
+    for step, params in params_by_step.items():
+        ckpt.save(step, {"params": params, "step": jnp.int32(step)}, None, {"step": step})
+    ckpt.close()
+
+
+def flip_byte_of_largest_array(step_dir) -> None:
+    """Bytes changed inside a compressed chunk: Orbax restores it without any error."""
+    path = max((p for p in (step_dir / "state").rglob("*") if p.is_file()), key=os.path.getsize)
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+def test_lm_checkpoint_with_a_damaged_newest_step_initialises_from_the_intact_one(tmp_path, caplog):
+    config = tiny_config(arg="stage1", **{"init.lm_checkpoint": str(tmp_path / "lm")})
+    mesh = sharding.build_mesh((1, 1, 1), devices=jax.devices()[:1])
+    task = VLMTask(config, mesh)
+    with jax.set_mesh(mesh):
+        params, _ = init_params(task, config, mesh)
+    older = jax.tree.map(lambda x: x + 1.0, params["lm"])
+    newer = jax.tree.map(lambda x: x + 2.0, params["lm"])
+    save_params_steps(tmp_path / "lm" / "checkpoints", {1: older, 2: newer})
+    flip_byte_of_largest_array(tmp_path / "lm" / "checkpoints" / "2")
+    with caplog.at_level(logging.WARNING):
+        loaded = task.load_pretrained(params)
+    jax.tree.map(np.testing.assert_array_equal, loaded["lm"], older)
+    assert "checkpoint step 2" in caplog.text and "DamagedCheckpoint" in caplog.text
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+def test_generate_from_a_damaged_checkpoint_fails_naming_the_damage(tmp_path):
+    from vlm_jax.generate import main
+    from vlm_jax.train.trainer import to_json
+
+    config = tiny_config()
+    mesh = sharding.build_mesh((1, 1, 1), devices=jax.devices()[:1])
+    with jax.set_mesh(mesh):
+        params, _ = init_params(VLMTask(config, mesh), config, mesh)
+    (tmp_path / "config.json").write_text(to_json(config))
+    save_params_steps(tmp_path / "checkpoints", {1: params})
+    flip_byte_of_largest_array(tmp_path / "checkpoints" / "1")
+    Image.fromarray(np.zeros((16, 16, 3), np.uint8)).save(tmp_path / "scene.png")
+    with pytest.raises(RuntimeError, match="no intact checkpoint.*step 1: DamagedCheckpoint"):
+        main(["--workdir", str(tmp_path), "--image", str(tmp_path / "scene.png"),
+              "--prompt", "how many circles are there?", "--max_new_tokens", "2"])  # fmt: skip

@@ -11,11 +11,16 @@ overwritten) are caught on restore: missing or malformed files make Orbax/Tensor
 bytes changed inside a compressed array chunk (which TensorStore decodes without complaint) are
 caught by the array fingerprints stored in `meta`. `restore_newest_intact` then falls back to the
 newest step that restores cleanly and moves the damaged ones aside to `<step>.corrupt`.
+
+Params of another run (init checkpoints, generation, conversion) are read with `load_params`:
+the same fallback to the newest intact step, but damaged steps are only logged, never moved
+(the run being read is not ours to change).
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +40,10 @@ CORRUPT_SUFFIX = ".corrupt"
 
 class DamagedCheckpoint(Exception):
     """A saved step whose arrays do not match the fingerprints written with them."""
+
+
+class ModelMismatch(ValueError):
+    """A checkpoint saved by another model config: every step has it, so no fallback helps."""
 
 
 def _words(x: jax.Array) -> jax.Array:
@@ -192,7 +201,10 @@ class Checkpointer:
             lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), dict(meta_tree)
         )
         if abstract_params is not None:
-            check_params_match(abstract["params"], abstract_params, f"{self.directory}/{step}")
+            try:
+                check_params_match(abstract["params"], abstract_params, str(self._path(step)))
+            except ValueError as error:
+                raise ModelMismatch(str(error)) from None
             abstract["params"] = abstract_params
         args = {"state": ocp.args.StandardRestore(abstract), "meta": ocp.args.JsonRestore()}
         restored = self.manager.restore(step, args=ocp.args.Composite(**args))
@@ -212,25 +224,42 @@ class Checkpointer:
         model config) is more likely than all of them being damaged.
         """
         damaged = self._interrupted_saves()
-        for step in sorted(self.all_steps(), reverse=True):
-            try:
-                state, meta = self.restore(step, abstract_state, data_iterator)
-                problem = None
-            except Exception as error:  # damage surfaces as many error types; all are reported
-                problem = _describe(error)
-            if not any_process(problem is not None):  # damaged on one host is damaged
-                self._set_aside(damaged, step)
-                logging.info("resuming from checkpoint step %d in %s", step, self.directory)
-                return state, step, meta
-            damaged[step] = problem or "damaged on another process"
+        found = self._newest_intact(
+            lambda s: self.restore(s, abstract_state, data_iterator), damaged
+        )
+        if found is not None:
+            step, (state, meta) = found
+            self._set_aside(damaged, step)
+            logging.info("resuming from checkpoint step %d in %s", step, self.directory)
+            return state, step, meta
         if self.all_steps():
-            raise RuntimeError(
-                f"no intact checkpoint in {self.directory} (nothing was moved): "
-                + "; ".join(f"step {s}: {p}" for s, p in sorted(damaged.items()))
-                + ". Repair or remove the damaged steps, or start in a new workdir."
-            )
+            raise RuntimeError(self._no_intact_message(damaged))
         self._set_aside(damaged, None)
         return None
+
+    def restore_newest_intact_params(self, abstract_params: Any = None) -> tuple[Any, int]:
+        """(params, step) of the newest step whose params restore cleanly (`restore_params`).
+
+        Newer damaged steps are logged and left in place. Raises FileNotFoundError if there is
+        no step, RuntimeError naming each step's problem if none is intact, and ModelMismatch
+        at once if the checkpoint is of another model config.
+        """
+        damaged: dict[int, str] = {}
+        found = self._newest_intact(lambda s: self.restore_params(s, abstract_params), damaged)
+        if found is None:
+            if not self.all_steps():
+                raise FileNotFoundError(f"no checkpoint in {self.directory}")
+            raise RuntimeError(self._no_intact_message(damaged))
+        step, params = found
+        for bad, problem in sorted(damaged.items(), reverse=True):
+            logging.warning(
+                "checkpoint step %d in %s is unusable: %s; loading params of step %d instead",
+                bad,
+                self.directory,
+                problem,
+                step,
+            )
+        return params, step
 
     def wait(self) -> None:
         self.manager.wait_until_finished()
@@ -238,6 +267,33 @@ class Checkpointer:
     def close(self) -> None:
         self.manager.wait_until_finished()
         self.manager.close()
+
+    def _newest_intact(
+        self, restore_step: Callable[[int], Any], damaged: dict[int, str]
+    ) -> tuple[int, Any] | None:
+        """(step, restore_step(step)) for the newest step that restores on every process, or None.
+
+        The problems of the newer steps tried are added to `damaged`. A ModelMismatch is raised
+        at once: it is a config error common to all steps, not damage.
+        """
+        for step in sorted(self.all_steps(), reverse=True):
+            try:
+                result, problem = restore_step(step), None
+            except ModelMismatch:
+                raise
+            except Exception as error:  # damage surfaces as many error types; all are reported
+                result, problem = None, _describe(error)
+            if not any_process(problem is not None):  # damaged on one host is damaged
+                return step, result
+            damaged[step] = problem or "damaged on another process"
+        return None
+
+    def _no_intact_message(self, damaged: dict[int, str]) -> str:
+        return (
+            f"no intact checkpoint in {self.directory} (nothing was moved): "
+            + "; ".join(f"step {s}: {p}" for s, p in sorted(damaged.items()))
+            + ". Repair or remove the damaged steps, or start in a new workdir."
+        )
 
     def _interrupted_saves(self) -> dict[int, str]:
         """{step: problem} for leftover tmp directories of saves newer than the newest step."""
@@ -285,3 +341,28 @@ class Checkpointer:
 
     def _path(self, step: int) -> Path:
         return self.directory / str(step)
+
+
+def checkpoints_dir(path: str | Path) -> Path:
+    """The checkpoints directory of `path`: a run's workdir or its `checkpoints/` itself."""
+    directory = Path(path)
+    if (directory / "checkpoints").is_dir():
+        directory = directory / "checkpoints"
+    if not directory.is_dir():
+        raise FileNotFoundError(f"no checkpoint directory at {str(path)!r} (not a directory)")
+    return directory
+
+
+def load_params(path: str | Path, abstract_params: Any = None) -> Any:
+    """The params of the newest intact checkpoint of the run at `path` (workdir or checkpoints/).
+
+    Fingerprints are verified; damaged newer steps are logged and skipped (see
+    `Checkpointer.restore_newest_intact_params`). `abstract_params` as in `restore_params`.
+    """
+    ckpt = Checkpointer(checkpoints_dir(path), async_save=False)
+    try:
+        params, step = ckpt.restore_newest_intact_params(abstract_params)
+    finally:
+        ckpt.close()
+    logging.info("loaded params of %s step %d", ckpt.directory, step)
+    return params

@@ -23,7 +23,7 @@ from vlm_jax import sharding
 from vlm_jax.config import to_json
 from vlm_jax.train import metrics as metrics_lib
 from vlm_jax.train import numerics
-from vlm_jax.train.checkpoint import Checkpointer
+from vlm_jax.train.checkpoint import Checkpointer, load_params
 from vlm_jax.train.data_counters import DataCounters
 from vlm_jax.train.distributed import train_iterator
 from vlm_jax.train.optim import build_optimizer
@@ -225,14 +225,9 @@ def restore_or_init(ckpt: Checkpointer, state, state_shardings, data_iter, confi
 
 
 def load_init_params(path: str, state, state_shardings):
-    directory = Path(path)
-    if (directory / "checkpoints").is_dir():
-        directory = directory / "checkpoints"
-    init_ckpt = Checkpointer(directory, async_save=False)
-    logging.info("initialising params from %s (step %s)", directory, init_ckpt.latest_step())
-    params = init_ckpt.restore_params(None, abstract_like(state.params, state_shardings.params))
-    init_ckpt.close()
-    return params
+    """config.init.checkpoint: the params of the newest intact step of the run at `path`."""
+    logging.info("initialising params from %s", path)
+    return load_params(path, abstract_like(state.params, state_shardings.params))
 
 
 def train(config: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, float]:

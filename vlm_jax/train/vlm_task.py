@@ -13,7 +13,6 @@ Frozen params get a zero update, no optimizer state and no backward pass (optim.
 from __future__ import annotations
 
 import json
-import logging
 from pathlib import Path
 from typing import Any
 
@@ -21,13 +20,12 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import orbax.checkpoint as ocp
 
 from vlm_jax.data import build_pipeline, build_tokenizer
 from vlm_jax.data.vqa import build_vqa_pipeline, encode_example, image_token_id
 from vlm_jax.evaluate.vqa import evaluate_vqa, load_examples
 from vlm_jax.models.vlm import build_decoder_lm, build_vlm
-from vlm_jax.train.checkpoint import Checkpointer
+from vlm_jax.train.checkpoint import load_params
 from vlm_jax.train.tasks import TASKS, Task, check_vocab_size
 
 
@@ -105,10 +103,10 @@ class VLMTask(Task):
         """Replace `vision` / `lm` by the towers of the runs in config.init (fresh runs only)."""
         init = self.config.init
         if init.get("vision_checkpoint") and "vision" in params:  # not in text-only models
-            image = _restore_params(init.vision_checkpoint)[init.get("vision_key", "img")]
+            image = load_params(init.vision_checkpoint)[init.get("vision_key", "img")]
             params = dict(params, vision=_like(params["vision"], image, "vision"))
         if init.get("lm_checkpoint"):
-            lm = _restore_params(init.lm_checkpoint)  # an "lm" run: the decoder's params
+            lm = load_params(init.lm_checkpoint)  # an "lm" run: the decoder's params
             params = dict(params, lm=_like(params["lm"], lm, "lm", allow_missing="xattn_"))
         return params
 
@@ -168,25 +166,6 @@ class LMTask(Task):
         return {"loss": float(loss), "token_acc": float(metrics["token_acc"])}
 
 
-def _restore_params(workdir: str) -> dict:
-    """The params of the newest checkpoint of a run, as host arrays (any task's tree)."""
-    directory = Path(workdir)
-    if (directory / "checkpoints").is_dir():
-        directory = directory / "checkpoints"
-    ckpt = Checkpointer(directory, async_save=False)
-    step = ckpt.latest_step()
-    if step is None:
-        raise FileNotFoundError(f"no checkpoint in {directory}")
-    meta = ckpt.manager.item_metadata(step)["state"]
-    abstract = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype), dict(meta))
-    restored = ckpt.manager.restore(
-        step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract))
-    )
-    ckpt.close()
-    logging.info("loaded params of %s step %d", directory, step)
-    return jax.tree.map(np.asarray, restored["state"]["params"])
-
-
 def _like(target: Any, source: Any, name: str, allow_missing: str | None = None) -> Any:
     """`source` placed into `target`'s shardings; shapes must match, and every target leaf
     must come from `source` except subtrees whose name starts with `allow_missing`."""
@@ -218,7 +197,7 @@ def answer_from_checkpoint(
     config = ml_collections.ConfigDict(json.loads((Path(workdir) / "config.json").read_text()))
     tokenizer = build_tokenizer(config.tokenizer)
     model = build_vlm(config.model)
-    params = _restore_params(workdir)
+    params = load_params(workdir)
     if IMAGE_PLACEHOLDER not in prompt:
         prompt = TEMPLATE.format(images=IMAGE_PLACEHOLDER, question=prompt)
     image = np.asarray(Image.open(image_path).convert("RGB"))
