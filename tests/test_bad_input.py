@@ -355,10 +355,13 @@ def test_planted_folder_gives_valid_batches_and_exact_counts(planted_folder, wor
     for batch in batches:
         assert batch["image"].shape[1:] == (IMAGE_SIZE, IMAGE_SIZE, 3)
         assert batch["tokens"].shape[1:] == (MAX_LEN,) and batch["tokens"].dtype == np.int32
-    assert sum(int(b["bad_records"].sum()) for b in batches) == 2  # the two corrupt files
+    # The empty caption (the last row, dropped when the manifest is read) is counted at record
+    # 0, the two corrupt files (records 1 and 7) where they are stepped over.
+    bad_records = np.concatenate([b["bad_records"] for b in batches]).tolist()
+    assert bad_records == [1, 1, 0, 0, 0, 0, 0, 1, 0, 0, 0]
     assert sum(int(b["truncated_captions"].sum()) for b in batches) == 1
     strict = all_batches(folder_config(root, long_captions="bad"), worker_count)
-    assert sum(int(b["bad_records"].sum()) for b in strict) == 3
+    assert sum(int(b["bad_records"].sum()) for b in strict) == 4
     assert sum(int(b["truncated_captions"].sum()) for b in strict) == 0
 
 
@@ -417,7 +420,26 @@ def test_rows_of_a_labelled_split_need_class_indices(tmp_path, caplog):
     source = build_source(folder_config(tmp_path / "labelled").data, "train")
     assert [source[i]["label"] for i in range(len(source))] == [0, 3]
     assert dict(source.bad.counts) == {"bad_label": 2}
+    assert [source.dropped_before(i) for i in range(len(source))] == [0, 2]
     assert "bad_label: row 2 (id=2): label 'cat' is not a class index" in caplog.text
+
+
+def test_rows_dropped_from_the_manifest_are_counted_once_per_pass_over_processes(tmp_path):
+    """Rows 0 (missing file), 3 (empty caption) and 6 (the last: missing file) are dropped when
+    the manifest is read; over one epoch the two processes' batches count each of them once."""
+    files = {f"{i}.png": png_bytes(pixels((9, 10, 3), i)) for i in range(7)}
+    rows = [{"image": f"imgs/{i}.png", "caption": f"caption {i}"} for i in range(7)]
+    rows[0]["image"] = rows[6]["image"] = "imgs/gone.png"
+    rows[3]["caption"] = " "
+    write_folder(tmp_path / "dropped", rows, files)
+    counted = 0
+    for process_index in range(2):
+        stream = build_pipeline(
+            folder_config(tmp_path / "dropped"), TOKENIZER, "train", batch_size=2, num_epochs=1,
+            process_index=process_index, process_count=2, drop_remainder=False, seed=5,
+        )  # fmt: skip
+        counted += sum(int(batch["bad_records"].sum()) for batch in stream)
+    assert counted == 3
 
 
 def test_evaluation_captions_belong_to_their_images_when_rows_are_dropped(tmp_path):

@@ -8,9 +8,11 @@ Layout of `config.data.path` (one manifest per split; any image format PIL reads
     DIR/classnames.txt  one class name per line (zero-shot)
     DIR/templates.txt   optional prompt templates, one per line ("a photo of a {}.")
 
-Bad records never crash a run and never vanish silently. Missing image files and empty captions
-are found when the manifest is read (dropped, counted and logged, or raising when
-`config.data.on_error == "fail"`); an image that fails to decode raises BadRecordError on
+Bad records never crash a run and never vanish silently. Missing image files, empty captions and
+bad labels are found when the manifest is read (dropped and logged, or raising when
+`config.data.on_error == "fail"`); each dropped row is counted in the "bad_records" of the
+record after it (`FolderSource.dropped_before`), so it reaches metrics.jsonl's data/bad_records
+like the bad records found later. An image that fails to decode raises BadRecordError on
 access, and the pipeline's `records.CheckedSource` replaces it by the next good record.
 `write_shards` decodes every image up front, so its shards hold only good records.
 """
@@ -72,11 +74,11 @@ def record_fields(row: dict, index: int) -> dict:
     return record
 
 
-def usable_rows(rows: list[dict], root: Path, bad: BadRecords) -> list[dict]:
-    """Rows whose image file exists, caption is non-empty and, when any row of the manifest
-    has a label, label is a class index (others are reported)."""
+def usable_rows(rows: list[dict], root: Path, bad: BadRecords) -> tuple[list[dict], list[int]]:
+    """(rows whose image file exists, caption is non-empty and, when any row of the manifest
+    has a label, label is a class index; their positions in `rows`). Others are reported."""
     labelled = any(row.get("label") not in (None, "") for row in rows)
-    kept = []
+    kept, positions = [], []
     for index, row in enumerate(rows):
         image, where = row.get("image") or "", f"row {index} (id={row.get('id', index)})"
         if not image or not (root / image).is_file():
@@ -87,7 +89,16 @@ def usable_rows(rows: list[dict], root: Path, bad: BadRecords) -> list[dict]:
             bad.report("bad_label", f"{where}: label {row.get('label')!r} is not a class index")
         else:
             kept.append({**row, "id": row.get("id", index)})
-    return kept
+            positions.append(index)
+    return kept, positions
+
+
+def drops_before(positions: list[int], total: int) -> list[int]:
+    """For each kept row (at `positions` of `total` rows), how many rows were dropped since the
+    kept row before it; rows dropped after the last kept row count at the first (cyclically),
+    so the counts add up to every dropped row once: [0, 2, 3] of 5 -> [1, 1, 0]."""
+    previous = [positions[-1] - total, *positions[:-1]] if positions else []
+    return [position - before - 1 for position, before in zip(positions, previous)]
 
 
 @DATA_SOURCES.register("folder")
@@ -99,11 +110,18 @@ class FolderSource:
         self.root = Path(config.path)
         manifest = find_manifest(self.root, split)
         self.bad = BadRecords(config.get("on_error", "skip"), f"folder source {str(manifest)!r}")
-        self.rows = usable_rows(read_manifest(manifest), self.root, self.bad)
+        rows = read_manifest(manifest)
+        self.rows, positions = usable_rows(rows, self.root, self.bad)
+        self.drops = drops_before(positions, len(rows))
         self.classnames, self.templates = zeroshot_metadata(self.root, config)
 
     def __len__(self) -> int:
         return len(self.rows)
+
+    def dropped_before(self, index: int) -> int:
+        """Manifest rows dropped just before record `index` (see `drops_before`); the pipeline's
+        CheckedSource adds them to that record's "bad_records"."""
+        return self.drops[index]
 
     def __getitem__(self, index: int) -> dict:
         row = self.rows[index]

@@ -5,10 +5,11 @@ and normalised by a `RecordCheck` (image -> uint8[H, W, 3] RGB, caption -> non-e
 the tokenizer encodes). A record that fails raises `BadRecordError` with a reason from
 `REASONS`; it is then replaced by the next good record (cyclically, so indices stay stable and
 a resumed stream is exact), counted by reason and logged with its index, id, source and split,
-or the run stops when `config.data.on_error == "fail"`. Each record carries how many bad
-records were stepped over to reach it ("bad_records") and whether its caption was cut to
-`tokenizer.max_len` ("truncated_captions"), so per-batch sums reach the main process even when
-records are made in Grain worker processes.
+or the run stops when `config.data.on_error == "fail"`. Each record carries "bad_records": the
+bad records stepped over to reach it, plus those its source dropped just before it when it was
+built (`source.dropped_before(index)`, e.g. a folder manifest's rows naming missing files); and
+"truncated_captions": whether its caption was cut to `tokenizer.max_len`. So per-batch sums
+reach the main process even when records are made in Grain worker processes.
 
 Any other exception while reading or checking a record becomes a `RecordError` naming the
 record and its source/split: it is a bug or a broken source, never silently skipped, and it
@@ -179,7 +180,8 @@ class RecordCheck:
 
 class CheckedSource:
     """Random access to checked records of `source`: a bad record is reported to `bad` and
-    replaced by the next good one; each record carries "bad_records", the number stepped over."""
+    replaced by the next good one; each record carries "bad_records", the number stepped over
+    plus `source.dropped_before(index)` where the source has it (records it dropped up front)."""
 
     def __init__(self, source: Any, check: Callable[[dict], dict], bad: BadRecords):
         self.source = source
@@ -201,11 +203,17 @@ class CheckedSource:
                 continue
             if record.get("truncated_captions"):
                 self.bad.note_truncated(f"record {candidate} id={record.get('id')}")
-            return {**record, "bad_records": skipped}
+            return {**record, "bad_records": skipped + self.dropped_before(index)}
         raise RecordError(
             f"{self.bad.where}: records {index}.. are all bad ({MAX_CONSECUTIVE_BAD} in a row "
             f"at most); skipped so far: {dict(self.bad.counts)}"
         )
+
+    def dropped_before(self, index: int) -> int:
+        """Records the source dropped when it was built, counted at the index after them: each
+        index is read once per pass, so each dropped record is counted once per pass."""
+        dropped = getattr(self.source, "dropped_before", None)
+        return dropped(index) if dropped else 0
 
     def checked(self, index: int) -> dict:
         """Record `index`, checked: BadRecordError naming its id, or RecordError on a bug."""

@@ -31,9 +31,9 @@ from vlm_jax.data.records import ON_ERROR_CHOICES, BadRecordError, BadRecords, d
 
 def good_records(root: Path, split: str, bad: BadRecords) -> list[bytes]:
     """The packed records of a split whose files exist, decode and have a caption."""
-    rows = folder.read_manifest(folder.find_manifest(root, split))
+    rows, _ = folder.usable_rows(folder.read_manifest(folder.find_manifest(root, split)), root, bad)
     packed = []
-    for row in folder.usable_rows(rows, root, bad):
+    for row in rows:
         data = (root / row["image"]).read_bytes()
         try:
             decode_image(data)
