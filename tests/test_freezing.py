@@ -14,6 +14,7 @@ from test_train import tiny_config as tiny_contrastive_config
 from test_vlm_train import tiny_config as tiny_vlm_config
 
 from vlm_jax import sharding
+from vlm_jax.models.flops import image_flops, text_flops
 from vlm_jax.train.contrastive import ContrastiveTask
 from vlm_jax.train.optim import param_paths, regex_mask
 from vlm_jax.train.tasks import Task
@@ -80,3 +81,16 @@ def test_locked_image_tower_contrastive_with_and_without_gradcache(chunks):
     plain = tiny_contrastive_config(**{"train.grad_cache_chunks": str(chunks)})
     task, params, batch = setup(ContrastiveTask, config)  # measured: 23% / 26% fewer FLOPs
     check_frozen_gradients(task, ContrastiveTask(plain, task.mesh), params, batch, min_saving=0.15)
+
+
+@pytest.mark.parametrize(
+    "freeze,towers", [("img/.*", ("img",)), ("img/.*,txt/.*", ("img", "txt")), ("txt/head/.*", ())]
+)
+def test_mfu_counts_a_wholly_frozen_tower_once(freeze, towers):
+    """perf/mfu's FLOPs: a wholly frozen tower 1 x forward, a partly frozen one 3 x."""
+    config = tiny_contrastive_config(**{"optim.freeze": freeze})
+    task = ContrastiveTask(config, sharding.build_mesh((1, 1, 1), devices=jax.devices()[:1]))
+    assert task.frozen_towers() == towers
+    image, text = image_flops(config.model), text_flops(config.model, config.tokenizer.max_len)
+    want = sum(f * (1 if name in towers else 3) for name, f in (("img", image), ("txt", text)))
+    assert task.train_flops_per_example() == pytest.approx(want)

@@ -75,11 +75,14 @@ def setup(batch: int, model: nn.Module | None = None):
 
 
 def plain_value_and_grad(apply_fn, loss_fn, params, batch, rngs=None):
+    """((loss, {logit_scale, logit_bias}), grads) of the plain, unchunked step."""
+
     def loss(p):
         out = apply_fn(p, batch["image"], batch["tokens"], rngs)
-        return loss_fn(out["image_emb"], out["text_emb"], out["logit_scale"], out["logit_bias"])
+        metrics = {k: out[k] for k in ("logit_scale", "logit_bias")}
+        return loss_fn(out["image_emb"], out["text_emb"], *metrics.values()), metrics
 
-    return jax.value_and_grad(loss)(params)
+    return jax.value_and_grad(loss, has_aux=True)(params)
 
 
 def assert_trees_close(got, want, rtol=1e-5, atol=1e-6):
@@ -103,7 +106,7 @@ def test_gradcache_equals_plain_step(name, num_chunks, model):
         lambda p, b: gradcache_value_and_grad(apply_fn, loss_fn, p, b, num_chunks=num_chunks)
     )
     got = step(params, batch)
-    assert_trees_close(got, want)
+    assert_trees_close(got, want)  # loss, logged scale and bias, and every gradient
     assert float(jnp.abs(got[1]["t"])) > 0  # the temperature gradient flows through the cache
 
 
@@ -147,6 +150,7 @@ def test_gradcache_dropout_uses_the_same_masks_in_both_passes():
         )
 
     want = jax.jit(jax.value_and_grad(per_chunk_masks_loss))(params)
+    want = ((want[0], {"logit_scale": jnp.exp(params["t"]), "logit_bias": params["b"]}), want[1])
     step = jax.jit(
         lambda p, b: gradcache_value_and_grad(apply_fn, loss_fn, p, b, num_chunks=2, rngs=rng)
     )

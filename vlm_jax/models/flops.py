@@ -16,10 +16,17 @@ Causal text attention is counted in full (T*T): the XLA and cuDNN paths compute 
 score matrix. Not counted: LayerNorm, softmax, activations, residual adds, L2 normalisation
 (elementwise, a few % at small widths and less at scale) and the loss, whose B x B logits
 depend on the global batch. Training FLOPs = 3 x forward (the backward pass is two matmuls
-per forward matmul).
+per forward matmul), except for a tower whose params are all frozen (optim.freeze): its
+backward pass is never built (`Task.stop_frozen`), so it costs 1 x forward. A partly frozen
+tower is counted at 3 x (an upper bound).
+
+The text tower runs over the tokenizer's length, which may be shorter than the tower's
+position table (`model.text.max_len`): pass it as `text_len`.
 """
 
 from __future__ import annotations
+
+from collections.abc import Collection
 
 import ml_collections
 
@@ -73,11 +80,24 @@ def image_flops(model_config: ml_collections.ConfigDict) -> float:
     return embed + encoder_flops(tokens, s, s["pool"], model_config.embed_dim)
 
 
-def text_flops(model_config: ml_collections.ConfigDict) -> float:
+def text_flops(model_config: ml_collections.ConfigDict, text_len: int | None = None) -> float:
     s = text_settings(model_config)
-    return encoder_flops(s["max_len"], s, s["pool"], model_config.embed_dim)
+    return encoder_flops(text_len or s["max_len"], s, s["pool"], model_config.embed_dim)
 
 
-def forward_flops_per_example(model_config: ml_collections.ConfigDict) -> float:
+def forward_flops_per_example(
+    model_config: ml_collections.ConfigDict, text_len: int | None = None
+) -> float:
     """Forward matmul FLOPs of one (image, text) pair through the two-tower model."""
-    return image_flops(model_config) + text_flops(model_config)
+    return image_flops(model_config) + text_flops(model_config, text_len)
+
+
+def train_flops_per_example(
+    model_config: ml_collections.ConfigDict,
+    frozen_towers: Collection[str] = (),
+    text_len: int | None = None,
+) -> float:
+    """Forward + backward FLOPs of one pair; `frozen_towers` ("img", "txt") run forward only."""
+    image = image_flops(model_config) * (1.0 if "img" in frozen_towers else 3.0)
+    text = text_flops(model_config, text_len) * (1.0 if "txt" in frozen_towers else 3.0)
+    return image + text

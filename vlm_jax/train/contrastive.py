@@ -6,6 +6,7 @@ from __future__ import annotations
 import functools
 from typing import Any
 
+import flax.linen as nn
 import jax
 import numpy as np
 
@@ -14,8 +15,8 @@ from vlm_jax.config import check_choice
 from vlm_jax.data import build_pipeline, build_source, build_tokenizer
 from vlm_jax.evaluate import class_embeddings, recall_at_k, unique_texts, zeroshot_accuracy
 from vlm_jax.losses import build_loss
-from vlm_jax.models import build_model
-from vlm_jax.models.flops import forward_flops_per_example
+from vlm_jax.models import build_model, flops
+from vlm_jax.train.optim import regex_mask
 from vlm_jax.train.tasks import TASKS, Task, check_vocab_size
 
 EVAL_TASKS = ("zeroshot", "retrieval")
@@ -92,10 +93,9 @@ class ContrastiveTask(Task):
         def apply_fn(p, images, tokens, rngs):
             return self._apply(self.stop_frozen(p), images, tokens, rngs, True)
 
-        loss, grads = gradcache_value_and_grad(
+        return gradcache_value_and_grad(
             apply_fn, self.loss_fn, params, batch, num_chunks=chunks, rngs=rng
         )
-        return (loss, {}), grads
 
     def train_data(self, batch_size, process_index, process_count, seed):
         return build_pipeline(
@@ -111,7 +111,19 @@ class ContrastiveTask(Task):
         )
 
     def train_flops_per_example(self) -> float:
-        return 3.0 * forward_flops_per_example(self.config.model)
+        return flops.train_flops_per_example(
+            self.config.model, self.frozen_towers(), self.config.tokenizer.max_len
+        )
+
+    def frozen_towers(self) -> tuple[str, ...]:
+        """Towers ("img", "txt") whose params optim.freeze matches entirely."""
+        if not self.config.optim.freeze:
+            return ()
+        variables = jax.eval_shape(self.init, jax.random.key(0), self.dummy_batch(1))
+        frozen = regex_mask(nn.unbox(variables["params"]), self.config.optim.freeze)
+        return tuple(
+            tower for tower in ("img", "txt") if all(jax.tree.leaves(frozen.get(tower, [False])))
+        )
 
     # -- evaluation -----------------------------------------------------------------------
     def _embed_all(self, fn, params, inputs: np.ndarray) -> np.ndarray:

@@ -59,8 +59,10 @@ def gradcache_value_and_grad(
     *,
     num_chunks: int,
     rngs: Any = None,
-) -> tuple[Array, Any]:
-    """(loss, d loss / d params) of `loss_fn(**apply_fn(params, images, tokens, rngs))`.
+) -> tuple[tuple[Array, dict[str, Array]], Any]:
+    """((loss, metrics), d loss / d params) of `loss_fn(**apply_fn(params, images, tokens,
+    rngs))`, as `jax.value_and_grad(..., has_aux=True)` returns them; metrics are the
+    logit_scale and logit_bias the loss used (logged like the plain step's).
 
     batch: {"image": float32[B, H, W, 3], "tokens": int32[B, L], ...}; B % num_chunks == 0.
     apply_fn(params, images, tokens, rngs) -> {"image_emb": [b, E], "text_emb": [b, E],
@@ -104,4 +106,4 @@ def gradcache_value_and_grad(
     zeros = jax.tree.map(jnp.zeros_like, params)
     cotangents = (d_image, d_text, d_scale, d_bias)
     grads, _ = jax.lax.scan(accumulate, zeros, ((*chunks, chunk_rngs), cotangents))
-    return loss, grads
+    return (loss, {"logit_scale": logit_scale, "logit_bias": logit_bias}), grads
