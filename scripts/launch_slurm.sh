@@ -1,5 +1,7 @@
 #!/usr/bin/env bash
-# Submit a multi-node GPU training job to SLURM: one process per node, driving all its GPUs.
+# Submit a multi-node GPU training job to SLURM: one process per GPU (NODES x GPUS_PER_NODE).
+# jax.distributed's SLURM detection gives each process the GPU numbered by its SLURM_LOCALID,
+# so one task per node would leave all but GPU 0 of every node idle.
 #
 # usage: scripts/launch_slurm.sh NODES GPUS_PER_NODE -- --config configs/NAME.py \
 #            --workdir /shared/runs/NAME [--config.key=value ...]
@@ -10,7 +12,7 @@
 set -euo pipefail
 
 if [[ $# -lt 3 || $3 != "--" ]]; then
-  sed -n '2,10p' "$0" >&2
+  sed -n '2,12p' "$0" >&2
   exit 2
 fi
 NODES=$1
@@ -23,7 +25,7 @@ for value in "$NODES" "$GPUS_PER_NODE"; do
   fi
 done
 SCRIPT_DIR=$(cd "$(dirname "$0")" && pwd)
-COMMAND=(sbatch --nodes="$NODES" --ntasks-per-node=1 --gpus-per-node="$GPUS_PER_NODE"
+COMMAND=(sbatch --nodes="$NODES" --ntasks-per-node="$GPUS_PER_NODE" --gpus-per-node="$GPUS_PER_NODE"
   --chdir="$(dirname "$SCRIPT_DIR")" "$SCRIPT_DIR/slurm_train.sbatch" "$@")
 if [[ ${DRY_RUN:-0} == 1 ]]; then
   printf '%q ' "${COMMAND[@]}"

@@ -174,12 +174,38 @@ def test_tpu_pod_launcher_runs_the_trainer_on_every_worker():
     ]
 
 
-def test_slurm_launcher_submits_one_task_per_node():
+def test_slurm_launcher_submits_one_task_per_gpu():
     (command,) = dry_run("launch_slurm.sh", "4", "8", "--", *TRAIN_FLAGS)
-    assert command[:4] == ["sbatch", "--nodes=4", "--ntasks-per-node=1", "--gpus-per-node=8"]
+    assert command[:4] == ["sbatch", "--nodes=4", "--ntasks-per-node=8", "--gpus-per-node=8"]
     assert command[-len(TRAIN_FLAGS) - 1 :] == [
         str(REPO / "scripts" / "slurm_train.sbatch"),
         *TRAIN_FLAGS,
     ]
     sbatch = (REPO / "scripts" / "slurm_train.sbatch").read_text()
     assert "VLM_JAX_DISTRIBUTED=auto" in sbatch and 'python -m vlm_jax.train "$@"' in sbatch
+
+
+def test_jax_slurm_detection_gives_each_task_one_gpu(monkeypatch):
+    """Why the launcher starts one task per GPU: under SLURM, jax.distributed.initialize()
+    binds each process to the GPU numbered by SLURM_LOCALID, so tasks 0..7 of a node
+    together drive its 8 GPUs (one task per node would use GPU 0 only)."""
+    from jax._src.clusters import ClusterEnv
+
+    seen = []
+    for local_id in range(8):
+        env = {
+            "SLURM_JOB_ID": "4242",
+            "SLURM_STEP_NODELIST": "gpu[001-004]",
+            "SLURM_STEP_NUM_NODES": "4",
+            "SLURM_NTASKS": "32",
+            "SLURM_PROCID": str(8 + local_id),  # node 2
+            "SLURM_LOCALID": str(local_id),
+        }
+        for key, value in env.items():
+            monkeypatch.setenv(key, value)
+        address, count, process, local = ClusterEnv.auto_detect_unset_distributed_params(
+            None, None, None, None, None, None
+        )
+        assert (address.split(":")[0], count, process) == ("gpu001", 32, 8 + local_id)
+        seen += list(local)
+    assert seen == list(range(8))
