@@ -12,7 +12,7 @@
 set -euo pipefail
 
 if [[ $# -lt 3 || $3 != "--" ]]; then
-  sed -n '2,12p' "$0" >&2
+  sed -n '2,11p' "$0" >&2
   exit 2
 fi
 NODES=$1
