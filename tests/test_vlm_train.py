@@ -13,11 +13,11 @@ from PIL import Image
 
 from vlm_jax import sharding
 from vlm_jax.config import apply_override, load_config
-from vlm_jax.data import shapes
+from vlm_jax.data import build_pipeline, shapes
 from vlm_jax.train.checkpoint import Checkpointer, load_params
 from vlm_jax.train.optim import build_optimizer, param_paths
 from vlm_jax.train.trainer import init_params, train
-from vlm_jax.train.vlm_task import VLMTask, next_token_loss
+from vlm_jax.train.vlm_task import LMTask, VLMTask, next_token_loss
 
 TINY = {
     "data.image_size": "16",
@@ -235,3 +235,33 @@ def test_generate_from_a_damaged_checkpoint_fails_naming_the_damage(tmp_path):
     with pytest.raises(RuntimeError, match="no intact checkpoint.*step 1: DamagedCheckpoint"):
         main(["--workdir", str(tmp_path), "--image", str(tmp_path / "scene.png"),
               "--prompt", "how many circles are there?", "--max_new_tokens", "2"])  # fmt: skip
+
+
+def lm_task(eval_batch_size: int) -> LMTask:
+    config = tiny_config(
+        "lm_shapes", **{"data.val_size": "40", "eval.batch_size": str(eval_batch_size)}
+    )
+    return LMTask(config, sharding.build_mesh((8, 1, 1)))  # 8 data-parallel devices
+
+
+def test_lm_eval_covers_the_whole_val_split_whatever_the_batch_size():
+    """40 records: 16 -> chunks 16+16+8 (the last padded), 24 -> 24+16, 64 -> one chunk."""
+    task = lm_task(16)
+    with jax.set_mesh(task.mesh):
+        params, _ = init_params(task, task.config, task.mesh)
+    results = {}
+    for size in (16, 24, 64):
+        task = lm_task(size)
+        with jax.set_mesh(task.mesh):
+            results[size] = task.evaluate(params)
+        assert task._eval_sums._cache_size() == 1  # one compile, however many chunks
+    val = dict(shuffle=False, num_epochs=1, drop_remainder=False)
+    batch = next(iter(build_pipeline(task.config, task.tokenizer, "val", batch_size=1000, **val)))
+    everything = batch["tokens"]
+    assert len(everything) == 40
+    params = jax.device_get(params)
+    logits, _ = task.model.apply({"params": params}, everything, deterministic=True)
+    loss, metrics = next_token_loss(logits, everything, everything != task.tokenizer.pad_id)
+    for size, result in results.items():
+        np.testing.assert_allclose(result["loss"], loss, rtol=1e-5, err_msg=f"batch {size}")
+        np.testing.assert_allclose(result["token_acc"], metrics["token_acc"], rtol=1e-6)

@@ -21,6 +21,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from vlm_jax import sharding
 from vlm_jax.data import build_pipeline, build_tokenizer
 from vlm_jax.data.vqa import build_vqa_pipeline, encode_example, image_token_id
 from vlm_jax.evaluate.vqa import evaluate_vqa, load_examples
@@ -29,19 +30,28 @@ from vlm_jax.train.checkpoint import load_params
 from vlm_jax.train.tasks import TASKS, Task, check_vocab_size
 
 
-def next_token_loss(
+def next_token_sums(
     logits: jax.Array, tokens: jax.Array, weights: jax.Array
-) -> tuple[jax.Array, dict[str, jax.Array]]:
-    """Mean cross-entropy of tokens[:, 1:] under logits[:, :-1], over tokens with weight 1.
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """(summed cross-entropy, correct argmax predictions, target count) of tokens[:, 1:] under
+    logits[:, :-1], over tokens with weight 1: float32 scalars that add up across batches.
 
     logits: float32[B, L, V]; tokens, weights: int[B, L] (weights mark target tokens).
     """
     log_probs = jax.nn.log_softmax(logits[:, :-1].astype(jnp.float32))
     targets, w = tokens[:, 1:], weights[:, 1:].astype(jnp.float32)
     nll = -jnp.take_along_axis(log_probs, targets[..., None], axis=-1)[..., 0]
-    count = jnp.maximum(w.sum(), 1.0)
     correct = (jnp.argmax(log_probs, -1) == targets) * w
-    return (nll * w).sum() / count, {"token_acc": correct.sum() / count}
+    return (nll * w).sum(), correct.sum(), w.sum()
+
+
+def next_token_loss(
+    logits: jax.Array, tokens: jax.Array, weights: jax.Array
+) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """Mean cross-entropy and token accuracy of `next_token_sums` (same shapes)."""
+    nll, correct, count = next_token_sums(logits, tokens, weights)
+    count = jnp.maximum(count, 1.0)
+    return nll / count, {"token_acc": correct / count}
 
 
 @TASKS.register("vlm")
@@ -120,6 +130,8 @@ class LMTask(Task):
         self.tokenizer = build_tokenizer(config.tokenizer)
         check_vocab_size("model.lm.vocab_size", config.model.lm.vocab_size, self.tokenizer)
         self.model = build_decoder_lm(config.model)
+        self._val_tokens: np.ndarray | None = None
+        self._eval_sums = jax.jit(self._token_sums)  # one compile: every eval chunk is padded
 
     def dummy_batch(self, batch_size: int) -> dict[str, np.ndarray]:
         return {"tokens": np.zeros((batch_size, self.config.tokenizer.max_len), np.int32)}
@@ -146,24 +158,48 @@ class LMTask(Task):
             worker_count=self.config.train.worker_count,
         )
 
+    def _token_sums(self, params, tokens: jax.Array) -> tuple[jax.Array, ...]:
+        """`next_token_sums` of int32[B, L] tokens; all-pad rows add nothing."""
+        logits, _ = self.model.apply({"params": params}, tokens, deterministic=True)
+        return next_token_sums(logits, tokens, tokens != self.tokenizer.pad_id)
+
     def evaluate(self, params: Any) -> dict[str, float]:
-        batch = next(
-            iter(
-                build_pipeline(
-                    self.config,
-                    self.tokenizer,
-                    "val",
-                    batch_size=self.config.eval.batch_size,
-                    shuffle=False,
-                    num_epochs=1,
-                    drop_remainder=False,
-                )
+        """Token-weighted loss and accuracy over the whole val split, in chunks of
+        eval.batch_size rows (rounded to the data-parallel size); the last chunk is filled with
+        all-pad rows, so every chunk has one shape and every record counts exactly once."""
+        tokens = self._val_split()
+        dp = sharding.data_parallel_size(self.mesh)
+        chunk = max(dp, self.config.eval.batch_size // dp * dp)
+        rows = sharding.process_batch_rows(self.mesh, chunk)
+        totals = np.zeros(3)
+        for start in range(0, len(tokens), chunk):
+            part = _pad_rows(tokens[start : start + chunk], chunk, self.tokenizer.pad_id)
+            batch = sharding.global_batch({"tokens": part[rows]}, self.mesh, chunk)
+            totals += np.asarray(jax.device_get(self._eval_sums(params, batch["tokens"])))
+        nll, correct, count = totals
+        count = max(count, 1.0)
+        return {"loss": float(nll / count), "token_acc": float(correct / count)}
+
+    def _val_split(self) -> np.ndarray:
+        """The val split's tokens int32[N, L], every record once (loaded on first use)."""
+        if self._val_tokens is None:
+            batches = build_pipeline(
+                self.config,
+                self.tokenizer,
+                "val",
+                batch_size=self.config.eval.batch_size,
+                shuffle=False,
+                num_epochs=1,
+                drop_remainder=False,
             )
-        )
-        loss, metrics = jax.jit(self.loss, static_argnums=3)(
-            params, {"tokens": batch["tokens"]}, jax.random.key(0), False
-        )
-        return {"loss": float(loss), "token_acc": float(metrics["token_acc"])}
+            self._val_tokens = np.concatenate([batch["tokens"] for batch in batches])
+        return self._val_tokens
+
+
+def _pad_rows(rows: np.ndarray, size: int, pad_id: int) -> np.ndarray:
+    """`rows` [n, L] followed by size - n rows of `pad_id`: [size, L]."""
+    filler = np.full((size - len(rows), *rows.shape[1:]), pad_id, rows.dtype)
+    return np.concatenate([rows, filler])
 
 
 def _like(target: Any, source: Any, name: str, allow_missing: str | None = None) -> Any:
