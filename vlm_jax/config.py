@@ -37,21 +37,40 @@ def load_config(spec: str) -> ConfigDict:
     return config
 
 
+def _parse_bool(key: str, text: str) -> bool:
+    lowered = text.strip().lower()
+    if lowered not in ("true", "false"):
+        raise ValueError(f"--config.{key}={text!r}: expected a bool (true or false)")
+    return lowered == "true"
+
+
+def _parse_int(key: str, text: str) -> int:
+    """An int literal only: '1.5' or 'True' would otherwise be truncated to 1 silently."""
+    try:
+        value = ast.literal_eval(text.strip())
+    except (ValueError, SyntaxError):
+        raise ValueError(f"--config.{key}={text!r}: expected a int") from None
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"--config.{key}={text!r}: expected a int, got a {type(value).__name__}")
+    return value
+
+
+def _parse_float(key: str, text: str) -> float:
+    """A float or int literal (or inf / nan); not a bool."""
+    try:
+        return float(text)
+    except ValueError:
+        raise ValueError(f"--config.{key}={text!r}: expected a float (or an int)") from None
+
+
 def _parse_value(key: str, text: str, current: Any) -> Any:
     """Parse `text` as the type of `current` (the value being overridden)."""
     if isinstance(current, bool):
-        lowered = text.lower()
-        if lowered not in ("true", "false", "1", "0"):
-            raise ValueError(f"--config.{key}={text!r}: expected a bool (true/false)")
-        return lowered in ("true", "1")
-    if isinstance(current, int | float) and not isinstance(current, bool):
-        try:
-            return (
-                type(current)(ast.literal_eval(text)) if isinstance(current, int) else float(text)
-            )
-        except (ValueError, SyntaxError, TypeError):
-            kind = type(current).__name__
-            raise ValueError(f"--config.{key}={text!r}: expected a {kind}") from None
+        return _parse_bool(key, text)
+    if isinstance(current, int):
+        return _parse_int(key, text)
+    if isinstance(current, float):
+        return _parse_float(key, text)
     if isinstance(current, str):
         return text
     if isinstance(current, tuple | list):
