@@ -2,6 +2,10 @@
 
 from setuptools import find_packages, setup
 
+# `python -m vlm_jax.convert` reads and writes .safetensors; reading PyTorch .bin weights also
+# needs torch, which only [test] installs (pinned).
+CONVERT = ["safetensors>=0.4"]
+
 setup(
     name="vlm_jax",
     version="0.1.0",
@@ -27,7 +31,9 @@ setup(
         "regex>=2023.0",  # CLIP BPE pre-tokenisation
     ],
     extras_require={
+        "convert": CONVERT,
         "test": [
+            *CONVERT,
             "pytest>=8.0",
             "pytest-timeout>=2.3",
             "hypothesis>=6.100",
@@ -35,7 +41,6 @@ setup(
             "torch==2.13.0",
             "transformers>=4.45",
             "open_clip_torch>=2.26",
-            "safetensors>=0.4",
             "sentencepiece>=0.2",
             "scikit-learn>=1.5",
             "scikit-image>=0.24",

@@ -39,9 +39,17 @@ def main(argv: Sequence[str] | None = None) -> None:
     logging.info("wrote %s", out)
 
 
-if __name__ == "__main__":
+USER_ERRORS = (common.ConversionError, common.MissingPackageError, FileNotFoundError)
+
+
+def cli(argv: Sequence[str] | None = None) -> None:
+    """`main`, with a bad release or a missing optional package as one line and exit status 2."""
     try:
-        main()
-    except (common.ConversionError, FileNotFoundError) as e:
+        main(argv)
+    except USER_ERRORS as e:
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
+
+
+if __name__ == "__main__":
+    cli()

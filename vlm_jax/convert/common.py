@@ -10,9 +10,11 @@ differs from what `build_model(config.model)` expects. So a wrong layout never c
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import json
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import jax
@@ -25,6 +27,29 @@ Params = dict[str, Any]
 
 class ConversionError(ValueError):
     """The release does not match the layout being converted (names the first bad key)."""
+
+
+class MissingPackageError(ImportError):
+    """An optional package a conversion needs is not installed (names it and how to install)."""
+
+
+CONVERT_EXTRA = "pip install -e '.[convert]'"
+TORCH_INSTALL = (
+    "pip install torch==2.13.0 (as the [test] extra pins it), or use .safetensors weights"
+)
+
+
+def optional_import(module: str, purpose: str, install: str = CONVERT_EXTRA) -> ModuleType:
+    """`import module`, or a one-line MissingPackageError naming its package and `install`:
+    safetensors (and torch, for .bin weights) are not among vlm_jax's own requirements."""
+    try:
+        return importlib.import_module(module)
+    except ImportError as e:
+        package = module.split(".")[0]
+        raise MissingPackageError(
+            f"{purpose} needs the package {package!r} ({type(e).__name__}: {e}); "
+            f"install it with: {install}"
+        ) from None
 
 
 class Tensors:
@@ -186,15 +211,13 @@ def load_tensors(path: str | Path, names: Sequence[str] = HF_WEIGHTS) -> dict[st
             )
         path = found[0]
     if path.suffix == ".safetensors":
-        from safetensors.numpy import load_file
-
-        return dict(load_file(str(path)))
+        safetensors_numpy = optional_import("safetensors.numpy", f"reading {path}")
+        return dict(safetensors_numpy.load_file(str(path)))
     if path.suffix == ".npz":
         with np.load(path) as data:
             return {name: data[name] for name in data.files}
     if path.suffix in (".bin", ".pt", ".pth"):
-        import torch
-
+        torch = optional_import("torch", f"reading {path}", TORCH_INSTALL)
         state = torch.load(path, map_location="cpu", weights_only=True)
         state = state.get("state_dict", state)
         return {k.removeprefix("module."): v.float().numpy() for k, v in state.items()}

@@ -285,8 +285,7 @@ def export_type(model: dict) -> str:
 
 def export(src: str | Path, out: str | Path) -> Path:
     """A converted (or fine-tuned from converted) checkpoint directory -> an HF release."""
-    from safetensors.numpy import save_file
-
+    safetensors_numpy = common.optional_import("safetensors.numpy", "writing an HF release")
     params, config = common.load_converted(src)
     model = config.model.to_dict()
     model_type = export_type(model)
@@ -296,7 +295,7 @@ def export(src: str | Path, out: str | Path) -> Path:
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     arrays = {k: np.array(v, np.float32, order="C") for k, v in tensors.items()}
-    save_file(arrays, str(out / "model.safetensors"), metadata={"format": "pt"})
+    safetensors_numpy.save_file(arrays, str(out / "model.safetensors"), metadata={"format": "pt"})
     (out / "config.json").write_text(json.dumps(hf, indent=2))
     (out / "preprocessor_config.json").write_text(json.dumps(processor, indent=2))
     return out
