@@ -4,6 +4,7 @@ id and skipped (or fail the run), and nothing else ever escapes a Grain worker w
 import io
 import json
 import pickle
+import shutil
 
 import grain
 import ml_collections
@@ -15,7 +16,7 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 from PIL import Image
 
-from vlm_jax.data import build_pipeline, build_source, default_data_config, records
+from vlm_jax.data import build_pipeline, build_source, default_data_config, load_split, records
 from vlm_jax.data.array_record_source import unpack_record
 from vlm_jax.data.pipeline import RandomCrop, RandomFlip, ToModelInputs, batched
 from vlm_jax.data.tokenizers import ByteTokenizer
@@ -456,3 +457,18 @@ def test_evaluation_captions_belong_to_their_images_when_rows_are_dropped(tmp_pa
     )  # fmt: skip
     pairs = [(int(i), str(c)) for b in stream for i, c in zip(b["id"], b["caption"])]
     assert pairs == [(0, "caption 0"), (2, "caption 2"), (3, "caption 3"), (4, "caption 4")]
+
+
+def test_evaluation_reads_every_good_record_once(planted_folder, caplog):
+    """A bad record's slot holds the next good record (training keeps the batch full); an
+    evaluation split must not score that record twice."""
+    root, planted = planted_folder
+    shutil.copy(root / "train.jsonl", root / "val.jsonl")
+    data = load_split(folder_config(root), TOKENIZER, "val", batch_size=4)
+    bad = {planted["corrupt"], planted["random"], planted["empty"]}
+    assert data["id"].tolist() == [i for i in range(12) if i not in bad]
+    assert len(data["caption"]) == len(data["image"]) == len(data["tokens"]) == 9
+    assert "2 bad records left out of the evaluation (9 kept)" in caplog.text
+    # The training pass over the same rows keeps 11 (two substitutes), flagged as such.
+    train = all_batches(folder_config(root))
+    assert np.concatenate([b["substitute"] for b in train]).sum() == 2

@@ -85,7 +85,8 @@ def grey_and_rgba_images(tmp_path, _):
 def empty_caption(tmp_path, _):
     batches = folder_batches(one_bad_row(tmp_path, caption="   "))
     assert 1 not in [int(i) for b in batches for i in b["id"]]
-    return "record id=1 dropped, logged"
+    assert summed(batches, "bad_records") == 1
+    return "record id=1 dropped, logged, counted"
 
 
 def long_caption(tmp_path, _):
@@ -196,7 +197,7 @@ CONFIG_FAULTS = {
 FAULTS = [
     Fault("corrupt image bytes", "skipped, counted, logged", corrupt_image),
     Fault("grey / RGBA image", "converted", grey_and_rgba_images),
-    Fault("empty caption", "skipped, logged", empty_caption),
+    Fault("empty caption", "skipped, logged, counted", empty_caption),
     Fault("over-long caption", "truncated or bad, counted", long_caption),
     Fault("tokenizer raises", "skipped, counted", tokenizer_failure),
     Fault("bad record, on_error=fail", "error naming the record", bad_record_in_fail_mode),

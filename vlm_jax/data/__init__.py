@@ -7,7 +7,7 @@ from vlm_jax.data import (  # noqa: F401  (register the real-data sources and to
     spm,
     tfds_source,
 )
-from vlm_jax.data.pipeline import build_pipeline, default_data_config
+from vlm_jax.data.pipeline import build_pipeline, default_data_config, load_split
 from vlm_jax.data.sources import (
     DATA_SOURCES,
     build_source,
@@ -24,6 +24,7 @@ __all__ = [
     "build_source",
     "build_tokenizer",
     "default_data_config",
+    "load_split",
     "zeroshot_classnames",
     "zeroshot_templates",
 ]

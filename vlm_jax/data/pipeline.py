@@ -12,6 +12,7 @@ hand-offs, as much as drawing a shapes record; MapDataset with no reader threads
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -23,6 +24,7 @@ from absl import flags
 from vlm_jax.data import preprocess, shapes
 from vlm_jax.data.records import (
     DEFAULT_MAX_ASPECT_RATIO,
+    SUBSTITUTE,
     BadRecords,
     CheckedSource,
     RecordCheck,
@@ -268,3 +270,41 @@ def build_pipeline(
         drop_remainder=drop_remainder,
         name=where,
     )
+
+
+def load_split(
+    config: ml_collections.ConfigDict, tokenizer: Tokenizer, split: str, batch_size: int
+) -> dict[str, np.ndarray]:
+    """A whole held-out split as arrays, each good record exactly once, in source order.
+
+    The split's batches (`build_pipeline`, one epoch, no shuffling, no augmentation, captions
+    kept) concatenated, minus the SUBSTITUTE rows: where a bad record was replaced by the next
+    good one, that record would otherwise be evaluated twice. Arrays: those of the batches
+    ("image", "tokens", "id", ["label"], "caption", the counters), N = the good records.
+    """
+    batches = build_pipeline(
+        config,
+        tokenizer,
+        split,
+        batch_size=batch_size,
+        shuffle=False,
+        num_epochs=1,
+        drop_remainder=False,
+        captions=True,
+    )
+    data = {}
+    for batch in batches:
+        for key, value in batch.items():
+            data.setdefault(key, []).append(np.asarray(value))
+    data = {key: np.concatenate(parts) for key, parts in data.items()}
+    repeats = data.pop(SUBSTITUTE, np.zeros(0, np.int32)) > 0
+    if repeats.any():
+        logging.warning(
+            "data.source=%r split=%r: %d bad records left out of the evaluation (%d kept)",
+            config.data.source,
+            split,
+            int(repeats.sum()),
+            int((~repeats).sum()),
+        )
+        data = {key: value[~repeats] for key, value in data.items()}
+    return data

@@ -45,6 +45,9 @@ REASONS = (
     "bad_label",  # a labelled split's record without a class index as its label
 )
 COUNTERS = ("bad_records", "truncated_captions")  # int fields every checked record carries
+# 1 where a bad record's slot holds the next good record instead, i.e. a repeat of a record
+# the pass also reads at its own index: training keeps it, evaluation drops it.
+SUBSTITUTE = "substitute"
 MAX_CONSECUTIVE_BAD = 100  # more bad records in a row than this: the data is broken, stop
 DEFAULT_MAX_ASPECT_RATIO = 20.0  # longer/shorter side; beyond it resizing would explode
 
@@ -138,8 +141,8 @@ def check_image(record: dict) -> dict:
 
 
 def counters(record: dict) -> dict[str, np.int32]:
-    """The COUNTERS fields of a checked record, as they go into a batch."""
-    return {key: np.int32(record[key]) for key in COUNTERS if key in record}
+    """The COUNTERS and SUBSTITUTE fields of a checked record, as they go into a batch."""
+    return {key: np.int32(record[key]) for key in (*COUNTERS, SUBSTITUTE) if key in record}
 
 
 class RecordCheck:
@@ -180,8 +183,9 @@ class RecordCheck:
 
 class CheckedSource:
     """Random access to checked records of `source`: a bad record is reported to `bad` and
-    replaced by the next good one; each record carries "bad_records", the number stepped over
-    plus `source.dropped_before(index)` where the source has it (records it dropped up front)."""
+    replaced by the next good one (flagged SUBSTITUTE); each record carries "bad_records", the
+    number stepped over plus `source.dropped_before(index)` where the source has it (records
+    it dropped up front)."""
 
     def __init__(self, source: Any, check: Callable[[dict], dict], bad: BadRecords):
         self.source = source
@@ -203,7 +207,8 @@ class CheckedSource:
                 continue
             if record.get("truncated_captions"):
                 self.bad.note_truncated(f"record {candidate} id={record.get('id')}")
-            return {**record, "bad_records": skipped + self.dropped_before(index)}
+            bad_records = skipped + self.dropped_before(index)
+            return {**record, "bad_records": bad_records, SUBSTITUTE: int(skipped > 0)}
         raise RecordError(
             f"{self.bad.where}: records {index}.. are all bad ({MAX_CONSECUTIVE_BAD} in a row "
             f"at most); skipped so far: {dict(self.bad.counts)}"

@@ -12,7 +12,7 @@ import numpy as np
 
 from vlm_jax import sharding
 from vlm_jax.config import check_choice
-from vlm_jax.data import build_pipeline, build_source, build_tokenizer
+from vlm_jax.data import build_pipeline, build_source, build_tokenizer, load_split
 from vlm_jax.evaluate import class_embeddings, recall_at_k, unique_texts, zeroshot_accuracy
 from vlm_jax.losses import build_loss
 from vlm_jax.models import build_model, flops
@@ -144,20 +144,10 @@ class ContrastiveTask(Task):
 
     @functools.cache  # noqa: B019  (one task per run; the eval sets are small and fixed)
     def _load_split(self, split: str) -> dict[str, np.ndarray]:
-        """A whole held-out split as arrays (loaded once per run)."""
-        batches = list(
-            build_pipeline(
-                self.split_config(split),
-                self.tokenizer,
-                split,
-                batch_size=self.config.eval.batch_size,
-                shuffle=False,
-                num_epochs=1,
-                drop_remainder=False,
-                captions=True,
-            )
+        """A whole held-out split as arrays, every good record once."""
+        return load_split(
+            self.split_config(split), self.tokenizer, split, self.config.eval.batch_size
         )
-        return {k: np.concatenate([b[k] for b in batches]) for k in batches[0]}
 
     def _embed_texts(self, params, texts: list[str]) -> np.ndarray:
         tokens = self.tokenizer.batch_encode(texts, self.config.tokenizer.max_len)
