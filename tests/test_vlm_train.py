@@ -219,22 +219,30 @@ def test_lm_checkpoint_with_a_damaged_newest_step_initialises_from_the_intact_on
     assert "checkpoint step 2" in caplog.text and "DamagedCheckpoint" in caplog.text
 
 
-@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
-def test_generate_from_a_damaged_checkpoint_fails_naming_the_damage(tmp_path):
-    from vlm_jax.generate import main
+def tiny_vlm_run(workdir) -> list[str]:
+    """A "vlm" run (config.json, a checkpoint of fresh params at step 1) and a blank image in
+    `workdir` -> the generate CLI's --workdir, --image and --prompt arguments."""
     from vlm_jax.train.trainer import to_json
 
     config = tiny_config()
     mesh = sharding.build_mesh((1, 1, 1), devices=jax.devices()[:1])
     with jax.set_mesh(mesh):
         params, _ = init_params(VLMTask(config, mesh), config, mesh)
-    (tmp_path / "config.json").write_text(to_json(config))
-    save_params_steps(tmp_path / "checkpoints", {1: params})
+    (workdir / "config.json").write_text(to_json(config))
+    save_params_steps(workdir / "checkpoints", {1: params})
+    Image.fromarray(np.zeros((16, 16, 3), np.uint8)).save(workdir / "scene.png")
+    return ["--workdir", str(workdir), "--image", str(workdir / "scene.png"),
+            "--prompt", "how many circles are there?"]  # fmt: skip
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+def test_generate_from_a_damaged_checkpoint_fails_naming_the_damage(tmp_path):
+    from vlm_jax.generate import main
+
+    args = tiny_vlm_run(tmp_path)
     flip_byte_of_largest_array(tmp_path / "checkpoints" / "1")
-    Image.fromarray(np.zeros((16, 16, 3), np.uint8)).save(tmp_path / "scene.png")
     with pytest.raises(RuntimeError, match="no intact checkpoint.*step 1: DamagedCheckpoint"):
-        main(["--workdir", str(tmp_path), "--image", str(tmp_path / "scene.png"),
-              "--prompt", "how many circles are there?", "--max_new_tokens", "2"])  # fmt: skip
+        main([*args, "--max_new_tokens", "2"])
 
 
 def lm_task(eval_batch_size: int) -> LMTask:
@@ -265,3 +273,56 @@ def test_lm_eval_covers_the_whole_val_split_whatever_the_batch_size():
     for size, result in results.items():
         np.testing.assert_allclose(result["loss"], loss, rtol=1e-5, err_msg=f"batch {size}")
         np.testing.assert_allclose(result["token_acc"], metrics["token_acc"], rtol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "argv, problem",
+    [
+        (["--temp", "0.7"], "unknown flag(s) --temp; flags: --workdir, --image, --prompt, "),
+        (["--top_p=5", "--seed", "1"], "unknown flag(s) --seed, --top_p; flags: "),
+        ([], "missing --workdir, --image, --prompt"),
+        (["stray"], "unexpected argument 'stray'"),
+        (["--top_k"], "flag --top_k needs a value"),
+        (["--max_new_tokens", "1.5"], "--max_new_tokens='1.5': expected a int, got a float"),
+        (["--top_k=True"], "--top_k='True': expected a int, got a bool"),
+        (["--temperature", "hot"], "--temperature='hot': expected a float"),
+        (["--temperature=-1"], "--temperature=-1.0: must be >= 0.0"),
+        (["--max_new_tokens=0"], "--max_new_tokens=0: must be >= 1"),
+    ],
+)
+def test_generate_cli_misuse_exits_2_naming_the_problem_and_the_flags(argv, problem, capsys):
+    from vlm_jax.generate import main
+
+    required = ["--workdir", "w", "--image", "i.png", "--prompt", "q"] if argv else []
+    with pytest.raises(SystemExit) as info:
+        main(required + argv)
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert f"error: {problem}" in err
+    assert "usage: python -m vlm_jax.generate" in err and "[--top_k K" in err
+
+
+def test_generate_cli_parses_typed_values_and_defaults():
+    from vlm_jax.generate import parse_args
+
+    args = parse_args(["--workdir=w", "--image", "i.png", "--prompt", "q", "--top_k", "5"])
+    assert args == dict(
+        workdir="w", image="i.png", prompt="q", max_new_tokens=16, temperature=0.0, top_k=5
+    )
+
+
+def test_generate_cli_top_k_restricts_sampling(tmp_path, capsys):
+    """At a high temperature a sample differs from the greedy answer unless --top_k 1."""
+    from vlm_jax.generate import main
+
+    common = [*tiny_vlm_run(tmp_path), "--max_new_tokens", "6"]
+
+    def answer(*flags: str) -> str:
+        main(common + list(flags))
+        return capsys.readouterr().out  # the answer's line (empty if EOS came first)
+
+    greedy = answer()
+    assert answer("--temperature", "100") != greedy
+    assert answer("--temperature", "100", "--top_k", "1") == greedy
+    with pytest.raises(ValueError, match=r"top_k=100000: must be in \[0, \d+\]"):
+        answer("--temperature", "1", "--top_k", "100000")

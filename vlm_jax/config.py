@@ -37,40 +37,41 @@ def load_config(spec: str) -> ConfigDict:
     return config
 
 
-def _parse_bool(key: str, text: str) -> bool:
+def parse_bool(flag: str, text: str) -> bool:
+    """'true' or 'false' (any case) given to `flag` (e.g. '--config.train.remat')."""
     lowered = text.strip().lower()
     if lowered not in ("true", "false"):
-        raise ValueError(f"--config.{key}={text!r}: expected a bool (true or false)")
+        raise ValueError(f"{flag}={text!r}: expected a bool (true or false)")
     return lowered == "true"
 
 
-def _parse_int(key: str, text: str) -> int:
+def parse_int(flag: str, text: str) -> int:
     """An int literal only: '1.5' or 'True' would otherwise be truncated to 1 silently."""
     try:
         value = ast.literal_eval(text.strip())
     except (ValueError, SyntaxError):
-        raise ValueError(f"--config.{key}={text!r}: expected a int") from None
+        raise ValueError(f"{flag}={text!r}: expected a int") from None
     if isinstance(value, bool) or not isinstance(value, int):
-        raise ValueError(f"--config.{key}={text!r}: expected a int, got a {type(value).__name__}")
+        raise ValueError(f"{flag}={text!r}: expected a int, got a {type(value).__name__}")
     return value
 
 
-def _parse_float(key: str, text: str) -> float:
+def parse_float(flag: str, text: str) -> float:
     """A float or int literal (or inf / nan); not a bool."""
     try:
         return float(text)
     except ValueError:
-        raise ValueError(f"--config.{key}={text!r}: expected a float (or an int)") from None
+        raise ValueError(f"{flag}={text!r}: expected a float (or an int)") from None
 
 
 def _parse_value(key: str, text: str, current: Any) -> Any:
     """Parse `text` as the type of `current` (the value being overridden)."""
     if isinstance(current, bool):
-        return _parse_bool(key, text)
+        return parse_bool(f"--config.{key}", text)
     if isinstance(current, int):
-        return _parse_int(key, text)
+        return parse_int(f"--config.{key}", text)
     if isinstance(current, float):
-        return _parse_float(key, text)
+        return parse_float(f"--config.{key}", text)
     if isinstance(current, str):
         return text
     if isinstance(current, tuple | list):
@@ -110,6 +111,22 @@ def apply_override(config: ConfigDict, dotted_key: str, text: str) -> None:
             node = node[part]
 
 
+def split_flags(argv: Sequence[str]) -> list[tuple[str, str]]:
+    """`--name=value` / `--name value` arguments -> [(name, value)] in order."""
+    flags, i = [], 0
+    while i < len(argv):
+        if not argv[i].startswith("--"):
+            raise ValueError(f"unexpected argument {argv[i]!r}; flags look like --name=value")
+        name, eq, value = argv[i][2:].partition("=")
+        if not eq:
+            if i + 1 >= len(argv):
+                raise ValueError(f"flag --{name} needs a value")
+            i, value = i + 1, argv[i + 1]
+        flags.append((name, value))
+        i += 1
+    return flags
+
+
 def parse_cli(argv: Sequence[str]) -> tuple[ConfigDict, dict[str, str]]:
     """Parse `--config FILE[:arg] --workdir DIR --config.k=v ...`.
 
@@ -117,23 +134,11 @@ def parse_cli(argv: Sequence[str]) -> tuple[ConfigDict, dict[str, str]]:
     """
     options: dict[str, str] = {}
     overrides: list[tuple[str, str]] = []
-    args = list(argv)
-    i = 0
-    while i < len(args):
-        arg = args[i]
-        if not arg.startswith("--"):
-            raise ValueError(f"unexpected argument {arg!r}; flags look like --name=value")
-        name, eq, value = arg[2:].partition("=")
-        if not eq:
-            if i + 1 >= len(args):
-                raise ValueError(f"flag --{name} needs a value")
-            value = args[i + 1]
-            i += 1
+    for name, value in split_flags(argv):
         if name.startswith("config."):
             overrides.append((name[len("config.") :], value))
         else:
             options[name] = value
-        i += 1
     if "config" not in options:
         raise ValueError("missing --config configs/NAME.py[:arg]")
     config = load_config(options["config"])

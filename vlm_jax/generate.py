@@ -6,19 +6,24 @@
 The whole loop (prefill, then one `decode_step` per token in a `lax.while_loop` that stops
 when every row has emitted EOS) is one jitted function. After EOS a row emits `pad_id`.
 
-CLI: `python -m vlm_jax.generate --workdir DIR --image PATH --prompt "..."` loads the run's
-config.json and newest checkpoint and prints the answer.
+CLI: `python -m vlm_jax.generate --workdir DIR --image PATH --prompt "..." [--max_new_tokens N]
+[--temperature T] [--top_k K]` loads the run's config.json and newest intact checkpoint and
+prints the answer; any other flag exits 2 listing the valid ones.
 """
 
 from __future__ import annotations
 
 import functools
+import math
 import sys
 from collections.abc import Sequence
+from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+
+from vlm_jax.config import parse_float, parse_int, split_flags
 
 
 def pick_tokens(
@@ -97,40 +102,61 @@ def generate(
     return out
 
 
+# --flag: (parse(flag, text) -> value, default or REQUIRED, usage text)
+REQUIRED = object()
+FLAGS = {
+    "workdir": (lambda _, text: text, REQUIRED, "DIR"),
+    "image": (lambda _, text: text, REQUIRED, "PATH"),
+    "prompt": (lambda _, text: text, REQUIRED, '"..."'),
+    "max_new_tokens": (parse_int, 16, "N (default 16)"),
+    "temperature": (parse_float, 0.0, "T (default 0: greedy)"),
+    "top_k": (parse_int, 0, "K (sample from the K likeliest; default 0: all)"),
+}
+USAGE = "usage: python -m vlm_jax.generate " + " ".join(
+    f"--{name} {text}" if default is REQUIRED else f"[--{name} {text}]"
+    for name, (_, default, text) in FLAGS.items()
+)
+
+
 def main(argv: Sequence[str] | None = None) -> None:
-    """`--workdir DIR --image PATH --prompt TEXT [--max_new_tokens N] [--temperature T]`."""
+    """Print the answer of the run in --workdir; a bad flag exits 2 naming the valid ones."""
+    try:
+        args = parse_args(sys.argv[1:] if argv is None else argv)
+    except ValueError as error:
+        print(f"error: {error}\n{USAGE}", file=sys.stderr)
+        raise SystemExit(2) from None
     from vlm_jax.train.vlm_task import answer_from_checkpoint
 
-    args = _parse(sys.argv[1:] if argv is None else argv)
-    missing = {"workdir", "image", "prompt"} - set(args)
-    if missing:
-        print(
-            f"error: missing {sorted(missing)}; usage: python -m vlm_jax.generate --workdir DIR "
-            '--image PATH --prompt "..." [--max_new_tokens N] [--temperature T]',
-            file=sys.stderr,
-        )
-        raise SystemExit(2)
     print(
-        answer_from_checkpoint(
-            args["workdir"],
-            args["image"],
-            args["prompt"],
-            max_new_tokens=int(args.get("max_new_tokens", 16)),
-            temperature=float(args.get("temperature", 0.0)),
-        )
+        answer_from_checkpoint(args.pop("workdir"), args.pop("image"), args.pop("prompt"), **args)
     )
 
 
-def _parse(argv: Sequence[str]) -> dict[str, str]:
-    args, i = {}, 0
-    while i < len(argv):
-        name, eq, value = argv[i].removeprefix("--").partition("=")
-        if not eq:
-            i += 1
-            value = argv[i] if i < len(argv) else ""
-        args[name] = value
-        i += 1
+def parse_args(argv: Sequence[str]) -> dict[str, Any]:
+    """`--name=value` / `--name value` -> {name: typed value} for every name in FLAGS."""
+    given = dict(split_flags(argv))
+    unknown = sorted(set(given) - set(FLAGS))
+    if unknown:
+        valid = ", ".join(f"--{name}" for name in FLAGS)
+        raise ValueError(f"unknown flag(s) {', '.join('--' + n for n in unknown)}; flags: {valid}")
+    missing = [
+        f"--{n}" for n, (_, default, _) in FLAGS.items() if default is REQUIRED and n not in given
+    ]
+    if missing:
+        raise ValueError(f"missing {', '.join(missing)}")
+    args = {
+        name: parse(f"--{name}", given[name]) if name in given else default
+        for name, (parse, default, _) in FLAGS.items()
+    }
+    _check_at_least("--max_new_tokens", args["max_new_tokens"], 1)
+    _check_at_least("--temperature", args["temperature"], 0.0)
+    _check_at_least("--top_k", args["top_k"], 0)
     return args
+
+
+def _check_at_least(flag: str, value: float, low: float) -> None:
+    if not low <= value < math.inf:
+        raise ValueError(f"{flag}={value}: must be >= {low} and finite")
 
 
 if __name__ == "__main__":

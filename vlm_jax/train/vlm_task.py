@@ -221,9 +221,10 @@ def _like(target: Any, source: Any, name: str, allow_missing: str | None = None)
 
 
 def answer_from_checkpoint(
-    workdir: str, image_path: str, prompt: str, *, max_new_tokens=16, temperature=0.0
+    workdir: str, image_path: str, prompt: str, *, max_new_tokens=16, temperature=0.0, top_k=0
 ) -> str:
-    """Answer `prompt` about the image at `image_path` with a trained "vlm" run."""
+    """Answer `prompt` about the image at `image_path` with a trained "vlm" run (greedy when
+    temperature is 0; else sampled, from the top_k likeliest tokens when top_k > 0)."""
     from PIL import Image
 
     from vlm_jax.data import preprocess
@@ -232,6 +233,8 @@ def answer_from_checkpoint(
 
     config = ml_collections.ConfigDict(json.loads((Path(workdir) / "config.json").read_text()))
     tokenizer = build_tokenizer(config.tokenizer)
+    if not 0 <= top_k <= tokenizer.vocab_size:
+        raise ValueError(f"top_k={top_k}: must be in [0, {tokenizer.vocab_size}] (the vocabulary)")
     model = build_vlm(config.model)
     params = load_params(workdir)
     if IMAGE_PLACEHOLDER not in prompt:
@@ -249,6 +252,7 @@ def answer_from_checkpoint(
         eos_id=tokenizer.eos_id,
         pad_id=tokenizer.pad_id,
         temperature=temperature,
+        top_k=top_k,
         vocab_size=tokenizer.vocab_size,
         rng=jax.random.key(0),
     )
