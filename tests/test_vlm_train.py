@@ -326,3 +326,20 @@ def test_generate_cli_top_k_restricts_sampling(tmp_path, capsys):
     assert answer("--temperature", "100", "--top_k", "1") == greedy
     with pytest.raises(ValueError, match=r"top_k=100000: must be in \[0, \d+\]"):
         answer("--temperature", "1", "--top_k", "100000")
+
+
+def test_documented_recipes_are_the_configs():
+    """vlm_task's docstring lists each recipe's optim.freeze; it must be what the config sets."""
+    import ast
+    import re
+
+    from vlm_jax.train import vlm_task
+
+    pattern = r"^\s+(stage \d|full):\s+optim\.freeze = (\(.*?\))\s"
+    documented = {
+        name.replace(" ", ""): ast.literal_eval(freeze)
+        for name, freeze in re.findall(pattern, vlm_task.__doc__, re.MULTILINE)
+    }
+    assert sorted(documented) == ["full", "stage1", "stage2"]
+    for recipe, freeze in documented.items():
+        assert tuple(load_config(f"configs/vlm_shapes.py:{recipe}").optim.freeze) == freeze

@@ -1,9 +1,10 @@
 """The "vlm" task (VQA / captioning on the shapes world) and the "lm" task (text-only decoder
 pretraining on the world's captions, whose checkpoint can initialise the VLM's LM).
 
-Training recipes are config only:
-  stage 1: optim.freeze = ("vision/.*", "lm/.*")     connector (and xattn gates) trained
-  stage 2: optim.freeze = ("vision/.*",)             connector + LM
+Training recipes are config only (configs/vlm_shapes.py RECIPES):
+  stage 1: optim.freeze = ("vision/.*", "lm/(?!xattn_).*")   connector (and, with
+           cross-attention fusion, the gated lm/xattn_* blocks) trained
+  stage 2: optim.freeze = ("vision/.*",)                     connector + LM
   full:    optim.freeze = ()
   init.vision_checkpoint: a contrastive run's workdir; its image tower initialises `vision`
   init.lm_checkpoint:     an "lm" run's workdir; its decoder initialises `lm`
