@@ -23,7 +23,7 @@ import ml_collections
 import numpy as np
 
 from vlm_jax import sharding
-from vlm_jax.data import build_pipeline, build_tokenizer
+from vlm_jax.data import build_pipeline, build_tokenizer, load_split
 from vlm_jax.data.vqa import build_vqa_pipeline, encode_example, image_token_id
 from vlm_jax.evaluate.vqa import evaluate_vqa, load_examples
 from vlm_jax.models.vlm import build_decoder_lm, build_vlm
@@ -182,18 +182,10 @@ class LMTask(Task):
         return {"loss": float(nll / count), "token_acc": float(correct / count)}
 
     def _val_split(self) -> np.ndarray:
-        """The val split's tokens int32[N, L], every record once (loaded on first use)."""
+        """The val split's tokens int32[N, L], each good record once (loaded on first use)."""
         if self._val_tokens is None:
-            batches = build_pipeline(
-                self.config,
-                self.tokenizer,
-                "val",
-                batch_size=self.config.eval.batch_size,
-                shuffle=False,
-                num_epochs=1,
-                drop_remainder=False,
-            )
-            self._val_tokens = np.concatenate([batch["tokens"] for batch in batches])
+            split = load_split(self.config, self.tokenizer, "val", self.config.eval.batch_size)
+            self._val_tokens = split["tokens"]
         return self._val_tokens
 
 
