@@ -53,7 +53,7 @@ def get_config(arg=None):
             image_size=32,
             posemb="learn",
             stem="patch",  # "conv" to load a contrastive run trained with the conv stem
-            pool="map",  # unused here: the VLM reads the patch tokens
+            pool="map",  # the VLM reads the patch tokens; only "cls" matters (a cls token)
             dropout=0.0,
         )
     )

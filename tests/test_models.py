@@ -11,11 +11,13 @@ import ml_collections
 import numpy as np
 import pytest
 
+from vlm_jax.config import apply_override, load_config
 from vlm_jax.models import MODELS, build_model
-from vlm_jax.models.layers import sincos_2d
+from vlm_jax.models.flops import image_flops
+from vlm_jax.models.layers import MultiHeadAttention, sincos_2d
 from vlm_jax.models.text import TextTransformer
 from vlm_jax.models.two_tower import image_settings
-from vlm_jax.models.vit import ConvStem
+from vlm_jax.models.vit import ConvStem, ViT
 
 EMBED = 16
 IMAGE = 16
@@ -233,9 +235,46 @@ def test_unknown_key_fails():
     ],
 )
 def test_variants(variant, expected):
-    config = tiny_config(**{"image.variant": variant, "image.image_size": 224})
+    sizes = ("width", "depth", "mlp_dim", "num_heads") + (("patch_size",) if "/" in variant else ())
+    unset = {f"image.{key}": None for key in sizes}
+    config = tiny_config(**{"image.variant": variant, "image.image_size": 224, **unset})
     settings = image_settings(config)
     assert {k: settings[k] for k in expected} == expected
+
+
+def test_a_size_that_conflicts_with_the_variant_fails_naming_both():
+    """`--config.model.image.depth=24` on a "B/16" config used to build depth 12 silently."""
+    config = load_config("configs/siglip_b16.py")
+    assert image_settings(config.model)["depth"] == 12  # explicit sizes that agree are fine
+    apply_override(config, "model.image.depth", "24")
+    with pytest.raises(ValueError, match=r"depth=24 conflicts with model.image.variant='B/16'.*12"):
+        build_model(config.model)
+    with pytest.raises(ValueError, match="depth=24 conflicts"):
+        image_flops(config.model)  # the FLOP count reads the same settings
+    apply_override(config, "model.image.variant", "")
+    assert build_model(config.model).img.depth == 24
+    assert image_settings(config.model)["depth"] == 24
+
+
+@pytest.mark.parametrize("tower", ["image", "text"])
+def test_width_not_divisible_by_heads_fails_naming_both(tower):
+    config = tiny_config(**{f"{tower}.num_heads": 3})
+    with pytest.raises(ValueError, match=rf"model.{tower}: width=32 .* num_heads=3"):
+        build_model(config)
+
+
+def test_attention_with_width_not_divisible_by_heads_fails():
+    """Was: head_dim = 32 // 3 = 10, so 3 heads covered 30 of 32 dims without a word."""
+    attention = MultiHeadAttention(num_heads=3, attention_impl="xla")
+    with pytest.raises(ValueError, match="width=32 is not divisible by num_heads=3"):
+        attention.init(jax.random.key(0), jnp.zeros((1, 4, 32)))
+
+
+def test_unknown_stem_fails():
+    """Was: ViT(stem="cnov") built a patch stem."""
+    vit = ViT(width=32, depth=1, num_heads=2, mlp_dim=64, patch_size=4, stem="cnov")
+    with pytest.raises(ValueError, match="stem='cnov' is not one of: patch, conv"):
+        vit.init(jax.random.key(0), jnp.zeros((1, 16, 16, 3)))
 
 
 def test_sincos_posemb_matches_numpy_reference():
@@ -504,3 +543,17 @@ def test_dropout_is_active_only_in_training():
     assert float(jnp.max(jnp.abs(a["text_emb"] - b["text_emb"]))) > 1e-4
     eval_a, eval_b = (model.apply(variables, images, tokens) for _ in range(2))
     np.testing.assert_array_equal(eval_a["image_emb"], eval_b["image_emb"])
+
+
+@pytest.mark.parametrize(
+    "lm, message",
+    [
+        (dict(width=96, num_heads=5, head_dim=None), r"model.lm: width=96 .* num_heads=5"),
+        (dict(num_kv_heads=3), r"num_heads=4 is not a multiple of num_kv_heads=3"),
+    ],
+)
+def test_lm_head_counts_are_checked_when_the_model_is_built(lm, message):
+    config = load_config("configs/vlm_shapes.py")
+    config.model.lm.update(lm)
+    with pytest.raises(ValueError, match=message):
+        build_model(config.model)

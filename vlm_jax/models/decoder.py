@@ -27,6 +27,7 @@ from vlm_jax.models.layers import (
     Dtype,
     HeadsDense,
     MultiHeadAttention,
+    check_heads,
     constrain,
     logical_dense,
 )
@@ -237,7 +238,7 @@ class DecoderLM(nn.Module):
 
     @property
     def dim_per_head(self) -> int:
-        return self.head_dim or self.width // self.num_heads
+        return self.head_dim or check_heads("model.lm", self.width, self.num_heads)
 
     def init_cache(self, batch: int, max_len: int) -> KVCache:
         return KVCache.zeros(
@@ -346,6 +347,17 @@ def _positions_and_mask(batch: int, length: int, prefix_lengths, cache: KVCache 
     return positions, mask, cache.index
 
 
+def _check_lm_heads(cfg: ml_collections.ConfigDict) -> None:
+    """Without head_dim, width must split evenly over the heads; kv heads must group them."""
+    if not cfg.get("head_dim", None):
+        check_heads("model.lm", cfg.width, cfg.num_heads)
+    kv_heads = cfg.get("num_kv_heads", None) or cfg.num_heads
+    if kv_heads <= 0 or cfg.num_heads % kv_heads:
+        raise ValueError(
+            f"model.lm: num_heads={cfg.num_heads} is not a multiple of num_kv_heads={kv_heads}"
+        )
+
+
 def decoder_from_config(
     cfg: ml_collections.ConfigDict,
     *,
@@ -357,8 +369,9 @@ def decoder_from_config(
     """Build a DecoderLM from `config.model.lm`.
 
     Keys: vocab_size, width, depth, num_heads, num_kv_heads, head_dim, mlp_dim, rope_theta,
-    tie_embeddings, dropout.
+    tie_embeddings, dropout. Head counts are checked here, before any compute.
     """
+    _check_lm_heads(cfg)
     return DecoderLM(
         vocab_size=cfg.vocab_size,
         width=cfg.width,

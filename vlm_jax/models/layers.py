@@ -28,6 +28,16 @@ def compute_dtype(name: str) -> Dtype:
     return COMPUTE_DTYPES[name]
 
 
+def check_heads(where: str, width: int, num_heads: int) -> int:
+    """width // num_heads, failing (not silently truncating the heads) when it is not whole."""
+    if num_heads <= 0 or width % num_heads:
+        raise ValueError(
+            f"{where}: width={width} is not divisible by num_heads={num_heads} "
+            "(the heads would silently drop width % num_heads dims)"
+        )
+    return width // num_heads
+
+
 def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
     """Sharding constraint by logical names (a no-op outside a mesh/rules context)."""
     return nn.with_logical_constraint(x, tuple(names))
@@ -165,7 +175,7 @@ class MultiHeadAttention(nn.Module):
     ) -> jax.Array:
         inputs_kv = inputs_q if inputs_kv is None else inputs_kv
         width = inputs_q.shape[-1]
-        head_dim = self.head_dim or width // self.num_heads
+        head_dim = self.head_dim or check_heads("MultiHeadAttention", width, self.num_heads)
         kv_heads = self.num_kv_heads or self.num_heads
 
         def project(x, heads, names, name):

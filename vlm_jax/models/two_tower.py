@@ -18,9 +18,10 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
+from vlm_jax.config import check_choice
 from vlm_jax.kernels import ATTENTION_IMPLS
 from vlm_jax.models import MODELS
-from vlm_jax.models.layers import ACTIVATIONS, compute_dtype
+from vlm_jax.models.layers import ACTIVATIONS, check_heads, compute_dtype
 from vlm_jax.models.text import TEXT_POOLS, TextTransformer
 from vlm_jax.models.vit import (
     IMAGE_POOLS,
@@ -73,11 +74,6 @@ TEXT_DEFAULTS: dict[str, Any] = dict(
 )
 
 
-def _check_choice(where: str, value: Any, choices) -> None:
-    if value not in choices:
-        raise ValueError(f"{where}={value!r} is not one of: {', '.join(map(str, choices))}")
-
-
 def _resolve(section: ml_collections.ConfigDict | dict, defaults: dict, where: str) -> dict:
     """The section's values over `defaults`; unknown or missing keys fail naming them."""
     given = dict(section)
@@ -91,18 +87,38 @@ def _resolve(section: ml_collections.ConfigDict | dict, defaults: dict, where: s
     return settings
 
 
+def _apply_variant(section: dict) -> dict:
+    """A `variant` ("B/16") fills width/depth/mlp_dim/num_heads(/patch_size); a size also set
+    explicitly (e.g. by a CLI override) must agree with it, or the variant would silently undo it.
+    """
+    variant = section.get("variant")
+    if not variant:
+        return section
+    sizes = decode_variant(variant)
+    for key, size in sizes.items():
+        given = section.get(key)
+        if given is not None and given != size:
+            raise ValueError(
+                f"model.image.{key}={given} conflicts with model.image.variant={variant!r}, "
+                f"which sets {key}={size}; set model.image.variant='' to size the tower by its "
+                f"explicit keys, or pick another variant"
+            )
+    return section | sizes
+
+
 def image_settings(model_config: ml_collections.ConfigDict) -> dict[str, Any]:
-    """model.image resolved: a `variant` ("B/16") sets width/depth/mlp_dim/num_heads/patch_size."""
-    section = dict(model_config.image)
-    if section.get("variant"):
-        section |= decode_variant(section["variant"])
+    """model.image resolved and validated: the one reading of it for the two-tower model, the
+    VLM's vision tower and the FLOP count. `variant` ("B/16") sets the sizes (see _apply_variant).
+    """
+    section = _apply_variant(dict(model_config.image))
     settings = _resolve(section, IMAGE_DEFAULTS, "model.image")
-    _check_choice("model.image.pool", settings["pool"], IMAGE_POOLS)
-    _check_choice("model.image.posemb", settings["posemb"], POSEMBS)
-    _check_choice("model.image.stem", settings["stem"], STEMS)
+    check_heads("model.image", settings["width"], settings["num_heads"])
+    check_choice("model.image.pool", settings["pool"], IMAGE_POOLS)
+    check_choice("model.image.posemb", settings["posemb"], POSEMBS)
+    check_choice("model.image.stem", settings["stem"], STEMS)
     if settings["stem"] == "conv":
         conv_stem_channels(settings["patch_size"], settings["width"])  # raises if it can't
-    _check_choice("model.image.activation", settings["activation"], tuple(ACTIVATIONS))
+    check_choice("model.image.activation", settings["activation"], tuple(ACTIVATIONS))
     if settings["image_size"] % settings["patch_size"]:
         raise ValueError(
             f"model.image.image_size={settings['image_size']} is not a multiple of "
@@ -114,17 +130,22 @@ def image_settings(model_config: ml_collections.ConfigDict) -> dict[str, Any]:
 def text_settings(model_config: ml_collections.ConfigDict) -> dict[str, Any]:
     """model.text resolved over its defaults and validated."""
     settings = _resolve(model_config.text, TEXT_DEFAULTS, "model.text")
-    _check_choice("model.text.pool", settings["pool"], TEXT_POOLS)
-    _check_choice("model.text.activation", settings["activation"], tuple(ACTIVATIONS))
+    check_heads("model.text", settings["width"], settings["num_heads"])
+    check_choice("model.text.pool", settings["pool"], TEXT_POOLS)
+    check_choice("model.text.activation", settings["activation"], tuple(ACTIVATIONS))
     return settings
 
 
-def _shared(model_config: ml_collections.ConfigDict) -> dict[str, Any]:
-    """Settings both towers take from the top of `model`."""
+def attention_choices() -> tuple[str, ...]:
+    """Valid `model.attention_impl` values: "auto" and the dispatcher's registered kernels."""
+    return ("auto", *ATTENTION_IMPLS.names())
+
+
+def shared_settings(model_config: ml_collections.ConfigDict) -> dict[str, Any]:
+    """Settings every tower (and the VLM's vision tower) takes from the top of `model`."""
     impl = model_config.get("attention_impl", "auto")
-    _check_choice("model.attention_impl", impl, ("auto", *ATTENTION_IMPLS.names()))
+    check_choice("model.attention_impl", impl, attention_choices())
     return dict(
-        out_dim=model_config.embed_dim,
         dtype=compute_dtype(model_config.get("dtype", "float32")),
         attention_impl=impl,
         remat=model_config.get("remat", False),
@@ -133,18 +154,22 @@ def _shared(model_config: ml_collections.ConfigDict) -> dict[str, Any]:
 
 
 def _tower_shared(model_config: ml_collections.ConfigDict, head: bool) -> dict[str, Any]:
-    """`_shared` for one tower; without a head its pooled features are the embedding."""
-    return _shared(model_config) | ({} if head else {"out_dim": None})
+    """`shared_settings` for one tower; without a head its pooled features are the embedding."""
+    return shared_settings(model_config) | {"out_dim": model_config.embed_dim if head else None}
 
 
-def build_vit(model_config: ml_collections.ConfigDict) -> ViT:
+def build_vit(model_config: ml_collections.ConfigDict, patch_tokens: bool = False) -> ViT:
+    """model.image -> ViT. `patch_tokens=True`: the tower returns its patch tokens (the VLM's
+    vision tower, whose params load from a contrastive run's `img`); no head, no embed_dim."""
     settings = image_settings(model_config)
     for key in ("variant", "image_size"):
         settings.pop(key)
     for key in ("input_mean", "input_std"):
         settings[key] = None if settings[key] is None else tuple(settings[key])
-    shared = _tower_shared(model_config, settings.pop("head"))
-    return ViT(**settings, **shared)
+    head = settings.pop("head")
+    if patch_tokens:
+        return ViT(**settings, **shared_settings(model_config), patch_tokens=True)
+    return ViT(**settings, **_tower_shared(model_config, head))
 
 
 def build_text(model_config: ml_collections.ConfigDict) -> TextTransformer:

@@ -4,6 +4,7 @@ Order of operations (the one released checkpoints use, so converters map one-to-
 patch embed -> [prepend cls] -> + posemb -> [ln_pre] -> pre-LN blocks -> final LN -> pool -> head.
 
     images: float[B, H, W, 3] in [-1, 1] -> embeddings float[B, out_dim]
+                                         (patch_tokens=True: float[B, N, D], before pooling)
 """
 
 from __future__ import annotations
@@ -142,7 +143,8 @@ def build_stem(stem: str, width: int, patch_size: int, dtype: Dtype, patch_bias:
 
 
 class ViT(nn.Module):
-    """ViT with `cls | gap | map` pooling and a linear head to `out_dim` (None: no head)."""
+    """ViT with `cls | gap | map` pooling and a linear head to `out_dim` (None: no head), or
+    (patch_tokens=True) the encoder's patch tokens."""
 
     width: int
     depth: int
@@ -168,6 +170,10 @@ class ViT(nn.Module):
     # None: the inputs go in as they are (SigLIP's mean = std = 0.5 is the identity).
     input_mean: tuple[float, ...] | None = None
     input_std: tuple[float, ...] | None = None
+    # True: return the patch tokens float[B, N, D] after the final LayerNorm (no cls token, no
+    # pooling, no head), e.g. for a VLM; param names are unchanged, so a contrastive run's
+    # image tower loads as is (its pooling and head params are simply not used).
+    patch_tokens: bool = False
 
     def _normalize(self, images: jax.Array) -> jax.Array:
         """float32[B, H, W, 3] in [-1, 1] -> the tower's input normalisation."""
@@ -190,13 +196,6 @@ class ViT(nn.Module):
         table = sincos_2d(*grid, self.width)  # [N, D]
         table = jnp.pad(table, ((num_tokens - table.shape[0], 0), (0, 0)))
         return table[None]
-
-    def _stem(self) -> nn.Module:
-        if self.stem == "conv":
-            return ConvStem(self.width, self.patch_size, self.dtype, name="stem")
-        return PatchEmbed(
-            self.width, self.patch_size, self.patch_bias, self.dtype, name="embedding"
-        )
 
     def _pool(self, x: jax.Array) -> jax.Array:
         """x: float[B, T, D] -> float[B, D]."""
@@ -222,7 +221,8 @@ class ViT(nn.Module):
             raise ValueError(f"image posemb={self.posemb!r} is not one of: {', '.join(POSEMBS)}")
         _, height, width, _ = images.shape
         grid = (height // self.patch_size, width // self.patch_size)
-        x = self._stem()(self._normalize(images).astype(self.dtype))  # [B, N, D]
+        stem = build_stem(self.stem, self.width, self.patch_size, self.dtype, self.patch_bias)
+        x = stem(self._normalize(images).astype(self.dtype))  # [B, N, D]
         if self.pool == "cls":
             cls = self.param(
                 "cls",
@@ -249,6 +249,8 @@ class ViT(nn.Module):
             ln_eps=self.ln_eps,
             name="encoder",
         )(x, deterministic=not train)
+        if self.patch_tokens:
+            return x[:, x.shape[1] - grid[0] * grid[1] :]  # [B, N, D], without the cls token
         x = self._pool(x)  # [B, D]
         if self.out_dim is None:
             return x

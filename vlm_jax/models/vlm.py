@@ -26,9 +26,10 @@ from vlm_jax.models import (
     resamplers,  # noqa: F401  (registers perceiver, qformer)
 )
 from vlm_jax.models.decoder import DecoderLM, KVCache, decoder_from_config
-from vlm_jax.models.layers import Dtype, Encoder, sincos_2d
+from vlm_jax.models.layers import compute_dtype
 from vlm_jax.models.projectors import build_connector
-from vlm_jax.models.vit import POSEMBS, build_stem, decode_variant
+from vlm_jax.models.two_tower import build_vit
+from vlm_jax.models.vit import ViT
 
 FUSIONS = ("early", "cross_attention", "none")
 
@@ -154,85 +155,26 @@ class VisionLanguageModel(nn.Module):
         return logits[:, -1], cache
 
 
-class PatchTokens(nn.Module):
-    """The ViT's patch tokens (after its final LayerNorm, before pooling): float[B, N, W].
-
-    Built from the ViT's own pieces under the ViT's param names (embedding or stem, posemb,
-    encoder), so the image tower of a contrastive run initialises it (its pooling head is
-    unused); `stem` must be the one that run used.
-    """
-
-    width: int
-    depth: int
-    num_heads: int
-    mlp_dim: int
-    patch_size: int
-    posemb: str = "learn"
-    stem: str = "patch"
-    dtype: Dtype = jnp.float32
-    attention_impl: str = "auto"
-    remat: bool = False
-    scan: bool = False
-
-    @nn.compact
-    def __call__(self, images: jax.Array, train: bool = False) -> jax.Array:
-        if self.posemb not in POSEMBS:
-            raise ValueError(f"image posemb={self.posemb!r} is not one of: {', '.join(POSEMBS)}")
-        x = build_stem(self.stem, self.width, self.patch_size, self.dtype)(
-            images.astype(self.dtype)
-        )  # [B, N, W]
-        grid = (images.shape[1] // self.patch_size, images.shape[2] // self.patch_size)
-        if self.posemb == "learn":
-            posemb = self.param(
-                "posemb",
-                nn.with_logical_partitioning(
-                    nn.initializers.normal(stddev=1 / self.width**0.5), (None, None, "embed")
-                ),
-                (1, x.shape[1], self.width),
-                jnp.float32,
-            )
-        else:
-            posemb = sincos_2d(*grid, self.width)[None]
-        return Encoder(
-            self.depth,
-            self.num_heads,
-            self.mlp_dim,
-            dtype=self.dtype,
-            attention_impl=self.attention_impl,
-            remat=self.remat,
-            scan=self.scan,
-            name="encoder",
-        )(x + posemb.astype(self.dtype), deterministic=not train)
+# Keys of model.image that only shape the pooled embedding; the VLM reads the patch tokens.
+POOLED_ONLY_KEYS = ("head", "head_bias")
 
 
-def vision_tower(model_cfg: ml_collections.ConfigDict) -> PatchTokens:
-    """`model.image` (ViT keys; `variant` such as "S/16" sets the sizes) -> PatchTokens."""
-    image = dict(model_cfg.image)
-    if image.get("variant"):
-        image.update(decode_variant(image["variant"]))
-    return PatchTokens(
-        image["width"],
-        image["depth"],
-        image["num_heads"],
-        image["mlp_dim"],
-        image["patch_size"],
-        posemb=image.get("posemb", "learn"),
-        stem=image.get("stem", "patch"),
-        dtype=_dtype(model_cfg),
-        attention_impl=model_cfg.get("attention_impl", "auto"),
-        remat=model_cfg.get("remat", False),
-        scan=model_cfg.get("scan", False),
-    )
-
-
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+def vision_tower(model_cfg: ml_collections.ConfigDict) -> ViT:
+    """`model.image` -> the ViT returning its patch tokens float[B, N, W], resolved and validated
+    exactly as the two-tower's image tower (two_tower.image_settings), under the same param
+    names, so a contrastive run's `img` initialises it. `pool="cls"` keeps the cls token in the
+    encoder (as in that run) but not in the output; "gap" / "map" change nothing here."""
+    unused = sorted(set(model_cfg.image) & set(POOLED_ONLY_KEYS))
+    if unused:
+        raise ValueError(
+            f"model.image.{unused[0]} is not used by the VLM's vision tower (it returns the "
+            "patch tokens, before pooling and head); remove it"
+        )
+    return build_vit(model_cfg, patch_tokens=True)
 
 
 def _dtype(model_cfg: ml_collections.ConfigDict):
-    name = model_cfg.get("dtype", "float32")
-    if name not in DTYPES:
-        raise ValueError(f"model.dtype={name!r} is not one of: {', '.join(DTYPES)}")
-    return DTYPES[name]
+    return compute_dtype(model_cfg.get("dtype", "float32"))
 
 
 @MODELS.register("decoder_lm")
@@ -256,13 +198,14 @@ def build_vlm(model_cfg: ml_collections.ConfigDict) -> VisionLanguageModel:
         raise ValueError(f"model.fusion={fusion!r} is not one of: {', '.join(FUSIONS)}")
     every = model_cfg.get("cross_attention_every", 1) if fusion == "cross_attention" else 0
     lm = build_decoder_lm(model_cfg, every)
+    ids = dict(image_token_id=model_cfg.image_token_id)
     if fusion == "none":
-        return VisionLanguageModel(lm=lm, fusion=fusion, image_token_id=model_cfg.image_token_id)
+        return VisionLanguageModel(lm=lm, fusion=fusion, **ids)
     dtype, impl = _dtype(model_cfg), model_cfg.get("attention_impl", "auto")
     return VisionLanguageModel(
         lm=lm,
         vision=vision_tower(model_cfg),
         connector=build_connector(model_cfg.connector, lm.width, dtype=dtype, attention_impl=impl),
         fusion=fusion,
-        image_token_id=model_cfg.image_token_id,
+        **ids,
     )
