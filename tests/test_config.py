@@ -88,3 +88,41 @@ def test_mesh_shape_resolution(shape, devices, expected):
 def test_bad_mesh_shapes_fail_with_device_count(shape):
     with pytest.raises(ValueError, match=r"mesh.shape"):
         resolve_mesh_shape(shape, 8)
+
+
+@pytest.mark.parametrize("name", ["configs/siglip_shapes.py", "configs/vlm_shapes.py"])
+def test_model_and_data_image_sizes_must_agree(name):
+    """Was: model.image.image_size=64 with data.image_size=32 passed validation unchecked."""
+    import vlm_jax.train.registry_imports  # noqa: F401  (registers the tasks)
+    from vlm_jax.train.validate import validate_config
+
+    config = load_config(name)
+    validate_config(config)
+    apply_override(config, "model.image.image_size", "64")
+    with pytest.raises(ValueError, match=r"model.image.image_size=64 != data.image_size=32"):
+        validate_config(config)
+
+
+def test_validation_reads_the_attention_registry_and_the_dtype_table(monkeypatch):
+    """One list of attention impls (the dispatcher's registry) and one dtype table
+    (layers.COMPUTE_DTYPES): a newly registered impl or dtype is valid everywhere at once."""
+    import jax.numpy as jnp
+
+    import vlm_jax.train.registry_imports  # noqa: F401
+    from vlm_jax.kernels import ATTENTION_IMPLS
+    from vlm_jax.models import build_model
+    from vlm_jax.models.layers import COMPUTE_DTYPES
+    from vlm_jax.train.validate import validate_config
+
+    config = load_config("configs/vlm_shapes.py")
+    monkeypatch.setitem(ATTENTION_IMPLS._entries, "my_kernel", object())
+    monkeypatch.setitem(COMPUTE_DTYPES, "float16", jnp.float16)
+    apply_override(config, "model.attention_impl", "my_kernel")
+    apply_override(config, "model.dtype", "float16")
+    validate_config(config)
+    assert build_model(config.model).lm.dtype == jnp.float16
+    apply_override(config, "model.attention_impl", "flsh")
+    with pytest.raises(
+        ValueError, match=r"model.attention_impl='flsh' is not one of: auto, .*my_kernel"
+    ):
+        validate_config(config)

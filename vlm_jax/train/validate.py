@@ -6,10 +6,21 @@ import ml_collections
 
 from vlm_jax.config import check_choice
 from vlm_jax.data.records import LONG_CAPTION_CHOICES, ON_ERROR_CHOICES
+from vlm_jax.models.layers import COMPUTE_DTYPES
+from vlm_jax.models.two_tower import attention_choices
 from vlm_jax.train.numerics import CHOICES as NONFINITE_CHOICES
 
-DTYPES = ("float32", "bfloat16")
-ATTENTION_CHOICES = ("auto", "xla", "pallas", "cudnn")
+
+def check_image_sizes(config: ml_collections.ConfigDict) -> None:
+    """model.image.image_size (what the tower is built for) must be data.image_size (what the
+    pipeline feeds it): a learned posemb sized for one would not fit the other's patch grid."""
+    model_size = (config.get("model") or {}).get("image", {}).get("image_size")
+    data_size = (config.get("data") or {}).get("image_size")
+    if model_size is not None and data_size is not None and model_size != data_size:
+        raise ValueError(
+            f"model.image.image_size={model_size} != data.image_size={data_size}; "
+            "set both to the resolution the tower should see"
+        )
 
 
 def validate_config(config: ml_collections.ConfigDict) -> None:
@@ -19,8 +30,9 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     check_choice("task", config.task, TASKS.names)
     model = config.get("model")
     if model is not None:
-        check_choice("model.dtype", model.get("dtype", "float32"), DTYPES)
-        check_choice("model.attention_impl", model.get("attention_impl", "auto"), ATTENTION_CHOICES)
+        check_choice("model.dtype", model.get("dtype", "float32"), tuple(COMPUTE_DTYPES))
+        check_choice("model.attention_impl", model.get("attention_impl", "auto"), attention_choices)
+    check_image_sizes(config)
     train = config.train
     for key in ("batch_size", "total_steps", "log_every", "checkpoint_every", "keep_checkpoints"):
         if int(train[key]) <= 0:
