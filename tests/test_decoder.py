@@ -72,6 +72,35 @@ def test_kv_cache_decoding_equals_full_recomputation(tie, kv_heads):
         np.testing.assert_allclose(logits[:, 0], expected, rtol=1e-5, atol=1e-5)
 
 
+def test_kv_cache_overflow_with_a_concrete_index_fails():
+    """Was: 6 + 4 tokens into an 8-slot cache clamped the write and returned wrong logits."""
+    lm = _lm()
+    tokens = _tokens(batch=1, length=10)
+    variables = lm.init(jax.random.key(1), tokens)
+    _, cache = lm.apply(variables, tokens[:, :6], cache=lm.init_cache(1, 8))
+    with pytest.raises(ValueError, match=r"overflow: row 0 is at index 6.*end at 10 > max_len=8"):
+        lm.apply(variables, tokens[:, 6:], cache=cache)
+    with pytest.raises(ValueError, match="10 new tokens do not fit a KV cache of max_len=8"):
+        jax.jit(lambda c: lm.apply(variables, tokens, cache=c))(lm.init_cache(1, 8))
+
+
+def test_kv_cache_overflow_under_jit_gives_nan_logits_for_that_row_only():
+    """A traced index cannot be checked at trace time: the overflowed row's logits are NaN
+    (never plausible but wrong), the row that fits still equals the full recomputation."""
+    lm = _lm()
+    tokens = _tokens(batch=2, length=8)
+    variables = lm.init(jax.random.key(1), tokens)
+    full, _ = lm.apply(variables, tokens)
+    apply = jax.jit(lambda c, t: lm.apply(variables, t, cache=c))
+    _, cache = apply(lm.init_cache(2, 8), tokens[:, :6])
+    cache = cache.replace(index=jnp.array([4, 6]))  # row 1: 6 + 3 > 8
+    logits, cache = apply(cache, tokens[:, 4:7])
+    np.testing.assert_allclose(logits[0], full[0, 4:7], rtol=1e-5, atol=1e-5)
+    assert np.isnan(logits[1]).all()
+    logits, _ = apply(cache, tokens[:, :1])  # row 1 stays poisoned; row 0 (7 + 1) still fits
+    assert not np.isnan(logits[0]).any() and np.isnan(logits[1]).all()
+
+
 def test_prefix_lm_is_bidirectional_in_the_prefix_only():
     lm = _lm()
     tokens = _tokens(batch=1, length=8)

@@ -7,7 +7,9 @@ Decoding is functional: the cache is a `KVCache` pytree passed in and returned, 
 mutable collection, so a whole generation loop jits as one `lax.while_loop`. New keys and
 values are written at each example's own `cache.index` (prompts of different lengths in
 one batch), and queries see cached keys through the dispatcher's explicit positions:
-q_positions = index + arange(T), kv_valid = slot < index + T.
+q_positions = index + arange(T), kv_valid = slot < index + T. Writing past `max_len` is an
+error when the index is concrete; under jit, where it is traced, the overflowed rows get NaN
+logits (never silently wrong ones).
 
 With `cross_attention_every = k > 0`, a Flamingo gated cross-attention block runs before
 every k-th decoder layer; its tanh gates start at 0, so until trained the model is
@@ -21,6 +23,7 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 
 from vlm_jax.kernels import AttentionMask, attention
 from vlm_jax.models.layers import (
@@ -322,9 +325,38 @@ class DecoderLM(nn.Module):
             if kv is not None:
                 keys.append(kv[0])
                 values.append(kv[1])
+        logits = self.logits(x)
         if cache is not None:
+            logits = _nan_where_overflowed(logits, index, cache.max_len)
             cache = KVCache(tuple(keys), tuple(values), index + x.shape[1])
-        return self.logits(x), cache
+        return logits, cache
+
+
+def _check_capacity(cache: KVCache, length: int) -> None:
+    """Fail at trace time when the shapes (or a concrete index) prove that `length` new tokens
+    overflow the cache; a traced index is caught by `_nan_where_overflowed` instead."""
+    if length > cache.max_len:
+        raise ValueError(f"{length} new tokens do not fit a KV cache of max_len={cache.max_len}")
+    if isinstance(cache.index, jax.core.Tracer):
+        return
+    ends = np.asarray(cache.index) + length
+    if (ends > cache.max_len).any():
+        row = int(np.argmax(ends > cache.max_len))
+        raise ValueError(
+            f"KV cache overflow: row {row} is at index {int(cache.index[row])}, and {length} "
+            f"new tokens would end at {int(ends[row])} > max_len={cache.max_len}"
+        )
+
+
+def _nan_where_overflowed(logits: jax.Array, index: jax.Array, max_len: int) -> jax.Array:
+    """NaN logits float32[B, T, V] for the rows whose T new tokens ran past the cache.
+
+    dynamic_update_slice clamps an out-of-range write back into the cache, overwriting earlier
+    keys/values, so such a row's logits would be silently wrong; NaN cannot be mistaken for an
+    answer (and the row stays NaN: its index only grows). Size the cache as prompt + new tokens.
+    """
+    overflowed = index + logits.shape[1] > max_len  # bool[B]
+    return jnp.where(overflowed[:, None, None], jnp.nan, logits)
 
 
 def _positions_and_mask(batch: int, length: int, prefix_lengths, cache: KVCache | None):
@@ -333,8 +365,7 @@ def _positions_and_mask(batch: int, length: int, prefix_lengths, cache: KVCache 
     if cache is None:
         positions = jnp.broadcast_to(steps, (batch, length))
         return positions, AttentionMask(causal=True, prefix_lengths=prefix_lengths), None
-    if length > cache.max_len:
-        raise ValueError(f"{length} new tokens do not fit a KV cache of max_len={cache.max_len}")
+    _check_capacity(cache, length)
     positions = cache.index[:, None] + steps  # int32[B, T]
     slots = jnp.arange(cache.max_len, dtype=jnp.int32)
     mask = AttentionMask(
