@@ -42,6 +42,7 @@ def get_config(arg=None):
     c.model.fusion = "early"  # "early" | "cross_attention" | "none" (text-only baseline)
     c.model.cross_attention_every = 1  # cross_attention: a gated xattn block every k layers
     c.model.image_token_id = len(SPECIALS) + words.index(IMAGE_PLACEHOLDER)
+    c.model.pad_id = SPECIALS.index("<pad>")  # the words tokenizer's; must match it
     c.model.image = ml_collections.ConfigDict(
         dict(
             variant=None,

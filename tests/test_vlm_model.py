@@ -167,3 +167,28 @@ def test_bad_fusion_names_valid_choices():
     images, tokens, prefix = _batch()
     with pytest.raises(ValueError, match="fusion='late' is not one of: early, cross_attention"):
         model.init(jax.random.key(0), images, tokens, prefix)
+
+
+def test_qformer_instruction_mask_uses_the_configured_pad_id():
+    """Was: pad id 0 hard-coded, so a tokenizer padding with 7 conditioned the queries on its
+    padding. Pads inside the prefix must count as absent: same visual tokens as without them."""
+    from vlm_jax.config import load_config
+    from vlm_jax.models.resamplers import QFormer
+    from vlm_jax.models.vlm import build_vlm
+
+    pad = 7
+    model = _model(connector=QFormer(32, num_tokens=4, width=16, text_conditioned=True))
+    model = model.clone(pad_id=pad)
+    images = jnp.asarray(np.random.default_rng(0).uniform(-1, 1, (1, 8, 8, 3)), jnp.float32)
+    padded = jnp.array([[IMAGE_ID, 5, 6, pad, pad, 9]], jnp.int32)
+    unpadded = jnp.array([[IMAGE_ID, 5, 6, 9, 9, 9]], jnp.int32)
+    variables = model.init(jax.random.key(0), images, padded, jnp.array([5]))
+    encode = lambda t, p: model.apply(variables, images, t, p, method="encode_images")
+    np.testing.assert_allclose(
+        encode(padded, jnp.array([5])), encode(unpadded, jnp.array([3])), atol=1e-6
+    )
+    assert not np.allclose(encode(padded, jnp.array([5])), encode(unpadded, jnp.array([5])))
+
+    config = load_config("configs/vlm_shapes.py")
+    config.model.pad_id = pad
+    assert build_vlm(config.model).pad_id == pad

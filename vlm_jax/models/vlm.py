@@ -77,6 +77,7 @@ class VisionLanguageModel(nn.Module):
     connector: nn.Module | None = None
     fusion: str = "early"
     image_token_id: int = 1
+    pad_id: int = 0  # the tokenizer's; pad tokens never condition a Q-Former
 
     def _check(self) -> None:
         if self.fusion not in FUSIONS:
@@ -100,7 +101,7 @@ class VisionLanguageModel(nn.Module):
         text_valid = (
             (jnp.arange(tokens.shape[1]) < prefix_lengths[:, None])
             & (tokens != self.image_token_id)
-            & (tokens != 0)
+            & (tokens != self.pad_id)
         )
         repeat = lambda x: jnp.repeat(x, num_images, axis=0)
         visual = self.connector(
@@ -191,14 +192,15 @@ def build_decoder_lm(model_cfg: ml_collections.ConfigDict, cross_attention_every
 
 @MODELS.register("vlm")
 def build_vlm(model_cfg: ml_collections.ConfigDict) -> VisionLanguageModel:
-    """The "vlm" model: keys fusion, cross_attention_every, image_token_id, image (ViT),
+    """The "vlm" model: keys fusion, cross_attention_every, image_token_id, pad_id, image (ViT),
     connector (projectors.build_connector), lm (decoder.decoder_from_config)."""
     fusion = model_cfg.get("fusion", "early")
     if fusion not in FUSIONS:
         raise ValueError(f"model.fusion={fusion!r} is not one of: {', '.join(FUSIONS)}")
     every = model_cfg.get("cross_attention_every", 1) if fusion == "cross_attention" else 0
     lm = build_decoder_lm(model_cfg, every)
-    ids = dict(image_token_id=model_cfg.image_token_id)
+    # pad_id: configs from before it was a key (0, the built-in tokenizers') still load.
+    ids = dict(image_token_id=model_cfg.image_token_id, pad_id=model_cfg.get("pad_id", 0))
     if fusion == "none":
         return VisionLanguageModel(lm=lm, fusion=fusion, **ids)
     dtype, impl = _dtype(model_cfg), model_cfg.get("attention_impl", "auto")
