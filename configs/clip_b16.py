@@ -1,7 +1,9 @@
 """Real scale: CLIP ViT-B/16 at 224px, global batch 32k (softmax loss, t = 1/0.07, no bias).
 
-Identical to configs/siglip_b16.py except for the loss, logit scale/bias and the causal text
-tower pooled at its EOS token.
+Built on configs/siglip_b16.py (same data, image tower, optimiser and batch); CLIP's changes:
+softmax loss, logit scale 1/0.07 with no bias, and CLIP's text side: the clip_bpe tokenizer
+(vocab 49,408, max_len 77, pad 0, EOS 49,407 = <end_of_text>) and a causal text tower pooled at
+its EOS token.
 """
 
 from pathlib import Path
