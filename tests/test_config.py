@@ -60,7 +60,7 @@ def test_unknown_key_names_valid_keys(config_file):
 
 def test_wrong_type_is_rejected():
     config = base_config()
-    with pytest.raises(ValueError, match=r"train.batch_size='many': expected a int"):
+    with pytest.raises(ValueError, match=r"train.batch_size='many': expected an int"):
         apply_override(config, "train.batch_size", "many")
     with pytest.raises(ValueError, match="expected a bool"):
         apply_override(config, "train.async_checkpoint", "maybe")

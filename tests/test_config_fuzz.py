@@ -19,7 +19,7 @@ from vlm_jax.train.tasks import TASKS
 # (overrides, pattern the error must match): each is wrong in one way the issue names.
 INVALID = [
     ({"model.image.widht": "32"}, r"unknown config key 'model.image.widht'.*valid: .*width"),
-    ({"train.batch_size": "sixteen"}, r"train.batch_size='sixteen'.*expected a int"),
+    ({"train.batch_size": "sixteen"}, r"train.batch_size='sixteen'.*expected an int"),
     ({"train.async_checkpoint": "maybe"}, r"async_checkpoint='maybe'.*expected a bool"),
     ({"model.dtype": "float16"}, r"model.dtype='float16' is not one of: float32, bfloat16"),
     ({"model.attention_impl": "flash"}, r"attention_impl='flash' is not one of"),

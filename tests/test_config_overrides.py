@@ -27,7 +27,8 @@ def test_an_int_field_rejects_anything_but_an_int_literal(field, text, got):
     """The message names the key, the value, the expected type and (if a literal) what it was."""
     config = base_config()
     before = config.train[field]
-    message = f"--config.train.{field}={text!r}: expected a int" + (f", got a {got}" if got else "")
+    message = f"--config.train.{field}={text!r}: expected an int"
+    message += f", got a {got}" if got else ""
     with pytest.raises(ValueError, match="^" + re.escape(message) + "$"):
         apply_override(config, f"train.{field}", text)
     assert config.train[field] == before

@@ -283,8 +283,8 @@ def test_lm_eval_covers_the_whole_val_split_whatever_the_batch_size():
         ([], "missing --workdir, --image, --prompt"),
         (["stray"], "unexpected argument 'stray'"),
         (["--top_k"], "flag --top_k needs a value"),
-        (["--max_new_tokens", "1.5"], "--max_new_tokens='1.5': expected a int, got a float"),
-        (["--top_k=True"], "--top_k='True': expected a int, got a bool"),
+        (["--max_new_tokens", "1.5"], "--max_new_tokens='1.5': expected an int, got a float"),
+        (["--top_k=True"], "--top_k='True': expected an int, got a bool"),
         (["--temperature", "hot"], "--temperature='hot': expected a float"),
         (["--temperature=-1"], "--temperature=-1.0: must be >= 0.0"),
         (["--max_new_tokens=0"], "--max_new_tokens=0: must be >= 1"),
@@ -343,3 +343,12 @@ def test_documented_recipes_are_the_configs():
     assert sorted(documented) == ["full", "stage1", "stage2"]
     for recipe, freeze in documented.items():
         assert tuple(load_config(f"configs/vlm_shapes.py:{recipe}").optim.freeze) == freeze
+
+
+def test_pad_id_must_match_the_tokenizer():
+    """The Q-Former masks instruction tokens equal to model.pad_id: a wrong id would attend
+    to padding and ignore real tokens, so it is refused when the task is built."""
+    config = tiny_config(**{"model.pad_id": "5"})
+    mesh = sharding.build_mesh((1, 1, 1), devices=jax.devices()[:1])
+    with pytest.raises(ValueError, match=r"model.pad_id=5 but the tokenizer's pad id is 0"):
+        VLMTask(config, mesh)

@@ -50,9 +50,9 @@ def parse_int(flag: str, text: str) -> int:
     try:
         value = ast.literal_eval(text.strip())
     except (ValueError, SyntaxError):
-        raise ValueError(f"{flag}={text!r}: expected a int") from None
+        raise ValueError(f"{flag}={text!r}: expected an int") from None
     if isinstance(value, bool) or not isinstance(value, int):
-        raise ValueError(f"{flag}={text!r}: expected a int, got a {type(value).__name__}")
+        raise ValueError(f"{flag}={text!r}: expected an int, got a {type(value).__name__}")
     return value
 
 

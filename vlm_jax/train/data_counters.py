@@ -1,10 +1,11 @@
 """Totals of the data pipeline's per-record counters (`records.COUNTERS`) for metrics.jsonl.
 
 Every batch carries int32[b] "bad_records" (bad records stepped over to reach each example,
-plus those a source dropped up front, e.g. a folder manifest's rows without a file) and "truncated_captions" (0/1); the batches may be built in Grain worker processes, so the
-counts reach the trainer only through them. Totals are summed over the processes that load
-distinct rows (processes holding the same rows of a global batch load them both, and count
-once) and carried across resumes in the checkpoint meta as "data/<counter>".
+plus those a source dropped up front, e.g. a folder manifest's rows without a file) and
+"truncated_captions" (0/1); the batches may be built in Grain worker processes, so the counts
+reach the trainer only through them. Totals are summed over the processes that load distinct
+rows (processes holding the same rows of a global batch load them both, and count once) and
+carried across resumes in the checkpoint meta as "data/<counter>".
 """
 
 from __future__ import annotations

@@ -66,6 +66,11 @@ class VLMTask(Task):
                 f"model.image_token_id={config.model.image_token_id} but the tokenizer's "
                 f"<image> id is {image_token_id(self.tokenizer)}"
             )
+        pad_id = config.model.get("pad_id", 0)  # the Q-Former's instruction mask drops it
+        if pad_id != self.tokenizer.pad_id:
+            raise ValueError(
+                f"model.pad_id={pad_id} but the tokenizer's pad id is {self.tokenizer.pad_id}"
+            )
         self.model = build_vlm(config.model)
         self._examples = None
 
