@@ -70,6 +70,9 @@ def measure(config, steps: int, warmup: int) -> dict:
     from vlm_jax.train.validate import validate_config
 
     validate_config(config)
+    config = config.copy_and_resolve_references()
+    with config.unlocked():
+        config.train.worker_count = 0  # one batch is fed again and again: no workers needed
     mesh = sharding.build_mesh(config.mesh.shape)
     task = TASKS.get(config.task)(config, mesh)
     with jax.set_mesh(mesh), nn.logical_axis_rules(tuple(config.sharding.rules)):
