@@ -44,6 +44,7 @@ setup(
             "sentencepiece>=0.2",
             "scikit-learn>=1.5",
             "scikit-image>=0.24",
+            "pandas>=2.0",  # the notebooks' analysis cells (tests/test_notebooks.py)
         ],
         "notebooks": ["jupyter", "matplotlib>=3.8", "pandas>=2.0"],
         "gpu": ["jax[cuda12]>=0.10.2"],

@@ -30,14 +30,15 @@ USAGE = (
 
 
 def parse(argv: Sequence[str]):
-    from vlm_jax.config import parse_cli
+    from vlm_jax.config import parse_cli, parse_int
 
     try:
         config, options = parse_cli(argv)
         unknown = sorted(set(options) - {"config", "steps", "warmup"})
         if unknown:
             raise ValueError(f"unknown flag(s) {unknown}; flags: config, steps, warmup")
-        steps, warmup = int(options.get("steps", 10)), int(options.get("warmup", 2))
+        steps = parse_int("--steps", options.get("steps", "10"))
+        warmup = parse_int("--warmup", options.get("warmup", "2"))
         if steps < 1 or warmup < 0:
             raise ValueError(f"--steps={steps} must be >= 1 and --warmup={warmup} >= 0")
     except (ValueError, FileNotFoundError, TypeError) as e:

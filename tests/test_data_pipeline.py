@@ -44,7 +44,9 @@ def assert_same_batches(first: list[dict], second: list[dict]) -> None:
 def test_batch_layout_and_content_match_the_source():
     loader = build_pipeline(CONFIG, TOKENIZER, "val", batch_size=8, shuffle=False, num_epochs=1)
     batch = next(iter(loader))
-    assert batch.keys() == {"image", "tokens", "id", "bad_records", "truncated_captions"}
+    counters = {"bad_records", "truncated_captions", "substitute"}
+    assert batch.keys() == {"image", "tokens", "id", *counters}
+    assert all(batch[key].dtype == np.int32 and not batch[key].any() for key in counters)
     assert batch["image"].shape == (8, 32, 32, 3) and batch["image"].dtype == np.float32
     assert batch["tokens"].shape == (8, 16) and batch["tokens"].dtype == np.int32
     assert batch["id"].dtype == np.int64

@@ -127,17 +127,37 @@ def test_invalid_choice_fails_before_compute(tmp_path, key, value, message):
     assert not (tmp_path / "checkpoints").exists()
 
 
-def test_a_failing_evaluation_saves_the_trained_state_first(tmp_path, monkeypatch):
-    """An evaluator that raises at the last step must not cost the training since the last
-    checkpoint: the step is saved, then the error propagates."""
-    config = tiny_config(**{"train.eval_every": "0", "train.checkpoint_every": "100"})
+@pytest.mark.slow
+def test_a_failing_evaluation_saves_the_step_and_a_relaunch_finishes_it(tmp_path, monkeypatch):
+    """An evaluator that raises must not cost the training since the last checkpoint: the
+    step is saved, the error propagates, and relaunching evaluates that step first, so the
+    run ends as an uninterrupted one (same rows, same params). A second relaunch changes
+    nothing."""
+    config = tiny_config(**{"train.checkpoint_every": "100"})  # only the final step is saved
+    train(config, tmp_path / "whole")
+    real_evaluate = ContrastiveTask.evaluate
 
     def broken(self, params):
         raise RuntimeError("evaluator out of memory")
 
-    monkeypatch.setattr(ContrastiveTask, "evaluate", broken)
-    with pytest.raises(RuntimeError, match="out of memory"):
-        train(config, tmp_path)
-    saved = Checkpointer(tmp_path / "checkpoints", async_save=False)
-    assert saved.manager.all_steps() == [6]
-    saved.close()
+    for failing_step in (3, 6):  # eval_every=3: a mid-run evaluation, then the final one
+        run = tmp_path / f"fails_at_{failing_step}"
+        steps = iter((3, 6))  # the steps evaluate() is called at, in order
+
+        def fails_once(self, p, steps=steps, failing_step=failing_step):
+            return (broken if next(steps) == failing_step else real_evaluate)(self, p)
+
+        monkeypatch.setattr(ContrastiveTask, "evaluate", fails_once)
+        with pytest.raises(RuntimeError, match="out of memory"):
+            train(config, run)
+        saved = Checkpointer(run / "checkpoints", async_save=False)
+        assert saved.manager.all_steps() == [failing_step]
+        saved.close()
+        monkeypatch.setattr(ContrastiveTask, "evaluate", real_evaluate)
+        whole_rows = [numeric(r) for r in read_rows(tmp_path / "whole")]
+        assert "eval/zeroshot_top1" in train(config, run)
+        assert [numeric(r) for r in read_rows(run)] == whole_rows
+        train(config, run)
+        assert [numeric(r) for r in read_rows(run)] == whole_rows
+        a, b = final_params(tmp_path / "whole", 6), final_params(run, 6)
+        jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-6, atol=1e-7), a, b)

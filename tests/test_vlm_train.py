@@ -352,3 +352,19 @@ def test_pad_id_must_match_the_tokenizer():
     mesh = sharding.build_mesh((1, 1, 1), devices=jax.devices()[:1])
     with pytest.raises(ValueError, match=r"model.pad_id=5 but the tokenizer's pad id is 0"):
         VLMTask(config, mesh)
+
+
+def test_runs_from_before_model_pad_id_existed_still_resume(tmp_path):
+    """config.json of a VLM run started before model.pad_id was added lacks the key: it is
+    read as the 0 the code used then, so the run resumes; another value is still refused."""
+    from vlm_jax.train.trainer import prepare_workdir, to_json
+
+    config = tiny_config()
+    old = json.loads(to_json(config))
+    del old["model"]["pad_id"]
+    (tmp_path / "config.json").write_text(json.dumps(old))
+    prepare_workdir(tmp_path, config, is_primary=False)  # no error: the same experiment
+    old["model"]["pad_id"] = 3
+    (tmp_path / "config.json").write_text(json.dumps(old))
+    with pytest.raises(ValueError, match=r"model\.pad_id: 3 \(workdir\) vs 0 \(now\)"):
+        prepare_workdir(tmp_path, config, is_primary=False)

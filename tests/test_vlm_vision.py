@@ -94,7 +94,8 @@ def test_invalid_or_unused_image_keys_fail(key, value, message):
 
 
 def test_param_names_are_the_vit_names():
-    """Old VLM checkpoints (PatchTokens) had embedding/posemb/encoder: they still load."""
+    """VLM checkpoints from before the ViT reuse (PatchTokens: embedding/posemb/encoder) still
+    load with pool "map" or "gap" (the shipped configs); pool "cls" now adds a cls token."""
     vision = vision_tower(_vlm_model_config())
     params = jax.eval_shape(lambda: vision.init(jax.random.key(0), _images(1)))["params"]
     assert set(params) == {"embedding", "posemb", "encoder"}

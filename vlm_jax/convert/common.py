@@ -316,8 +316,8 @@ def save_converted(out: str | Path, params: Params, sections: dict[str, dict], m
 
 def load_converted(out: str | Path) -> tuple[Params, ml_collections.ConfigDict]:
     """(params as numpy, full config) of a converter output directory or a training workdir
-    (newest checkpoint)."""
-    from vlm_jax.train.checkpoint import Checkpointer
+    (newest intact checkpoint, `checkpoint.load_params`)."""
+    from vlm_jax.train.checkpoint import load_params
 
     out = Path(out)
     if (out / "convert.json").is_file():
@@ -325,10 +325,7 @@ def load_converted(out: str | Path) -> tuple[Params, ml_collections.ConfigDict]:
     else:  # a training workdir (e.g. fine-tuned from a converted checkpoint)
         run = json.loads((out / "config.json").read_text())
         sections = {name: run[name] for name in ("model", "tokenizer", "loss")}
-    ckpt = Checkpointer(out / "checkpoints", async_save=False)
-    params = jax.tree.map(np.asarray, ckpt.restore_params(None))
-    ckpt.close()
-    return params, full_config(sections)
+    return jax.tree.map(np.asarray, load_params(out)), full_config(sections)
 
 
 CONFIG_PY = '''"""Config of a converted checkpoint (written by vlm_jax.convert from convert.json).

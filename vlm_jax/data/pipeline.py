@@ -238,7 +238,8 @@ def build_pipeline(
     splits are resized and centre-cropped. Batches: {"image": float32[b, S, S, 3] in [-1, 1],
     "tokens": int32[b, L], "id": int64[b], "label": int64[b] (zeroshot), "bad_records":
     int32[b] (bad records stepped over to reach each), "truncated_captions": int32[b] (0/1),
-    with `captions` "caption": str[b]};
+    "substitute": int32[b] (1: a bad record's slot, filled by the next good record; evaluation
+    drops these, see `load_split`), with `captions` "caption": str[b]};
     b == batch_size unless drop_remainder=False. The iterator's get_state() is a small
     JSON-able dict (grain.checkpoint.CheckpointHandler stores it).
     """

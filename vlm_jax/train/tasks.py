@@ -98,5 +98,5 @@ class Task:
         return params
 
     def train_flops_per_example(self) -> float | None:
-        """Model FLOPs of one training example (3 x forward), for MFU; None if unknown."""
+        """Model FLOPs of one training example (forward + backward), for MFU; None if unknown."""
         return None

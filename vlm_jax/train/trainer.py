@@ -46,9 +46,22 @@ IDENTITY_TRAIN_KEYS = (
 )
 
 
+# Checkpoint meta key: the metrics row of a step whose evaluation raised. The step is saved
+# with it, and a relaunch runs that evaluation first (metrics.jsonl then reads as if
+# uninterrupted), instead of losing the training since the last checkpoint.
+PENDING_ROW = "pending_row"
+
+# Keys added to a task's configs after runs existed: (task, section, key) -> the value the
+# code used for runs whose config.json lacks the key (they resume; other values are refused).
+ADDED_KEYS = {("vlm", "model", "pad_id"): 0}
+
+
 def identity(config_json: str) -> dict:
     """The experiment-defining part of a config (as JSON text)."""
     full = json.loads(config_json)
+    for (task, section, key), value in ADDED_KEYS.items():
+        if full.get("task") == task and isinstance(full.get(section), dict):
+            full[section].setdefault(key, value)
     ident = {k: full.get(k) for k in IDENTITY_SECTIONS}
     ident["train"] = {k: full.get("train", {}).get(k) for k in IDENTITY_TRAIN_KEYS}
     return ident
@@ -258,7 +271,9 @@ def _train_loop(config, workdir: Path, mesh: Mesh, task: Task, is_primary: bool)
     if resumed is None:
         state = state.replace(params=task.load_pretrained(state.params))
     start = resumed or 0
-    writer = metrics_lib.MetricWriter(workdir, enabled=is_primary, resume_step=resumed)
+    pending = meta.get(PENDING_ROW)  # the saved step's row, whose evaluation failed
+    kept_rows = resumed if pending is None else resumed - 1  # a retry's row is rewritten
+    writer = metrics_lib.MetricWriter(workdir, enabled=is_primary, resume_step=kept_rows)
     total = config.train.total_steps
     progress = metrics_lib.Progress(total, start, config.train.batch_size, is_primary)
     perf = PerfMeter(config.train.batch_size, task.train_flops_per_example(), config, mesh)
@@ -273,6 +288,10 @@ def _train_loop(config, workdir: Path, mesh: Mesh, task: Task, is_primary: bool)
     def checkpoint_meta() -> dict:
         return {"step": step} | run_counts(monitor, data_counts)
 
+    if pending is not None:
+        logging.info("step %d: running the evaluation that failed before", start)
+        last = evaluated(task, state.params, pending)
+        writer.write(start, last)
     with StopRequest() as stop:
         while step < total:
             host_batch = next(data_iter)
@@ -300,10 +319,12 @@ def _train_loop(config, workdir: Path, mesh: Mesh, task: Task, is_primary: bool)
             )
             if evaluating:
                 try:
-                    row |= {f"eval/{k}": v for k, v in task.evaluate(state.params).items()}
-                except Exception:  # keep the trained state; `python -m vlm_jax.evaluate` reruns
-                    logging.error("evaluation at step %d failed; saving the checkpoint first", step)
-                    ckpt.save(step, state, data_iter, checkpoint_meta(), force=True)
+                    row = evaluated(task, state.params, row)
+                except Exception:  # keep the trained state: a relaunch evaluates, then goes on
+                    logging.error("evaluation at step %d failed; saving the step first", step)
+                    _on_nonfinite(monitor.flush(), monitor, ckpt, state, data_iter, checkpoint_meta)
+                    with_row = checkpoint_meta() | {PENDING_ROW: row}
+                    ckpt.save(step, state, data_iter, with_row, force=True)
                     ckpt.close()
                     raise
             if row:
@@ -323,6 +344,11 @@ def _train_loop(config, workdir: Path, mesh: Mesh, task: Task, is_primary: bool)
     writer.close()
     progress.close()
     return last
+
+
+def evaluated(task: Task, params, row: dict) -> dict:
+    """`row` with the task's held-out metrics added as eval/<name>."""
+    return row | {f"eval/{k}": v for k, v in task.evaluate(params).items()}
 
 
 def run_counts(monitor: numerics.NonFiniteMonitor, data_counts: DataCounters) -> dict:
@@ -345,7 +371,8 @@ def _on_nonfinite(event: dict, monitor, ckpt: Checkpointer, state, data_iter, me
 
 
 def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str | Path) -> dict:
-    """Evaluate the newest checkpoint in `workdir`; writes WORKDIR/eval_<step>.json."""
+    """Evaluate the newest intact checkpoint in `workdir` (damaged newer steps are logged and
+    skipped, as `load_params` does); writes WORKDIR/eval_<step>.json."""
     workdir = Path(workdir)
     validate_config(config)
     mesh = sharding.build_mesh(config.mesh.shape)
@@ -356,11 +383,10 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str | Path) 
     with jax.set_mesh(mesh), nn.logical_axis_rules(tuple(config.sharding.rules)):
         _, abstract, _ = param_layout(task, config, mesh)
         ckpt = Checkpointer(ckpt_dir, async_save=False)
-        step = ckpt.latest_step()
-        if step is None:
-            raise FileNotFoundError(f"no complete checkpoint in {ckpt_dir}")
-        params = ckpt.restore_params(step, abstract)
-        ckpt.close()
+        try:
+            params, step = ckpt.restore_newest_intact_params(abstract)
+        finally:
+            ckpt.close()
         results = {"step": step} | {f"eval/{k}": v for k, v in task.evaluate(params).items()}
     if jax.process_index() == 0:
         (workdir / f"eval_{step}.json").write_text(json.dumps(results, indent=2))

@@ -8,7 +8,8 @@ Training recipes are config only (configs/vlm_shapes.py RECIPES):
   full:    optim.freeze = ()
   init.vision_checkpoint: a contrastive run's workdir; its image tower initialises `vision`
   init.lm_checkpoint:     an "lm" run's workdir; its decoder initialises `lm`
-Frozen params get a zero update, no optimizer state and no backward pass (optim.freeze).
+Frozen params get a zero update, no optimizer state and no weight gradients (optim.freeze;
+activation gradients still flow through a frozen LM to a trained connector).
 """
 
 from __future__ import annotations
