@@ -209,3 +209,58 @@ def test_jax_slurm_detection_gives_each_task_one_gpu(monkeypatch):
         assert (address.split(":")[0], count, process) == ("gpu001", 32, 8 + local_id)
         seen += list(local)
     assert seen == list(range(8))
+
+
+@pytest.mark.parametrize(
+    "flags,env,expected",
+    [
+        # explicit flags win over the environment
+        (
+            {"coordinator_address": "head:1234", "num_processes": 4, "process_id": 2},
+            {"JAX_COORDINATOR_ADDRESS": "env:1", "JAX_NUM_PROCESSES": "9", "JAX_PROCESS_ID": "7"},
+            (("head:1234",), {"num_processes": 4, "process_id": 2}),
+        ),
+        # the environment alone (e.g. a launcher that exports JAX_* variables)
+        (
+            {},
+            {"JAX_COORDINATOR_ADDRESS": "env:1", "JAX_NUM_PROCESSES": "9", "JAX_PROCESS_ID": "7"},
+            (("env:1",), {"num_processes": 9, "process_id": 7}),
+        ),
+        # a flag address with the counts from the environment
+        (
+            {"coordinator_address": "head:1234"},
+            {"JAX_NUM_PROCESSES": "2", "JAX_PROCESS_ID": "0"},
+            (("head:1234",), {"num_processes": 2, "process_id": 0}),
+        ),
+        ({}, {"VLM_JAX_DISTRIBUTED": "auto"}, ((), {})),  # JAX's own cluster detection
+        ({}, {}, None),  # single process: not initialised
+    ],
+    ids=["flags", "env", "flags+env", "auto", "none"],
+)
+def test_distributed_start_up_precedence(monkeypatch, flags, env, expected):
+    from vlm_jax.train import distributed
+
+    calls = []
+    monkeypatch.setattr(jax.distributed, "initialize", lambda *a, **k: calls.append((a, k)))
+    for key in ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID"):
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.delenv("VLM_JAX_DISTRIBUTED", raising=False)
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    config = load_config(str(REPO / "configs/siglip_shapes.py"))
+    for key, value in flags.items():
+        apply_override(config, f"distributed.{key}", str(value))
+    distributed.maybe_initialize_distributed(config)
+    assert calls == ([] if expected is None else [expected])
+
+
+def test_distributed_address_without_process_counts_is_refused(monkeypatch):
+    from vlm_jax.train import distributed
+
+    monkeypatch.setattr(jax.distributed, "initialize", lambda *a, **k: pytest.fail("called"))
+    for key in ("JAX_NUM_PROCESSES", "JAX_PROCESS_ID", "VLM_JAX_DISTRIBUTED"):
+        monkeypatch.delenv(key, raising=False)
+    config = load_config(str(REPO / "configs/siglip_shapes.py"))
+    apply_override(config, "distributed.coordinator_address", "head:1234")
+    with pytest.raises(ValueError, match=r"'head:1234' needs num_processes > 0 .*got 0, -1"):
+        distributed.maybe_initialize_distributed(config)
