@@ -192,3 +192,19 @@ def test_kills_at_random_steps_and_damaged_checkpoints_match_an_uninterrupted_ru
     assert (checkpoints / f"{newest}.corrupt").is_dir()  # set aside, not deleted
     uninterrupted.wait()
     assert_same_run(workdir, tmp_path / "uninterrupted")
+
+
+def test_ctrl_c_stops_after_the_step_and_a_second_ctrl_c_interrupts():
+    """SIGINT (Ctrl-C) and SIGTERM set the stop flag the loop reads after each step; a second
+    Ctrl-C aborts at once (KeyboardInterrupt); the previous handlers come back on exit."""
+    from vlm_jax.train.preemption import StopRequest
+
+    before = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    for first in (signal.SIGINT, signal.SIGTERM):
+        with StopRequest() as stop:
+            assert not stop.should_stop(1)
+            os.kill(os.getpid(), first)
+            assert stop.should_stop(2)  # the loop saves and stops after this step
+            with pytest.raises(KeyboardInterrupt):
+                os.kill(os.getpid(), signal.SIGINT)
+        assert {sig: signal.getsignal(sig) for sig in before} == before
