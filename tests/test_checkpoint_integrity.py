@@ -10,6 +10,7 @@ import types
 import jax
 import jax.numpy as jnp
 import numpy as np
+import orbax.checkpoint as ocp
 import pytest
 
 from vlm_jax.train.checkpoint import (
@@ -144,8 +145,18 @@ def test_bytes_changed_inside_a_chunk_restore_without_error_but_fail_the_fingerp
     """TensorStore decodes such a chunk silently; only the saved fingerprints catch it."""
     save_steps(tmp_path)
     flip_middle_byte(largest_file(tmp_path / "2" / "state"))
+    ckpt = Checkpointer(tmp_path, async_save=False)
+    try:  # Orbax alone: no exception, wrong numbers
+        args = ocp.args.Composite(state=ocp.args.StandardRestore(abstract(state_at(0))))
+        silent = ckpt.manager.restore(2, args=args)["state"]
+    finally:
+        ckpt.close()
+    saved_w, read_w = np.asarray(state_at(2)["params"]["w"]), np.asarray(silent["params"]["w"])
+    assert read_w.shape == saved_w.shape and not np.array_equal(read_w, saved_w)
+    np.testing.assert_array_equal(silent["params"]["b"], state_at(2)["params"]["b"])
     with caplog.at_level(logging.WARNING):
-        resume(tmp_path)
+        _, step, _ = resume(tmp_path)
+    assert step == 1
     assert "DamagedCheckpoint" in caplog.text and "params/w" in caplog.text
 
 
