@@ -73,9 +73,9 @@ def visible_fraction(case: Case) -> float:
     t = case.seq
     if case.mask == "causal":
         return (t + 1) / (2 * t)
-    if case.mask == "prefix":
+    if case.mask == "prefix":  # prefix queries see the p prefix keys; query i >= p sees i + 1
         p = t // 2
-        return (p * t + (t - p) * (t - p + 1) / 2 + p * (t - p)) / (t * t)
+        return (p * p + (t - p) * (t + p + 1) / 2) / (t * t)
     return 1.0
 
 
@@ -200,6 +200,24 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+CASE_GROUPS = ("vit", "decoder")
+MODES = ("fwd", "fwd_bwd")
+
+
+def check_choices(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Exit 2 naming a mistyped case group, impl, mode or case name (not a silent n/a)."""
+    known_cases = [c.name for c in cases(list(CASE_GROUPS))]
+    for flag, given, valid in [
+        ("--cases", args.cases, CASE_GROUPS),
+        ("--impls", args.impls, tuple(IMPLS)),
+        ("--modes", args.modes, MODES),
+        ("--only", args.only, known_cases),
+    ]:
+        bad = [name for name in filter(None, given.split(",")) if name not in valid]
+        if bad:
+            parser.error(f"{flag} {','.join(bad)} is not one of: {', '.join(valid)}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cases", default="vit,decoder")
@@ -215,6 +233,7 @@ def main() -> None:
         help='extra "ours" variants: "bq,bk,bq_bwd,bk_bwd,warps,warps_bwd,stages;..."',
     )
     args = parser.parse_args()
+    check_choices(parser, args)
     impls = args.impls.split(",")
     for spec in filter(None, args.ours_blocks.split(";")):
         IMPLS[f"ours@{spec}"] = ours_with_blocks(spec)

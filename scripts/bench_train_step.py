@@ -7,8 +7,9 @@
 Builds the trainer's own jitted step (same task, sharded state, optimizer, freezing and
 numerics guard as `python -m vlm_jax.train`) on the trainer's mesh and feeds it one real
 batch from the config's training pipeline. Reports, as one JSON line:
-  * xla_gflops: FLOPs of the compiled step as XLA counts them (per device; with the
-    analytic model FLOPs x batch beside it where the task knows them);
+  * xla_gflops: FLOPs of the compiled step on one device, as XLA counts them, and
+    model_gflops: the task's analytic training FLOPs of the device's share of the batch
+    (global batch / devices), where the task knows them;
   * temp_mib / argument_mib: the compiled step's temporary and argument memory per device;
   * step_ms: median wall time of --steps calls after --warmup calls (block_until_ready);
   * trained / frozen parameter counts (config optim.freeze).
@@ -92,12 +93,12 @@ def measure(config, steps: int, warmup: int) -> dict:
         memory = compiled.memory_analysis()
         trained, frozen = param_counts(state.params, config.optim.freeze)
         for _ in range(warmup):
-            state, metrics = step(state, batch)
+            state, metrics = compiled(state, batch)
         jax.block_until_ready(metrics if warmup else state)
         times = []
         for _ in range(steps):
             start = time.perf_counter()
-            state, metrics = step(state, batch)
+            state, metrics = compiled(state, batch)  # no re-trace in the timed calls
             jax.block_until_ready(metrics)
             times.append(time.perf_counter() - start)
     model_flops = task.train_flops_per_example()
@@ -108,7 +109,7 @@ def measure(config, steps: int, warmup: int) -> dict:
         "xla_gflops": round(cost.get("flops", float("nan")) / 1e9, 3),
         "model_gflops": None
         if model_flops is None
-        else round(model_flops * config.train.batch_size / 1e9, 3),
+        else round(model_flops * config.train.batch_size / mesh.size / 1e9, 3),
         "temp_mib": round(memory.temp_size_in_bytes / 2**20, 1),
         "argument_mib": round(memory.argument_size_in_bytes / 2**20, 1),
         "step_ms": round(1e3 * statistics.median(times), 2),
