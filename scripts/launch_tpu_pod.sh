@@ -36,7 +36,7 @@ fi
 shift  # the "--"
 REMOTE_DIR=${REMOTE_DIR:-'~/vlm_jax'}
 GCLOUD=(gcloud compute tpus tpu-vm)
-TARGET=("$TPU_NAME" --zone="$ZONE" --worker=all ${PROJECT:+--project="$PROJECT"})
+FLAGS=(--zone="$ZONE" --worker=all ${PROJECT:+--project="$PROJECT"})
 
 run() {
   if [[ ${DRY_RUN:-0} == 1 ]]; then
@@ -49,13 +49,16 @@ run() {
 
 if [[ $SETUP == 1 ]]; then
   REPO=$(cd "$(dirname "$0")/.." && pwd)
-  run "${GCLOUD[@]}" ssh "${TARGET[@]}" --command="mkdir -p $REMOTE_DIR"
-  run "${GCLOUD[@]}" scp --recurse "${TARGET[@]}" "$REPO"/setup.py "$REPO"/vlm_jax \
+  run "${GCLOUD[@]}" ssh "$TPU_NAME" "${FLAGS[@]}" --command="mkdir -p $REMOTE_DIR"
+  # scp takes sources then the destination: the TPU name goes only into "NAME:DIR".
+  run "${GCLOUD[@]}" scp --recurse "${FLAGS[@]}" "$REPO"/setup.py "$REPO"/vlm_jax \
     "$REPO"/configs "$TPU_NAME:$REMOTE_DIR/"
-  run "${GCLOUD[@]}" ssh "${TARGET[@]}" --command="cd $REMOTE_DIR && pip install -q -e '.[tpu]'"
+  run "${GCLOUD[@]}" ssh "$TPU_NAME" "${FLAGS[@]}" \
+    --command="cd $REMOTE_DIR && pip install -q -e '.[tpu]'"
 fi
 
 TRAIN_ARGS=$(printf '%q ' "$@")
-COMMAND="cd $REMOTE_DIR && VLM_JAX_DISTRIBUTED=auto python3 -m vlm_jax.train $TRAIN_ARGS"
-COMMAND+="2>&1 | tee -a train.log"
-run "${GCLOUD[@]}" ssh "${TARGET[@]}" --command="$COMMAND"
+# pipefail: the remote exit status is the trainer's, not tee's (a crash must not look clean).
+COMMAND="set -o pipefail; cd $REMOTE_DIR && VLM_JAX_DISTRIBUTED=auto python3 -m vlm_jax.train "
+COMMAND+="$TRAIN_ARGS 2>&1 | tee -a train.log"
+run "${GCLOUD[@]}" ssh "$TPU_NAME" "${FLAGS[@]}" --command="$COMMAND"

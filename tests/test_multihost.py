@@ -159,6 +159,19 @@ TRAIN_FLAGS = ["--config", "configs/siglip_shapes.py", "--workdir", "gs://b/run"
 TRAIN_FLAGS += ["--config.mesh.shape=(-1, 1, 4)"]
 
 
+def test_tpu_pod_launcher_setup_copies_the_checkout_then_installs():
+    mkdir, copy, install, train = dry_run(
+        "launch_tpu_pod.sh", "pod", "us-central2-b", "--setup", "--", *TRAIN_FLAGS
+    )
+    assert mkdir[:6] == ["gcloud", "compute", "tpus", "tpu-vm", "ssh", "pod"]
+    assert copy[:6] == ["gcloud", "compute", "tpus", "tpu-vm", "scp", "--recurse"]
+    sources = [arg for arg in copy[6:-1] if not arg.startswith("--")]
+    assert [Path(s).name for s in sources] == ["setup.py", "vlm_jax", "configs"]
+    assert all(Path(s).exists() for s in sources)  # no bare TPU name among the sources
+    assert copy[-1] == "pod:~/vlm_jax/" and "--worker=all" in copy
+    assert "pip install -q -e '.[tpu]'" in install[-1] and train[5] == "pod"
+
+
 def test_tpu_pod_launcher_runs_the_trainer_on_every_worker():
     (command,) = dry_run("launch_tpu_pod.sh", "pod", "us-central2-b", "--", *TRAIN_FLAGS)
     assert command[:5] == ["gcloud", "compute", "tpus", "tpu-vm", "ssh"]
@@ -172,6 +185,7 @@ def test_tpu_pod_launcher_runs_the_trainer_on_every_worker():
         "vlm_jax.train",
         *TRAIN_FLAGS,
     ]
+    assert remote[:3] == ["set", "-o", "pipefail;"]  # the trainer's exit status, not tee's
 
 
 def test_slurm_launcher_submits_one_task_per_gpu():
