@@ -7,9 +7,14 @@
 Every (cell, seed) is one `python -m vlm_jax.train` run in OUT/runs/<cell>__s<seed>, ending
 with the VQA evaluation (accuracy per question type, swapped / blank image probes, false-yes
 rate, visual tokens, prefill FLOPs). The runner is resumable: finished runs (result.json
-present) are skipped and an interrupted run resumes from its last checkpoint. It writes
-OUT/results.csv (one row per run), OUT/table.md (mean ± std over seeds per cell) and PNG
-plots: accuracy per question type vs visual tokens, and train step time vs visual tokens.
+present) are skipped and an interrupted run resumes from its last checkpoint. A run counts as
+finished only once its metrics reach train.total_steps (a run stopped by Ctrl-C or preemption
+saves a checkpoint and exits 0, and is resumed next time); result.json records the --base and
+--set it ran with, and a finished run is not reused for other settings. Ctrl-C cancels the
+runs not yet started. A failed run is reported and the others go on. It writes
+OUT/results.csv (one row per run: this invocation's and earlier ones in OUT with the same
+--base and --set), OUT/table.md (mean ± sample std over seeds per cell) and PNG plots: accuracy
+per question type vs visual tokens, and train step time vs visual tokens.
 """
 
 from __future__ import annotations
@@ -111,9 +116,20 @@ def reevaluate(base: str, out: Path, cell: str, seed: int, extra: list[str], exa
     return result
 
 
+def settings(base: str, extra: list[str]) -> dict:
+    """What a run was launched with besides its cell and seed (recorded in result.json)."""
+    return {"base": base, "set": sorted(extra)}
+
+
 def summarise(workdir: Path) -> dict[str, float]:
     """Final eval metrics and the mean logged step time of a finished run."""
     rows = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+    total = json.loads((workdir / "config.json").read_text())["train"]["total_steps"]
+    reached = max((r["step"] for r in rows), default=0)
+    if reached < total:  # stopped by a signal (checkpoint saved, exit 0): not finished
+        raise RuntimeError(
+            f"{workdir}: stopped at step {reached} of {total}; run the same command to resume it"
+        )
     evals = [r for r in rows if any(k.startswith("eval/") for k in r)]
     if not evals:
         raise RuntimeError(f"{workdir}: no eval row in metrics.jsonl")
@@ -130,19 +146,27 @@ def run_one(base: str, out: Path, cell: str, seed: int, extra: list[str]) -> dic
     workdir = run_dir(out, cell, seed)
     result_file = workdir / "result.json"
     if result_file.exists():
-        return json.loads(result_file.read_text())
+        result = json.loads(result_file.read_text())
+        recorded = result.get("settings")  # absent in results written before it was recorded
+        if recorded is not None and recorded != settings(base, extra):
+            raise RuntimeError(
+                f"{workdir} finished with {recorded}, not {settings(base, extra)}: "
+                "use another --out for other settings"
+            )
+        return result
     workdir.mkdir(parents=True, exist_ok=True)
     start = time.time()
     _run_logged(command("vlm_jax.train", base, workdir, cell, seed, extra), workdir, cell)
-    result = {"cell": cell, "seed": seed, "wall_s": time.time() - start, **summarise(workdir)}
+    result = {"cell": cell, "seed": seed, "settings": settings(base, extra)}
+    result |= {"wall_s": time.time() - start, **summarise(workdir)}
     result_file.write_text(json.dumps(result, indent=2))
     return result
 
 
 def write_csv(results: list[dict], path: Path) -> None:
-    keys = sorted({k for r in results for k in r} - {"cell", "seed"})
+    keys = sorted({k for r in results for k in r} - {"cell", "seed", "settings"})
     with path.open("w", newline="") as f:
-        writer = csv.DictWriter(f, ["cell", "seed", *keys])
+        writer = csv.DictWriter(f, ["cell", "seed", *keys], extrasaction="ignore")
         writer.writeheader()
         writer.writerows(sorted(results, key=lambda r: (r["cell"], r["seed"])))
 
@@ -154,20 +178,23 @@ def _by_cell(results: list[dict], cells: tuple[str, ...]) -> dict[str, list[dict
 
 def _mean_std(rows: list[dict], key: str, scale: float = 1.0, digits: int = 2) -> str:
     values = np.asarray([r.get(key, np.nan) for r in rows], float) * scale
-    if np.all(np.isnan(values)):
+    values = values[~np.isnan(values)]
+    if not len(values):
         return "–"
     if len(values) == 1:
         return f"{values[0]:.{digits}f}"
-    return f"{np.nanmean(values):.{digits}f} ± {np.nanstd(values):.{digits}f}"
+    return f"{values.mean():.{digits}f} ± {values.std(ddof=1):.{digits}f}"  # sample std
 
 
 def markdown_table(results: list[dict], cells: tuple[str, ...]) -> str:
-    """Mean ± std over seeds per cell: accuracy per type, probes, tokens, FLOPs, step time."""
+    """Mean ± sample std over seeds per cell: accuracy per type, probes, tokens, FLOPs, step
+    time; "seeds" counts the runs with an accuracy."""
     header = ["cell", "seeds", "vis tok", *(label for _, label in TABLE_METRICS)]
     header += ["prefill GFLOP", "step ms"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for cell, rows in _by_cell(results, cells).items():
-        cols = [cell, str(len(rows)), f"{rows[0].get('visual_tokens', 0):.0f}"]
+        seeds = sum(not np.isnan(r.get("acc", np.nan)) for r in rows)
+        cols = [cell, str(seeds), f"{rows[0].get('visual_tokens', 0):.0f}"]
         cols += [_mean_std(rows, key) for key, _ in TABLE_METRICS]
         cols += [_mean_std(rows, "prefill_gflops", digits=3)]
         cols += [_mean_std(rows, "step_time_s", scale=1e3, digits=0)]
@@ -235,24 +262,55 @@ def main(argv: list[str] | None = None) -> None:
     out.mkdir(parents=True, exist_ok=True)
     jobs = [(cell, seed) for seed in seeds for cell in cells]
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-    results = []
-    with concurrent.futures.ThreadPoolExecutor(max(1, args.parallel)) as pool:
-        futures = {pool.submit(run_one, args.base, out, c, s, args.set): (c, s) for c, s in jobs}
-        for future in concurrent.futures.as_completed(futures):
-            cell, seed = futures[future]
-            result = future.result()
-            print(f"done {cell} seed {seed}: acc={result.get('acc', float('nan')):.3f} "
-                  f"({result.get('wall_s', 0):.0f}s)", flush=True)  # fmt: skip
-            results.append(result)
+    results, failures = run_all(args, out, jobs)
     if args.reeval:
         results = [reevaluate(args.base, out, r["cell"], r["seed"], args.set, args.reeval)
                    for r in results]  # fmt: skip
+    results = with_earlier_results(results, out, settings(args.base, args.set))
+    shown = tuple(c for c in CELLS if any(r["cell"] == c for r in results))
     write_csv(results, out / "results.csv")
-    table = markdown_table(results, cells)
+    table = markdown_table(results, shown)
     (out / "table.md").write_text(table + "\n")
-    plots = plot(results, cells, out)
+    plots = plot(results, shown, out) if results else []
     print(table)
     print("wrote", out / "results.csv", out / "table.md", *plots)
+    if failures:
+        raise SystemExit("failed runs (the others are in the outputs):\n" + "\n".join(failures))
+
+
+def run_all(args, out: Path, jobs: list[tuple[str, int]]) -> tuple[list[dict], list[str]]:
+    """Every job's result, and a line per failed job; Ctrl-C cancels the jobs not started."""
+    results, failures = [], []
+    pool = concurrent.futures.ThreadPoolExecutor(max(1, args.parallel))
+    try:
+        futures = {pool.submit(run_one, args.base, out, c, s, args.set): (c, s) for c, s in jobs}
+        for future in concurrent.futures.as_completed(futures):
+            cell, seed = futures[future]
+            try:
+                result = future.result()
+            except Exception as e:  # reported at the end; the other runs go on
+                failures.append(f"{cell} seed {seed}: {e}")
+                print(f"FAILED {failures[-1]}", flush=True)
+                continue
+            print(f"done {cell} seed {seed}: acc={result.get('acc', float('nan')):.3f} "
+                  f"({result.get('wall_s', 0):.0f}s)", flush=True)  # fmt: skip
+            results.append(result)
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+    return results, failures
+
+
+def with_earlier_results(results: list[dict], out: Path, current: dict) -> list[dict]:
+    """`results` plus finished runs in OUT from earlier invocations with the same settings."""
+    seen = {(r["cell"], r["seed"]) for r in results}
+    merged = list(results)
+    for path in sorted(out.glob("runs/*/result.json")):
+        earlier = json.loads(path.read_text())
+        key = (earlier.get("cell"), earlier.get("seed"))
+        if key not in seen and earlier.get("settings") == current:
+            merged.append(earlier)
+            seen.add(key)
+    return merged
 
 
 if __name__ == "__main__":

@@ -3,6 +3,9 @@
 import csv
 import importlib.util
 import json
+import os
+import signal
+import time
 from pathlib import Path
 
 import pytest
@@ -29,6 +32,7 @@ def test_summarise_and_table(tmp_path):
         {"step": 100, "train/loss": 0.5, "perf/step_time_s": 0.4, "eval/acc": 0.5},
     ]
     (tmp_path / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    write_run_config(tmp_path, total_steps=100)
     summary = ablate.summarise(tmp_path)
     assert summary["acc"] == 0.5 and summary["final_train_loss"] == 0.5
     assert abs(summary["step_time_s"] - 0.3) < 1e-9
@@ -39,7 +43,12 @@ def test_summarise_and_table(tmp_path):
     table = ablate.markdown_table(results, ("text_only", "mlp64/early"))
     lines = table.splitlines()
     assert len(lines) == 3  # header, rule, one cell (text_only has no runs)
-    assert lines[2].startswith("| mlp64/early | 2 | 64 | 0.50 ± 0.10 |")
+    assert lines[2].startswith("| mlp64/early | 2 | 64 | 0.50 ± 0.14 |")  # sample std, ddof=1
+
+
+def write_run_config(workdir: Path, total_steps: int) -> None:
+    """The part of the trainer's config.json the runner reads."""
+    (workdir / "config.json").write_text(json.dumps({"train": {"total_steps": total_steps}}))
 
 
 def finished_rows(acc: float) -> str:
@@ -64,6 +73,7 @@ def test_finished_cells_are_kept_and_interrupted_ones_relaunched(tmp_path, monke
         launched.append((what, cmd[cmd.index("--workdir") + 1], cmd[2]))
         assert (workdir / "checkpoints" / "2").is_dir()  # not wiped before the relaunch
         (workdir / "metrics.jsonl").write_text(finished_rows(acc=0.75))
+        write_run_config(workdir, total_steps=4)
 
     monkeypatch.setattr(ablate, "_run_logged", run_logged)
     ablate.main(["--out", str(tmp_path), "--cells", "text_only,mlp64/early", "--seeds", "0"])
@@ -78,3 +88,73 @@ def test_finished_cells_are_kept_and_interrupted_ones_relaunched(tmp_path, monke
     launched.clear()  # a second invocation: both results exist, nothing is launched
     ablate.main(["--out", str(tmp_path), "--cells", "text_only,mlp64/early", "--seeds", "0"])
     assert launched == []
+
+
+def fake_training(launched: list, reached: dict[str, int], total: int = 4):
+    """A stand-in for `python -m vlm_jax.train`: logs up to reached[cell] of `total` steps."""
+
+    def run_logged(cmd, workdir, what):
+        launched.append(what)
+        rows = [{"step": s, "train/loss": 1.0 / s} for s in range(1, reached.get(what, total))]
+        rows.append({"step": reached.get(what, total), "eval/acc": 0.5, "train/loss": 0.1})
+        (workdir / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+        write_run_config(workdir, total)
+
+    return run_logged
+
+
+def read_csv(path: Path) -> dict[tuple[str, str], dict]:
+    with path.open() as f:
+        return {(r["cell"], r["seed"]): r for r in csv.DictReader(f)}
+
+
+@pytest.mark.filterwarnings("ignore:Mean of empty slice")
+def test_a_stopped_run_is_not_finished_and_a_failure_does_not_lose_the_others(
+    tmp_path, monkeypatch
+):
+    """A trainer stopped by Ctrl-C / preemption exits 0 at step 2 of 4: no result.json (it is
+    resumed next time); the other run's results are still written; the exit names the run."""
+    launched = []
+    monkeypatch.setattr(ablate, "_run_logged", fake_training(launched, {"mlp64/early": 2}))
+    args = ["--out", str(tmp_path), "--cells", "text_only,mlp64/early", "--seeds", "0"]
+    with pytest.raises(SystemExit, match=r"mlp64/early seed 0: .*stopped at step 2 of 4"):
+        ablate.main(args)
+    assert not (ablate.run_dir(tmp_path, "mlp64/early", 0) / "result.json").exists()
+    assert list(read_csv(tmp_path / "results.csv")) == [("text_only", "0")]
+    monkeypatch.setattr(ablate, "_run_logged", fake_training(launched, {}))
+    ablate.main(args)  # the stopped run is relaunched (resumed), the finished one kept
+    assert launched == ["text_only", "mlp64/early", "mlp64/early"]
+    assert sorted(read_csv(tmp_path / "results.csv")) == [("mlp64/early", "0"), ("text_only", "0")]
+
+
+@pytest.mark.filterwarnings("ignore:Mean of empty slice")
+def test_results_are_kept_per_settings(tmp_path, monkeypatch):
+    """Earlier invocations' runs with the same --base/--set join results.csv; a finished run
+    is never reused for other settings (the run fails naming both)."""
+    launched = []
+    monkeypatch.setattr(ablate, "_run_logged", fake_training(launched, {}))
+    ablate.main(["--out", str(tmp_path), "--cells", "text_only", "--seeds", "0,1"])
+    ablate.main(["--out", str(tmp_path), "--cells", "mlp64/early", "--seeds", "0"])
+    assert sorted(read_csv(tmp_path / "results.csv")) == [
+        ("mlp64/early", "0"), ("text_only", "0"), ("text_only", "1")
+    ]  # fmt: skip
+    other = ["--out", str(tmp_path), "--cells", "text_only", "--seeds", "0"]
+    with pytest.raises(SystemExit, match=r"finished with .*'set': \[\]\}, not .*total_steps=9"):
+        ablate.main([*other, "--set", "train.total_steps=9"])
+    assert launched == ["text_only", "text_only", "mlp64/early"]
+
+
+def test_ctrl_c_cancels_the_runs_not_started(tmp_path, monkeypatch):
+    """Ctrl-C reaches the runner (main thread) while a run is training; that run stops on its
+    own (the trainer saves and exits), and the runs still queued are never started."""
+    launched = []
+
+    def interrupted(cmd, workdir, what):
+        launched.append(what)
+        os.kill(os.getpid(), signal.SIGINT)  # delivered to the main thread
+        time.sleep(0.5)  # the trainer saving its checkpoint
+
+    monkeypatch.setattr(ablate, "_run_logged", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        ablate.main(["--out", str(tmp_path), "--cells", "text_only,mlp64/early", "--seeds", "0"])
+    assert launched == ["text_only"]
