@@ -1,13 +1,16 @@
 """Non-finite guard: a NaN/Inf loss or gradient never reaches the params, per train.on_nonfinite."""
 
+import shutil
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from test_train import final_params, read_rows, tiny_config
+from test_train import final_params, numeric, read_rows, tiny_config
 
 from vlm_jax import sharding
+from vlm_jax.data import pipeline
 from vlm_jax.train import numerics, trainer
 from vlm_jax.train.checkpoint import Checkpointer
 from vlm_jax.train.state import TrainState
@@ -88,23 +91,58 @@ def poison_batch(monkeypatch, at_call: int):
     monkeypatch.setattr(trainer.sharding, "global_batch", global_batch)
 
 
+def plant_bad_images(monkeypatch, every: int) -> None:
+    """Train records whose index is a multiple of `every` get a float image (bad_image)."""
+    real = pipeline.build_source
+
+    class Planted:
+        def __init__(self, source):
+            self.source = source
+
+        def __len__(self):
+            return len(self.source)
+
+        def __getitem__(self, index):
+            record = self.source[index]
+            if index % every == 0:
+                return dict(record, image=record["image"].astype(np.float32))
+            return record
+
+    def build_source(data, split):
+        source = real(data, split)
+        return Planted(source) if split == "train" else source
+
+    monkeypatch.setattr(pipeline, "build_source", build_source)
+
+
 @pytest.mark.slow
-def test_skip_policy_drops_the_bad_update_and_counts_it(tmp_path, monkeypatch):
-    poison_batch(monkeypatch, at_call=3)
+def test_skip_policy_counts_the_bad_update_and_a_resume_carries_the_counts(tmp_path, monkeypatch):
+    """Step 3's batch is NaN, every 5th train record has a bad image and most captions are
+    cut (tokenizer.max_len 6). A run stopped after step 3's checkpoint and relaunched logs the
+    same rows, these counts included, as one that was never stopped."""
+    poison_batch(monkeypatch, at_call=3)  # counts on across runs: the relaunch is not hit
+    plant_bad_images(monkeypatch, every=5)
     config = tiny_config(
-        **{"train.total_steps": "4", "train.log_every": "1", "train.checkpoint_every": "4"},
-        **{"train.eval_every": "0", "train.on_nonfinite": "skip"},
+        **{"train.total_steps": "4", "train.log_every": "1", "train.checkpoint_every": "3"},
+        **{"train.eval_every": "0", "train.on_nonfinite": "skip", "train.worker_count": "0"},
+        **{"tokenizer.max_len": "6", "model.text.max_len": "6", "eval.tasks": ""},
     )
-    trainer.train(config, tmp_path)
-    rows = read_rows(tmp_path)
-    assert [(r["step"], r["train/nonfinite_skipped"]) for r in rows] == [
-        (1, 0),
-        (2, 0),
-        (3, 1),
-        (4, 1),
-    ]
+    full, stopped = tmp_path / "full", tmp_path / "stopped"
+    trainer.train(config, full)
+    rows = read_rows(full)
+    counters = ("train/nonfinite_skipped", "data/bad_records", "data/truncated_captions")
+    counts = np.asarray([[r[k] for k in counters] for r in rows])  # [step, counter]
+    assert counts[:, 0].tolist() == [0, 0, 1, 1]
+    assert np.all(counts[2, 1:] > 0) and np.all(np.diff(counts, axis=0) >= 0)
     assert rows[2]["train/loss"] == "nan" and np.isfinite(rows[3]["train/loss"])
-    assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(final_params(tmp_path, 4)))
+    assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(final_params(full, 4)))
+
+    shutil.copytree(full, stopped)
+    shutil.rmtree(stopped / "checkpoints" / "4")
+    trainer.train(config, stopped)  # resumes at step 3, with the counts of its meta
+    assert [numeric(r) for r in read_rows(stopped)] == [numeric(r) for r in rows]
+    a, b = final_params(full, 4), final_params(stopped, 4)
+    jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-6, atol=1e-7), a, b)
 
 
 @pytest.mark.slow
