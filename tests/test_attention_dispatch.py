@@ -1,4 +1,5 @@
-"""The dispatcher's XLA path against a float64 numpy reference, for every mask kind."""
+"""The dispatcher's XLA path against a float64 numpy reference, for every mask kind; the mask
+rule itself against a per-(b, i, j) loop over the documented rule."""
 
 import jax.numpy as jnp
 import numpy as np
@@ -22,21 +23,62 @@ def numpy_attention(q, k, v, visible, scale):
     return np.einsum("bhqk,bkhd->bqhd", p, v)
 
 
+def loop_visibility(mask: AttentionMask | None, batch: int, q_len: int, kv_len: int) -> np.ndarray:
+    """bool[B, 1, Tq, Tk] from the rule in mask.py's docstring, one (b, i, j) at a time; written
+    apart from `AttentionMask.dense` so that the mask the kernels share is checked, not echoed."""
+    visible = np.ones((batch, 1, q_len, kv_len), bool)
+    if mask is None:
+        return visible
+    field = lambda name: None if getattr(mask, name) is None else np.asarray(getattr(mask, name))
+    prefix, q_seg, kv_seg, kv_valid = map(
+        field, ("prefix_lengths", "q_segment_ids", "kv_segment_ids", "kv_valid")
+    )
+    q_pos, kv_pos = field("q_positions"), field("kv_positions")
+    for b in range(batch):
+        for i in range(q_len):
+            for j in range(kv_len):
+                qp = i if q_pos is None else int(q_pos[b, i])
+                kp = j if kv_pos is None else int(kv_pos[b, j])
+                ok = True
+                if mask.causal:
+                    ok = kp <= qp or (prefix is not None and kp < int(prefix[b]))
+                if q_seg is not None:
+                    ok = ok and q_seg[b, i] == kv_seg[b, j]
+                if kv_valid is not None:
+                    ok = ok and bool(kv_valid[b, j])
+                visible[b, 0, i, j] = ok
+    return visible
+
+
 def _masks(batch, q_len, kv_len, rng):
     seg_q = np.sort(rng.integers(0, 3, (batch, q_len)), axis=1)
     seg_k = seg_q if q_len == kv_len else np.sort(rng.integers(0, 3, (batch, kv_len)), axis=1)
+    prefix = jnp.array(rng.integers(0, q_len, batch))
+    kv_valid = jnp.array(rng.random((batch, kv_len)) < 0.6)
+    # Decoding with a KV cache: the queries are the last Tq of the Tk positions.
+    decode_positions = jnp.broadcast_to(jnp.arange(kv_len - q_len, kv_len), (batch, q_len))
+    segments = dict(q_segment_ids=jnp.array(seg_q), kv_segment_ids=jnp.array(seg_k))
     return {
         "none": None,
         "causal": AttentionMask(causal=True),
-        "prefix": AttentionMask(
-            causal=True, prefix_lengths=jnp.array(rng.integers(0, q_len, batch))
+        "prefix": AttentionMask(causal=True, prefix_lengths=prefix),
+        "segments": AttentionMask(**segments),
+        "padding": AttentionMask(kv_valid=kv_valid),
+        "decode": AttentionMask(causal=True, q_positions=decode_positions),
+        "combined": AttentionMask(
+            causal=True,
+            prefix_lengths=prefix,
+            kv_valid=kv_valid,
+            q_positions=decode_positions,
+            **segments,
         ),
-        "segments": AttentionMask(q_segment_ids=jnp.array(seg_q), kv_segment_ids=jnp.array(seg_k)),
-        "padding": AttentionMask(kv_valid=jnp.array(rng.random((batch, kv_len)) < 0.6)),
     }
 
 
-@pytest.mark.parametrize("kind", ["none", "causal", "prefix", "segments", "padding"])
+MASK_KINDS = ["none", "causal", "prefix", "segments", "padding", "decode", "combined"]
+
+
+@pytest.mark.parametrize("kind", MASK_KINDS)
 @pytest.mark.parametrize("q_len,kv_len,heads,kv_heads", [(7, 7, 4, 4), (5, 9, 4, 2), (9, 9, 6, 1)])
 def test_xla_matches_numpy(kind, q_len, kv_len, heads, kv_heads):
     rng = np.random.default_rng(0)
@@ -45,14 +87,27 @@ def test_xla_matches_numpy(kind, q_len, kv_len, heads, kv_heads):
     k = rng.standard_normal((batch, kv_len, kv_heads, dim)).astype(np.float32)
     v = rng.standard_normal((batch, kv_len, kv_heads, dim)).astype(np.float32)
     mask = _masks(batch, q_len, kv_len, rng)[kind]
-    visible = (
-        np.ones((batch, 1, q_len, kv_len), bool)
-        if mask is None
-        else np.asarray(mask.dense(batch, q_len, kv_len))
-    )
-    expected = numpy_attention(q, k, v, visible, dim**-0.5)
+    expected = numpy_attention(q, k, v, loop_visibility(mask, batch, q_len, kv_len), dim**-0.5)
     got = attention(jnp.array(q), jnp.array(k), jnp.array(v), mask, impl="xla")
     np.testing.assert_allclose(np.asarray(got), expected, rtol=2e-5, atol=2e-5)
+
+
+@pytest.mark.parametrize("kind", MASK_KINDS[1:])
+def test_dense_mask_matches_the_documented_rule(kind):
+    """`AttentionMask.dense` against the rule evaluated per (b, i, j) on seeded random cases:
+    square and Tq < Tk (decoding), and for causal kinds arbitrary per-example positions."""
+    for seed in range(6):
+        rng = np.random.default_rng(seed)
+        batch, q_len = 3, int(rng.integers(1, 8))
+        kv_len = q_len + int(rng.integers(0, 5))
+        mask = _masks(batch, q_len, kv_len, rng)[kind]
+        if seed >= 4 and mask.causal:
+            mask = mask.replace(
+                q_positions=jnp.array(rng.integers(0, 12, (batch, q_len))),
+                kv_positions=jnp.array(rng.integers(0, 12, (batch, kv_len))),
+            )
+        expected = loop_visibility(mask, batch, q_len, kv_len)
+        np.testing.assert_array_equal(np.asarray(mask.dense(batch, q_len, kv_len)), expected)
 
 
 def test_fully_masked_rows_are_zero_not_nan():
