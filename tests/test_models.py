@@ -14,7 +14,7 @@ import pytest
 from vlm_jax.config import apply_override, load_config
 from vlm_jax.models import MODELS, build_model
 from vlm_jax.models.flops import image_flops
-from vlm_jax.models.layers import MultiHeadAttention, sincos_2d
+from vlm_jax.models.layers import MAPHead, MultiHeadAttention, sincos_2d
 from vlm_jax.models.text import TextTransformer
 from vlm_jax.models.two_tower import image_settings
 from vlm_jax.models.vit import ConvStem, ViT
@@ -149,6 +149,42 @@ def test_image_pools_and_posembs(pool, posemb):
     assert ("cls" in img) == (pool == "cls")
     assert ("map" in img) == (pool == "map")
     assert ("posemb" in img) == (posemb == "learn")
+
+
+@pytest.mark.parametrize("pool", ["gap", "cls", "map"])
+def test_image_pools_pool_the_documented_tokens(pool):
+    """The tower's output is the head applied to the mean of the encoder's output tokens (gap),
+    to token 0, the cls token (cls), or to the MAP head's output, which ignores token order."""
+    model = build_model(tiny_config(**{"image.pool": pool}))
+    images, tokens = inputs()
+    params = unboxed_params(model, images, tokens)
+    head = params["img"]["head"]
+    head["bias"] = jnp.asarray(np.random.default_rng(0).normal(size=head["bias"].shape))
+    _, state = model.apply(
+        {"params": params},
+        images,
+        method="embed_image",
+        capture_intermediates=lambda module, _: module.name in ("img", "encoder", "map"),
+        mutable=["intermediates"],
+    )
+    captured = state["intermediates"]["img"]
+    output = captured["__call__"][0]  # float[B, E], before the unit-norm
+    encoded = np.asarray(captured["encoder"]["__call__"][0], np.float64)  # float[B, T, D]
+    assert encoded.shape[1] == (IMAGE // 4) ** 2 + (pool == "cls")
+    if pool == "gap":
+        pooled = encoded.mean(axis=1)
+    elif pool == "cls":
+        pooled = encoded[:, 0]
+    else:
+        pooled = np.asarray(captured["map"]["__call__"][0], np.float64)
+        map_head = MAPHead(model.img.num_heads, model.img.mlp_dim, attention_impl="xla")
+        order = np.random.default_rng(1).permutation(encoded.shape[1])
+        shuffled = jnp.asarray(encoded[:, order], jnp.float32)
+        np.testing.assert_allclose(
+            map_head.apply({"params": params["img"]["map"]}, shuffled), pooled, atol=1e-5
+        )
+    expected = pooled @ np.asarray(head["kernel"], np.float64) + np.asarray(head["bias"])
+    np.testing.assert_allclose(output, expected, rtol=1e-5, atol=1e-5)
 
 
 def test_conv_stem_matches_numpy_reference():

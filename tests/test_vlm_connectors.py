@@ -59,6 +59,49 @@ def _gelu(x):
     return 0.5 * x * (1 + erf(x / np.sqrt(2)))
 
 
+def _float64_params(connector, features, seed=1) -> dict:
+    """The connector's params as float64 numpy, biases made non-zero so that they count."""
+    params = nn.unbox(connector.init(jax.random.key(seed), features)["params"])
+    rng = np.random.default_rng(seed)
+    return {
+        layer: {
+            name: rng.normal(size=p.shape) if name == "bias" else np.asarray(p, np.float64)
+            for name, p in values.items()
+        }
+        for layer, values in params.items()
+    }
+
+
+@pytest.mark.parametrize("name", ["linear", "mlp"])
+def test_per_patch_projectors_match_numpy(name):
+    connector = _build(name)
+    features = _features(9)
+    p = _float64_params(connector, features)
+    x = np.asarray(features, np.float64)
+    if name == "linear":
+        expected = x @ p["proj"]["kernel"] + p["proj"]["bias"]
+    else:
+        hidden = _gelu(x @ p["fc1"]["kernel"] + p["fc1"]["bias"])
+        expected = hidden @ p["fc2"]["kernel"] + p["fc2"]["bias"]
+    got = connector.apply({"params": jax.tree.map(jnp.float32, p)}, features)
+    np.testing.assert_allclose(np.asarray(got), expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["perceiver", "qformer"])
+def test_resamplers_read_the_patches_as_a_set(name):
+    """The resamplers' keys are the projected patches with no position embedding, so the
+    visual tokens do not depend on the patch order, but do depend on every patch."""
+    connector = _build(name)
+    features = _features(16)
+    variables = connector.init(jax.random.key(0), features)
+    run = jax.jit(lambda f: connector.apply(variables, f))
+    base = run(features)
+    order = np.random.default_rng(0).permutation(16)
+    np.testing.assert_allclose(run(features[:, order]), base, rtol=1e-5, atol=1e-5)
+    changed = run(features.at[:, 7].add(1.0))
+    assert float(jnp.min(jnp.max(jnp.abs(changed - base), axis=(1, 2)))) > 1e-3
+
+
 @pytest.mark.parametrize("mode", ["avg", "merge"])
 def test_pool_matches_numpy(mode):
     connector = _build("pool", pool_size=2, pool_mode=mode)
