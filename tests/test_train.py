@@ -149,24 +149,25 @@ def test_a_failing_evaluation_saves_the_step_and_a_relaunch_finishes_it(
     def broken(self, params):
         raise RuntimeError("evaluator out of memory")
 
-    for failing_step in (3, 6):  # eval_every=3: a mid-run evaluation, then the final one
-        run = tmp_path / f"fails_at_{failing_step}"
-        steps = iter((3, 6))  # the steps evaluate() is called at, in order
+    # The final evaluation (eval_every=3: steps 3 and 6): the case a resume used to skip, as the
+    # run is then at total_steps. A mid-run failure takes the same path, then trains on.
+    failing_step = 6
+    run = tmp_path / f"fails_at_{failing_step}"
+    steps = iter((3, 6))  # the steps evaluate() is called at, in order
 
-        def fails_once(self, p, steps=steps, failing_step=failing_step):
-            return (broken if next(steps) == failing_step else real_evaluate)(self, p)
+    def fails_once(self, p, steps=steps, failing_step=failing_step):
+        return (broken if next(steps) == failing_step else real_evaluate)(self, p)
 
-        monkeypatch.setattr(ContrastiveTask, "evaluate", fails_once)
-        with pytest.raises(RuntimeError, match="out of memory"):
-            train(config, run)
-        saved = Checkpointer(run / "checkpoints", async_save=False)
-        assert saved.manager.all_steps() == [failing_step]
-        saved.close()
-        monkeypatch.setattr(ContrastiveTask, "evaluate", real_evaluate)
-        assert "eval/zeroshot_top1" in train(config, run)
-        assert [numeric(r) for r in read_rows(run)] == whole_rows
-        if failing_step == 6:  # the saved step keeps its pending row: evaluated once more
-            train(config, run)
-            assert [numeric(r) for r in read_rows(run)] == whole_rows
-        a, b = final_params(uninterrupted, 6), final_params(run, 6)
-        jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-6, atol=1e-7), a, b)
+    monkeypatch.setattr(ContrastiveTask, "evaluate", fails_once)
+    with pytest.raises(RuntimeError, match="out of memory"):
+        train(config, run)
+    saved = Checkpointer(run / "checkpoints", async_save=False)
+    assert saved.manager.all_steps() == [failing_step]
+    saved.close()
+    monkeypatch.setattr(ContrastiveTask, "evaluate", real_evaluate)
+    assert "eval/zeroshot_top1" in train(config, run)
+    assert [numeric(r) for r in read_rows(run)] == whole_rows
+    train(config, run)  # the saved step keeps its pending row: evaluated once more
+    assert [numeric(r) for r in read_rows(run)] == whole_rows
+    a, b = final_params(uninterrupted, 6), final_params(run, 6)
+    jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-6, atol=1e-7), a, b)
