@@ -163,3 +163,10 @@ def bytes_per_device(tree) -> dict[jax.Device, int]:
 
 def data_parallel_size(mesh: Mesh) -> int:
     return math.prod(mesh.shape[a] for a in BATCH_AXES)
+
+
+def eval_chunk_size(mesh: Mesh, batch_size: int) -> int:
+    """Rows per evaluation chunk: `batch_size` rounded down to a multiple of the data-parallel
+    size (at least one row per data shard), so every chunk splits evenly over the batch axes."""
+    dp = data_parallel_size(mesh)
+    return max(dp, batch_size // dp * dp)

@@ -128,8 +128,7 @@ class ContrastiveTask(Task):
     # -- evaluation -----------------------------------------------------------------------
     def _embed_all(self, fn, params, inputs: np.ndarray) -> np.ndarray:
         """Embed `inputs` [N, ...] in fixed-size, batch-sharded chunks: float32[N, E]."""
-        dp = sharding.data_parallel_size(self.mesh)
-        chunk = max(dp, self.config.eval.batch_size // dp * dp)
+        chunk = sharding.eval_chunk_size(self.mesh, self.config.eval.batch_size)
         outputs = []
         for start in range(0, len(inputs), chunk):
             part = inputs[start : start + chunk]

@@ -175,8 +175,7 @@ class LMTask(Task):
         eval.batch_size rows (rounded to the data-parallel size); the last chunk is filled with
         all-pad rows, so every chunk has one shape and every record counts exactly once."""
         tokens = self._val_split()
-        dp = sharding.data_parallel_size(self.mesh)
-        chunk = max(dp, self.config.eval.batch_size // dp * dp)
+        chunk = sharding.eval_chunk_size(self.mesh, self.config.eval.batch_size)
         rows = sharding.process_batch_rows(self.mesh, chunk)
         totals = np.zeros(3)
         for start in range(0, len(tokens), chunk):
