@@ -12,6 +12,8 @@ setup(
     description="JAX/Flax framework for contrastive and generative vision-language models",
     python_requires=">=3.11",
     packages=find_packages(include=["vlm_jax", "vlm_jax.*"]),
+    # Measured per-device tables read by impl="auto" and the flash kernel's default tiles.
+    package_data={"vlm_jax.kernels": ["tables/*/*.json"]},
     install_requires=[
         "jax>=0.10.2",
         "flax>=0.12.0",

@@ -2,7 +2,7 @@
 
     python scripts/bench_attention.py [--cases vit,decoder] [--impls ours,xla,cudnn,jax_pallas]
         [--modes fwd,fwd_bwd] [--dtype bfloat16] [--iters 20] [--only CASE,...] [--check]
-        [--ours-blocks "bq,bk,bq_bwd,bk_bwd,warps,warps_bwd,stages;..."]
+        [--ours-blocks "bq,bk,bq_bwd,bk_bwd,warps,warps_bwd,stages;..."] [--write-table PATH]
 
 Prints one JSON line per (case, impl, mode) and a table. FLOPs count only visible
 (query, key) pairs (a causal mask halves them), 4*Tq*Tk*D per head forward and 2.5x that
@@ -10,6 +10,10 @@ backward (the FlashAttention convention). `--check` adds the relative errors of 
 outputs and gradients against XLA on float32 inputs. Peak memory is the compiled program's
 temporary buffers (`memory_analysis().temp_size_in_bytes`): what attention needs beyond
 its inputs and outputs, which shows whether it grows with Tk or Tq*Tk.
+
+`--write-table PATH` (a .json file, or a directory such as vlm_jax/kernels/tables/auto/ to
+write <device-kind slug>.json in it) writes the dispatcher impls' times as the table that
+`impl="auto"` reads, rewritten after every row so that a run cut short keeps what it measured.
 """
 
 from __future__ import annotations
@@ -20,13 +24,14 @@ import json
 import math
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from vlm_jax.kernels import AttentionMask, BlockSizes, attention, flash_attention
+from vlm_jax.kernels import AttentionMask, BlockSizes, attention, autotune, flash_attention
 
 
 class Case(NamedTuple):
@@ -200,6 +205,31 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+# Benchmark impl -> dispatcher impl name, for the auto table ("ours" runs default tiles).
+DISPATCH_NAMES = {"ours": "pallas", "xla": "xla", "cudnn": "cudnn"}
+
+
+def table_rows(rows: list[dict]) -> list[dict]:
+    """Measured rows of dispatcher impls, as autotune.auto_table takes them.
+
+    Grouped-query cases are left out: the table's key has no head-grouping field, so they
+    would overwrite the multi-head case of the same (mask, head dim, length).
+    """
+    return [
+        {**{k: r[k] for k in ("case", "mask", "dtype", "seq", "mode", "ms")}, "head_dim": r["dim"]}
+        | {"impl": DISPATCH_NAMES[r["impl"]]}
+        for r in rows
+        if "error" not in r and r["impl"] in DISPATCH_NAMES and r["kv_heads"] in (0, r["heads"])
+    ]
+
+
+def write_auto_table(path: str, rows: list[dict]) -> Path:
+    """Write the auto table of `rows` to `path` (or to <path>/<slug>.json for a directory)."""
+    kind = jax.devices()[0].device_kind
+    table = autotune.auto_table(table_rows(rows), kind, autotune.provenance(kind) + " (median ms)")
+    return autotune.write_table(autotune.output_path(path, kind), table)
+
+
 CASE_GROUPS = ("vit", "decoder")
 MODES = ("fwd", "fwd_bwd")
 
@@ -232,6 +262,7 @@ def main() -> None:
         default="",
         help='extra "ours" variants: "bq,bk,bq_bwd,bk_bwd,warps,warps_bwd,stages;..."',
     )
+    parser.add_argument("--write-table", default="", help="auto table: a .json path or a dir")
     args = parser.parse_args()
     check_choices(parser, args)
     impls = args.impls.split(",")
@@ -248,6 +279,8 @@ def main() -> None:
                 row = run_one(case, impl, mode, jnp.dtype(args.dtype), args.iters, args.check)
                 print(json.dumps(row), flush=True)
                 rows.append(row)
+                if args.write_table:
+                    write_auto_table(args.write_table, rows)
     print(f"# {jax.devices()[0].device_kind}, jax {jax.__version__}, {args.dtype}")
     print("# cells: TFLOP/s, median ms, compiled temp MiB")
     print(table(rows))

@@ -3,18 +3,25 @@
     out = attention(q, k, v, mask, impl="auto")
     q: float[B, Tq, H, D]; k, v: float[B, Tk, Hkv, D] with H % Hkv == 0 (GQA) -> float[B, Tq, H, D]
 
-`impl` is a name from ATTENTION_IMPLS ("xla", "cudnn", "pallas") or "auto", which picks
-Pallas on GPU/TPU (when registered) and XLA on CPU. Every implementation accepts the same
-`AttentionMask` and returns zeros for query rows that see no key.
+`impl` is a name from ATTENTION_IMPLS ("xla", "cudnn", "pallas") or "auto", which picks,
+per call, the fastest implementation measured for this device kind, mask kind, head dim,
+dtype and (nearest) sequence length among those whose `SUPPORTS` predicate accepts the call
+(see autotune.py); unmeasured devices and shapes get Pallas on GPU/TPU, and CPU always gets
+XLA. Every implementation accepts the same `AttentionMask` and returns zeros for query rows
+that see no key.
 """
 
 from __future__ import annotations
 
 import math
+import re
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
 
+from vlm_jax.kernels import autotune
+from vlm_jax.kernels.autotune import AttentionCall
 from vlm_jax.kernels.mask import AttentionMask
 from vlm_jax.registry import Registry
 
@@ -91,13 +98,63 @@ def cudnn_attention(
     return out
 
 
-def resolve_impl(impl: str) -> str:
-    """Turn "auto" into a concrete implementation name for the current backend."""
-    if impl == "auto":
-        backend = jax.default_backend()
-        return "pallas" if backend in ("gpu", "tpu") and "pallas" in ATTENTION_IMPLS else "xla"
-    ATTENTION_IMPLS.get(impl)  # raises naming the valid choices
-    return impl
+# Hopper and later: cuDNN's flash attention takes head dims up to 256 there, 128 before.
+HOPPER_OR_LATER = re.compile(r"\b(G?H\d{2,3}|G?B\d{3})\b")
+
+
+def cudnn_supports(call: AttentionCall) -> bool:
+    """Where cuDNN runs fused, forward and backward: GPU, bf16/fp16, no dense mask.
+
+    Only no mask and plain causal (square) reach cuDNN's fused kernel; every other mask is
+    passed as a dense bool[B, 1, Tq, Tk] (quadratic memory, slower than ours on the H100 for
+    prefix-LM). Lengths must be multiples of 64: its backward rejects T=197/577 (ViT).
+    """
+    max_dim = 256 if HOPPER_OR_LATER.search(call.device_kind) else 128
+    return (
+        call.backend == "gpu"
+        and call.dtype in ("bfloat16", "float16")
+        and call.head_dim % 8 == 0
+        and call.head_dim <= max_dim
+        and call.q_len % 64 == 0
+        and call.kv_len % 64 == 0
+        and (call.mask == "none" or (call.mask == "causal" and call.q_len == call.kv_len))
+    )
+
+
+# Which calls each implementation can run; one without an entry runs everywhere.
+SUPPORTS: dict[str, Callable[[AttentionCall], bool]] = {
+    "cudnn": cudnn_supports,
+    "pallas": lambda call: call.backend in ("cpu", "gpu", "tpu"),  # interpreted on CPU
+}
+
+
+def supported_impls(call: AttentionCall) -> list[str]:
+    """Registered implementations whose SUPPORTS predicate accepts the call."""
+    return [n for n in ATTENTION_IMPLS.names() if SUPPORTS.get(n, lambda _: True)(call)]
+
+
+def describe_call(q: jax.Array, k: jax.Array, mask: AttentionMask | None) -> AttentionCall:
+    """The static key of one call: backend, device kind (first device), mask kind, shapes."""
+    return AttentionCall(
+        backend=jax.default_backend(),
+        device_kind=jax.devices()[0].device_kind,  # no concrete mesh is visible inside jit
+        mask=autotune.mask_kind(mask),
+        q_len=q.shape[1],
+        kv_len=k.shape[1],
+        head_dim=q.shape[-1],
+        dtype=jnp.dtype(q.dtype).name,
+    )
+
+
+def resolve_impl(impl: str, call: AttentionCall | None = None) -> str:
+    """Turn "auto" into a concrete implementation name: measured choice for `call`, else
+    the fallback rule (Pallas on GPU/TPU when registered, XLA on CPU)."""
+    if impl != "auto":
+        ATTENTION_IMPLS.get(impl)  # raises naming the valid choices
+        return impl
+    if call is None:
+        return autotune.fallback_impl(jax.default_backend(), ATTENTION_IMPLS.names())
+    return autotune.choose_impl(call, supported_impls(call))
 
 
 def attention(
@@ -113,4 +170,5 @@ def attention(
     _check_shapes(q, k, v)
     if scale is None:
         scale = 1.0 / math.sqrt(q.shape[-1])
-    return ATTENTION_IMPLS.get(resolve_impl(impl))(q, k, v, mask, scale)
+    call = describe_call(q, k, mask) if impl == "auto" else None
+    return ATTENTION_IMPLS.get(resolve_impl(impl, call))(q, k, v, mask, scale)

@@ -39,6 +39,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.sharding import PartitionSpec as P
 
+from vlm_jax.kernels import autotune
 from vlm_jax.kernels.attention import ATTENTION_IMPLS
 from vlm_jax.kernels.mask import AttentionMask
 
@@ -66,8 +67,22 @@ class BlockSizes:
 TPU_BLOCKS = BlockSizes(128, 128, 128, 128)  # Mosaic: key tiles of the mask rows are 128-lane
 
 
-def default_block_sizes(head_dim: int) -> BlockSizes:
-    """Tiles tuned on an H100 (bf16, see benchmarks/RESULTS.md); smaller for wide heads."""
+def default_block_sizes(
+    head_dim: int, mask: str = "causal", device_kind: str | None = None
+) -> BlockSizes:
+    """Tiles tuned for this GPU (tables/blocks/, by scripts/tune_flash_gpu.py) if measured,
+    else ones tuned on an H100 (bf16, see benchmarks/RESULTS.md); smaller for wide heads."""
+    tuned = autotune.tuned_blocks(device_kind, head_dim, mask) if device_kind else None
+    if tuned is not None:
+        fields = [f.name for f in dataclasses.fields(BlockSizes)]
+        unknown = sorted(set(tuned) - set(fields))
+        if unknown:
+            raise ValueError(f"tuned blocks {unknown} are not BlockSizes fields: {fields}")
+        return dataclasses.replace(_untuned_block_sizes(head_dim), **tuned)
+    return _untuned_block_sizes(head_dim)
+
+
+def _untuned_block_sizes(head_dim: int) -> BlockSizes:
     if head_dim <= 64:
         return BlockSizes(128, 64, 64, 64, num_warps=4, num_warps_bwd=4, num_stages=3)
     if head_dim <= 128:
@@ -593,7 +608,11 @@ def flash_attention(
         raise ValueError(f"flash_attention backend={backend!r} is not one of: cpu, gpu, tpu")
     interpret = backend == "cpu" if interpret is None else interpret
     on_tpu = backend == "tpu" and not interpret
-    blocks = block_sizes or (TPU_BLOCKS if on_tpu else default_block_sizes(dim))
+    compiled_gpu = backend == "gpu" and not interpret  # the only place tuned tiles apply
+    device_kind = jax.devices()[0].device_kind if compiled_gpu else None
+    blocks = block_sizes or (
+        TPU_BLOCKS if on_tpu else default_block_sizes(dim, autotune.mask_kind(mask), device_kind)
+    )
     blocks = dataclasses.replace(
         blocks,
         block_q=_fit(blocks.block_q, q_len),
