@@ -10,8 +10,8 @@ rate, visual tokens, prefill FLOPs). The runner is resumable: finished runs (res
 present) are skipped and an interrupted run resumes from its last checkpoint. A run counts as
 finished only once its metrics reach train.total_steps (a run stopped by Ctrl-C or preemption
 saves a checkpoint and exits 0, and is resumed next time); result.json records the --base and
---set it ran with, and a finished run is not reused for other settings. Ctrl-C cancels the
-runs not yet started. A failed run is reported and the others go on. It writes
+--set it ran with, and a finished run is not reused for other settings. Ctrl-C (or a signal that
+stops any one run) starts no further run. A failed run is reported and the others go on. It writes
 OUT/results.csv (one row per run: this invocation's and earlier ones in OUT with the same
 --base and --set), OUT/table.md (mean ± sample std over seeds per cell) and PNG plots: accuracy
 per question type vs visual tokens, and train step time vs visual tokens.
@@ -24,8 +24,10 @@ import concurrent.futures
 import csv
 import json
 import os
+import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -93,9 +95,23 @@ def command(
     return [sys.executable, "-m", module, "--config", base, "--workdir", str(workdir), *flags]
 
 
+class RunStopped(RuntimeError):
+    """A run stopped by a signal before train.total_steps (Ctrl-C, preemption): the grid stops
+    launching runs, and the next invocation resumes this one from its checkpoint."""
+
+
+class NotStarted(RuntimeError):
+    """A queued run skipped because an earlier run was stopped by a signal."""
+
+
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
 def _run_logged(cmd: list[str], workdir: Path, what: str) -> None:
     with open(workdir / "log.txt", "a") as log:
         done = subprocess.run(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, check=False)
+    if -done.returncode in STOP_SIGNALS:  # killed by the signal (e.g. a second Ctrl-C)
+        raise RunStopped(f"{what} stopped by signal {-done.returncode}; see {workdir}/log.txt")
     if done.returncode:
         raise RuntimeError(f"{what} failed (rc={done.returncode}); see {workdir}/log.txt")
 
@@ -127,7 +143,7 @@ def summarise(workdir: Path) -> dict[str, float]:
     total = json.loads((workdir / "config.json").read_text())["train"]["total_steps"]
     reached = max((r["step"] for r in rows), default=0)
     if reached < total:  # stopped by a signal (checkpoint saved, exit 0): not finished
-        raise RuntimeError(
+        raise RunStopped(
             f"{workdir}: stopped at step {reached} of {total}; run the same command to resume it"
         )
     evals = [r for r in rows if any(k.startswith("eval/") for k in r)]
@@ -279,12 +295,29 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def run_all(args, out: Path, jobs: list[tuple[str, int]]) -> tuple[list[dict], list[str]]:
-    """Every job's result, and a line per failed job; Ctrl-C cancels the jobs not started."""
+    """Every job's result, and a line per failed job.
+
+    Ctrl-C or SIGTERM reaches the training processes too (one process group); each saves a
+    checkpoint and exits before its total steps. A worker that sees its run stop that way sets
+    `stop` itself, so no further run is launched whichever thread the signal woke first; the
+    main thread waits in short slices so that its KeyboardInterrupt is raised at once.
+    """
     results, failures = [], []
+    stop = threading.Event()
+
+    def launch(cell: str, seed: int) -> dict:
+        if stop.is_set():
+            raise NotStarted("not started: an earlier run was stopped by a signal")
+        try:
+            return run_one(args.base, out, cell, seed, args.set)
+        except RunStopped:
+            stop.set()
+            raise
+
     pool = concurrent.futures.ThreadPoolExecutor(max(1, args.parallel))
     try:
-        futures = {pool.submit(run_one, args.base, out, c, s, args.set): (c, s) for c, s in jobs}
-        for future in concurrent.futures.as_completed(futures):
+        futures = {pool.submit(launch, c, s): (c, s) for c, s in jobs}
+        for future in _as_completed_interruptibly(futures):
             cell, seed = futures[future]
             try:
                 result = future.result()
@@ -295,9 +328,24 @@ def run_all(args, out: Path, jobs: list[tuple[str, int]]) -> tuple[list[dict], l
             print(f"done {cell} seed {seed}: acc={result.get('acc', float('nan')):.3f} "
                   f"({result.get('wall_s', 0):.0f}s)", flush=True)  # fmt: skip
             results.append(result)
+    except BaseException:
+        stop.set()  # Ctrl-C in the main thread: queued runs must not start
+        raise
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
     return results, failures
+
+
+def _as_completed_interruptibly(futures, poll_s: float = 0.2):
+    """`as_completed` that waits in slices: a signal delivered to a worker thread only marks
+    the main thread's handler as pending, and a main thread blocked without a timeout would run
+    it only when the next future completed."""
+    pending = set(futures)
+    while pending:
+        done, pending = concurrent.futures.wait(
+            pending, timeout=poll_s, return_when=concurrent.futures.FIRST_COMPLETED
+        )
+        yield from done
 
 
 def with_earlier_results(results: list[dict], out: Path, current: dict) -> list[dict]:

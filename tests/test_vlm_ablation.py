@@ -1,11 +1,12 @@
 """Ablation runner bookkeeping: commands, summaries of a run, the mean ± std table."""
 
+import concurrent.futures
 import csv
 import importlib.util
 import json
 import os
 import signal
-import time
+import threading
 from pathlib import Path
 
 import pytest
@@ -144,17 +145,64 @@ def test_results_are_kept_per_settings(tmp_path, monkeypatch):
     assert launched == ["text_only", "text_only", "mlp64/early"]
 
 
-def test_ctrl_c_cancels_the_runs_not_started(tmp_path, monkeypatch):
-    """Ctrl-C reaches the runner (main thread) while a run is training; that run stops on its
-    own (the trainer saves and exits), and the runs still queued are never started."""
-    launched = []
+def _stops_early(signum: int | None, launched: list[str]):
+    """A stand-in for the trainer under Ctrl-C / preemption: the signal reaches the whole
+    process group (the runner too, when `signum` is set), and the run saves and exits 0
+    before its total steps."""
 
-    def interrupted(cmd, workdir, what):
+    def run(cmd, workdir, what):
         launched.append(what)
-        os.kill(os.getpid(), signal.SIGINT)  # delivered to the main thread
-        time.sleep(0.5)  # the trainer saving its checkpoint
+        if signum is not None:
+            os.kill(os.getpid(), signum)
+        write_run_config(workdir, total_steps=100)
+        (workdir / "metrics.jsonl").write_text(json.dumps({"step": 40, "train/loss": 1.0}))
 
-    monkeypatch.setattr(ablate, "_run_logged", interrupted)
+    return run
+
+
+def test_ctrl_c_cancels_the_runs_not_started(tmp_path, monkeypatch):
+    """Ctrl-C reaches the runner while a run is training; that run stops on its own (the
+    trainer saves and exits), and the runs still queued are never started, whichever thread
+    the signal woke and however late the main thread handles it."""
+    launched = []
+    monkeypatch.setattr(ablate, "_run_logged", _stops_early(signal.SIGINT, launched))
+    cells = "text_only,mlp64/early,pool16/early"
     with pytest.raises(KeyboardInterrupt):
+        ablate.main(["--out", str(tmp_path), "--cells", cells, "--seeds", "0"])
+    assert launched == ["text_only"]
+    assert not (tmp_path / "runs" / "text_only__s0" / "result.json").exists()  # resumable
+
+
+def test_a_run_stopped_by_a_signal_stops_the_grid(tmp_path, monkeypatch):
+    """A signal that only the training process got (a scheduler's SIGTERM to it) also stops
+    the grid: the stopped run and the runs not started are reported, nothing else launches."""
+    launched = []
+    monkeypatch.setattr(ablate, "_run_logged", _stops_early(None, launched))
+    with pytest.raises(SystemExit) as stopped:
         ablate.main(["--out", str(tmp_path), "--cells", "text_only,mlp64/early", "--seeds", "0"])
     assert launched == ["text_only"]
+    assert "stopped at step 40 of 100" in str(stopped.value)
+    assert "mlp64/early seed 0: not started" in str(stopped.value)
+
+
+def test_a_signal_on_a_worker_thread_interrupts_the_main_thread_at_once():
+    """Python runs signal handlers on the main thread only; a SIGINT that the kernel delivered
+    to a worker thread must still raise KeyboardInterrupt in the waiting main thread while that
+    worker is busy (before, the main thread slept until the next future completed)."""
+    go, release = threading.Event(), threading.Event()
+
+    def worker():
+        go.wait(timeout=30)  # the main thread is inside pytest.raises
+        signal.pthread_kill(threading.get_ident(), signal.SIGINT)
+        return release.wait(timeout=30)  # True only if the main thread released it
+
+    pool = concurrent.futures.ThreadPoolExecutor(1)
+    future = pool.submit(worker)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            go.set()
+            list(ablate._as_completed_interruptibly([future]))
+    finally:
+        release.set()
+        pool.shutdown(wait=True)
+    assert future.result() is True
