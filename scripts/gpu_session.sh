@@ -15,8 +15,9 @@
 #     ml-collections==1.1.0 grain==0.2.18 array-record==0.8.6 portpicker==1.6.0
 # and name `.whl` in the run's carry. Without them the kernel steps (sweep, bench) still run.
 #
-# Each step has its own timeout (seconds, overridable: T_TESTS, T_SWEEP, T_BENCH, T_TRAIN);
-# the defaults sum to ~9 minutes. A step that fails or times out does not stop the others.
+# Each step has its own timeout (seconds, overridable: T_TESTS, T_SWEEP, T_BENCH, T_SIGLIP,
+# T_VLM; the training ones per run): the defaults sum to 530 s, ~9 minutes with start-up.
+# A step that fails or times out does not stop the others.
 # Outputs (8 files, the device tool's limit): env.txt, tests.log, sweep.log, bench.log,
 # train.log, blocks_<slug>.json (tuned tiles), auto_<slug>.json (impl times), summary.txt.
 # The sweep and the benchmark write their tables into vlm_jax/kernels/tables/ of this copy
@@ -27,11 +28,14 @@ cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/gpu_session_out}
 mkdir -p "$OUT"
 STEPS=${STEPS:-"env tests sweep bench train"}
-T_TESTS=${T_TESTS:-90} T_SWEEP=${T_SWEEP:-110} T_BENCH=${T_BENCH:-150} T_TRAIN=${T_TRAIN:-55}
+T_TESTS=${T_TESTS:-90} T_SWEEP=${T_SWEEP:-110} T_BENCH=${T_BENCH:-150}
+T_SIGLIP=${T_SIGLIP:-60} T_VLM=${T_VLM:-30}
 SWEEP_BUDGET_S=${SWEEP_BUDGET_S:-$((T_SWEEP - 30))}  # leave time for the last compiles
 SIGLIP_BATCH=${SIGLIP_BATCH:-1024}                    # ViT-B/16 at 224 px, remat, bf16
 PYTHON=${PYTHON:-python3}
-export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" JAX_PLATFORMS=${JAX_PLATFORMS:-cuda}  # cpu: to check this script off the GPU
+# JAX_PLATFORMS=cpu checks this script off the GPU.
+export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+export JAX_PLATFORMS=${JAX_PLATFORMS:-cuda}
 
 # run NAME TIMEOUT LOG CMD...: one step, its rc and seconds appended to summary.txt.
 run() {
@@ -73,11 +77,11 @@ step_bench() {  # every case: ours (tuned), cuDNN, XLA, jax's Pallas op
     --impls ours,cudnn,xla,jax_pallas --write-table vlm_jax/kernels/tables/auto/
 }
 
-train_step() {  # NAME ARGS...: one bench_train_step row, tagged, into train.log
-  local name=$1
-  shift
+train_step() {  # NAME TIMEOUT ARGS...: one bench_train_step row, tagged, into train.log
+  local name=$1 limit=$2
+  shift 2
   echo "# $name" >>"$OUT/train.log"
-  run "train_$name" "$T_TRAIN" train.log "$PYTHON" scripts/bench_train_step.py "$@"
+  run "train_$name" "$limit" train.log "$PYTHON" scripts/bench_train_step.py "$@"
 }
 
 step_train() {
@@ -97,8 +101,8 @@ step_train() {
   local vlm=(--config configs/vlm_shapes.py --steps 5 --warmup 1
     --config.train.batch_size=256 --config.model.dtype=bfloat16)
   for impl in pallas auto; do
-    train_step "siglip_b16_towers_$impl" "${b16[@]}" --config.model.attention_impl=$impl
-    train_step "vlm_shapes_$impl" "${vlm[@]}" --config.model.attention_impl=$impl
+    train_step "siglip_b16_towers_$impl" "$T_SIGLIP" "${b16[@]}" --config.model.attention_impl=$impl
+    train_step "vlm_shapes_$impl" "$T_VLM" "${vlm[@]}" --config.model.attention_impl=$impl
   done
   "$PYTHON" - "$OUT/train.log" >>"$OUT/summary.txt" 2>&1 <<'EOF'
 """MFU of each train-step row: analytic model FLOPs per device / step time / bf16 peak."""
