@@ -13,13 +13,15 @@ hand-offs, as much as drawing a shapes record; MapDataset with no reader threads
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Sequence
+import signal
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import grain
 import ml_collections
 import numpy as np
 from absl import flags
+from grain.multiprocessing import SharedMemoryArray
 
 from vlm_jax.data import preprocess, shapes
 from vlm_jax.data.records import (
@@ -151,6 +153,30 @@ def _mark_absl_flags_parsed() -> None:
         flags.FLAGS.mark_as_parsed()
 
 
+def _leave_signals_to_the_trainer(worker_index: int, worker_count: int) -> None:
+    """Grain worker init: ignore Ctrl-C and SIGTERM. A terminal's Ctrl-C (and some schedulers'
+    SIGTERM) reaches the whole process group; a worker killed mid-batch would print a traceback
+    and leave that batch's shared memory behind. The trainer stops them (`close_stream`)."""
+    del worker_index, worker_count
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
+def close_stream(iterator: Iterator) -> None:
+    """Stop a stream's worker processes and free the shared memory of the batches they made.
+
+    Grain unlinks a batch's shared memory when its last array is garbage-collected, in a
+    background thread; requests still queued at interpreter exit are dropped (multiprocessing
+    stops that thread first), and the resource tracker then warns of leaked shared_memory
+    objects. So: close (joins the workers, drops the buffered batches), then wait for the
+    thread to finish every unlink queued so far. Batches the caller still holds are not freed.
+    """
+    iterator.close()
+    unlinker = SharedMemoryArray._del_thread_pool  # one thread, FIFO (Grain has no public hook)
+    if unlinker is not None:
+        unlinker.apply(int)  # returns once every earlier request has run
+
+
 def check_shard_size(
     name: str, length: int, batch_size: int, process_count: int, drop_remainder: bool
 ) -> int:
@@ -191,7 +217,8 @@ def batched(
     transform's place in the list, position in the stream). Workers take whole batches in
     turn, so the stream is the same for every `worker_count` (but a saved state restores only
     into the same worker_count). num_epochs=None repeats forever. Errors raised by a transform
-    name the record and `name` (default: repr(source)).
+    name the record and `name` (default: repr(source)). With workers, close the iterator with
+    `close_stream` when done (workers ignore SIGINT/SIGTERM: the owner of the stream stops them).
     """
     if not 0 <= process_index < process_count:
         raise ValueError(f"process_index={process_index} is not in [0, {process_count})")
@@ -211,7 +238,8 @@ def batched(
     stream = dataset.to_iter_dataset(grain.ReadOptions(num_threads=0, prefetch_buffer_size=0))
     if worker_count:
         _mark_absl_flags_parsed()
-        stream = stream.mp_prefetch(grain.MultiprocessingOptions(num_workers=worker_count))
+        options = grain.MultiprocessingOptions(num_workers=worker_count)
+        stream = stream.mp_prefetch(options, worker_init_fn=_leave_signals_to_the_trainer)
     return stream
 
 

@@ -21,6 +21,7 @@ from jax.sharding import Mesh
 
 from vlm_jax import sharding
 from vlm_jax.config import to_json
+from vlm_jax.data.pipeline import close_stream
 from vlm_jax.train import metrics as metrics_lib
 from vlm_jax.train import numerics
 from vlm_jax.train.checkpoint import Checkpointer, load_params
@@ -257,6 +258,32 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, f
 
 def _train_loop(config, workdir: Path, mesh: Mesh, task: Task, is_primary: bool):
     data_iter = train_iterator(task, config, mesh)  # first: batch/mesh mismatches fail early
+    try:
+        return _train_steps(config, workdir, mesh, task, is_primary, data_iter)
+    finally:  # also on errors and signals: the workers and their shared memory end with the run
+        close_data(data_iter)
+
+
+def close_data(data_iter) -> None:
+    """Stop the training stream's Grain workers and free its shared memory now: left to
+    interpreter exit, it leaks (see `pipeline.close_stream`). ConcatShards: every shard."""
+    for stream in getattr(data_iter, "iterators", [data_iter]):
+        close_stream(stream)
+
+
+def next_global_batch(data_iter, data_counts: DataCounters, batch_shardings, mesh, batch_size):
+    """The next global batch (the model's inputs), counting the data counters on the way.
+
+    The host batch (in Grain's shared memory when workers made it) lives only in this frame, so
+    no traceback of a later error keeps it, and its memory, alive until exit.
+    """
+    host_batch = next(data_iter)
+    data_counts.add(host_batch)
+    batch = {k: v for k, v in host_batch.items() if k in batch_shardings}
+    return sharding.global_batch(batch, mesh, batch_size)
+
+
+def _train_steps(config, workdir: Path, mesh: Mesh, task: Task, is_primary: bool, data_iter):
     state, state_shardings, tx, schedule = build_state(task, config, mesh)
     log_state_memory(state)
     dummy = task.dummy_batch(sharding.data_parallel_size(mesh))
@@ -292,13 +319,11 @@ def _train_loop(config, workdir: Path, mesh: Mesh, task: Task, is_primary: bool)
         logging.info("step %d: running the evaluation that failed before", start)
         last = evaluated(task, state.params, pending)
         writer.write(start, last)
+    batch_size = config.train.batch_size
     with StopRequest() as stop:
         while step < total:
-            host_batch = next(data_iter)
-            data_counts.add(host_batch)
-            batch = {k: v for k, v in host_batch.items() if k in batch_shardings}
             state, step_metrics = train_step(
-                state, sharding.global_batch(batch, mesh, config.train.batch_size)
+                state, next_global_batch(data_iter, data_counts, batch_shardings, mesh, batch_size)
             )
             step += 1
             _on_nonfinite(
