@@ -13,11 +13,41 @@ import importlib.util
 import json
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import ml_collections
 
 ConfigDict = ml_collections.ConfigDict
+
+
+class UserError(Exception):
+    """A mistake in what the user gave a command (a path, a value, an install), not a bug.
+
+    Raised where user input is checked; every CLI prints it as one `error: <message>` line and
+    exits 2 (`vlm_jax.train.cli.exit_on_user_error`), while any other exception keeps its
+    traceback. The message names the bad value and what was expected.
+    """
+
+
+class MissingInput(UserError, FileNotFoundError):
+    """A file or directory that the config or a flag names is absent or not what it must be."""
+
+
+class MissingPackage(UserError, ImportError):
+    """An optional package that the configured component needs is not installed."""
+
+
+def require_package(module: str, needed_by: str, install: str) -> ModuleType:
+    """`import module`, or MissingPackage naming `needed_by` (e.g. "tokenizer.name='sentencepiece'")
+    and how to install it: such packages are optional, not vlm_jax requirements."""
+    try:
+        return importlib.import_module(module)
+    except ImportError as e:
+        raise MissingPackage(
+            f"{needed_by} needs the package {module.split('.')[0]!r}, which is not installed "
+            f"({type(e).__name__}: {e}); install it with: {install}"
+        ) from None
 
 
 def load_config(spec: str) -> ConfigDict:

@@ -17,13 +17,14 @@ import functools
 import math
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from vlm_jax.config import parse_float, parse_int, split_flags
+from vlm_jax.config import MissingInput, parse_float, parse_int, split_flags
 
 
 def pick_tokens(
@@ -125,11 +126,15 @@ def main(argv: Sequence[str] | None = None) -> None:
     except ValueError as error:
         print(f"error: {error}\n{USAGE}", file=sys.stderr)
         raise SystemExit(2) from None
+    from vlm_jax.train.cli import exit_on_user_error
     from vlm_jax.train.vlm_task import answer_from_checkpoint
 
-    print(
-        answer_from_checkpoint(args.pop("workdir"), args.pop("image"), args.pop("prompt"), **args)
-    )
+    with exit_on_user_error():
+        check_paths(args["workdir"], args["image"])
+        answer = answer_from_checkpoint(
+            args.pop("workdir"), args.pop("image"), args.pop("prompt"), **args
+        )
+    print(answer)
 
 
 def parse_args(argv: Sequence[str]) -> dict[str, Any]:
@@ -152,6 +157,18 @@ def parse_args(argv: Sequence[str]) -> dict[str, Any]:
     _check_at_least("--temperature", args["temperature"], 0.0)
     _check_at_least("--top_k", args["top_k"], 0)
     return args
+
+
+def check_paths(workdir: str, image: str) -> None:
+    """MissingInput before any model is built: --workdir must be a run (its config.json; its
+    checkpoints are checked when loaded) and --image a file."""
+    if not (Path(workdir) / "config.json").is_file():
+        raise MissingInput(
+            f"--workdir {workdir!r} is not a training run: expected {workdir}/config.json (and "
+            "checkpoints/), as python -m vlm_jax.train writes them"
+        )
+    if not Path(image).is_file():
+        raise MissingInput(f"--image {image!r} does not exist: expected an image file")
 
 
 def _check_at_least(flag: str, value: float, low: float) -> None:

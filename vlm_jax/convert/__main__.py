@@ -13,10 +13,12 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import sys
 from collections.abc import Sequence
+from pathlib import Path
 
+from vlm_jax.config import MissingInput
 from vlm_jax.convert import big_vision, common, hf, open_clip
+from vlm_jax.train.cli import exit_on_user_error
 
 IMPORTERS = {"hf": hf.convert, "open_clip": open_clip.convert, "big_vision": big_vision.convert}
 EXPORTERS = {"hf": hf.export}
@@ -30,6 +32,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--src", required=True, help="release file/dir, or converted DIR")
     parser.add_argument("--out", required=True, help="output directory")
     args = parser.parse_args(argv)
+    if not Path(args.src).exists():
+        expected = "a release file or directory" if args.source else "a vlm_jax run directory"
+        raise MissingInput(f"--src {args.src!r} does not exist: expected {expected}")
     os.environ.setdefault("JAX_PLATFORMS", "cpu")  # conversion is host work
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
     if args.source:
@@ -39,16 +44,14 @@ def main(argv: Sequence[str] | None = None) -> None:
     logging.info("wrote %s", out)
 
 
+# Besides vlm_jax.config.UserError (e.g. no checkpoint at --src for --to hf).
 USER_ERRORS = (common.ConversionError, common.MissingPackageError, FileNotFoundError)
 
 
 def cli(argv: Sequence[str] | None = None) -> None:
     """`main`, with a bad release or a missing optional package as one line and exit status 2."""
-    try:
+    with exit_on_user_error(also=USER_ERRORS):
         main(argv)
-    except USER_ERRORS as e:
-        print(f"error: {e}", file=sys.stderr)
-        raise SystemExit(2) from None
 
 
 if __name__ == "__main__":

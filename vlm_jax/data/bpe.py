@@ -18,8 +18,10 @@ import itertools
 from collections.abc import Sequence
 from pathlib import Path
 
+from vlm_jax.config import MissingInput, require_package
 from vlm_jax.data.tokenizers import TOKENIZERS, Tokenizer
 
+NEEDED_BY = "tokenizer.name='clip_bpe'"
 BOS_TOKEN, EOS_TOKEN = "<start_of_text>", "<end_of_text>"
 NUM_MERGES = 49152 - 256 - 2  # CLIP uses this many merges of the file (vocab 49,408)
 _PATTERN = (
@@ -43,9 +45,9 @@ def default_vocab_path() -> Path:
     open_clip, whose import pulls in torchvision)."""
     spec = importlib.util.find_spec("open_clip")
     if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError(
-            "CLIP BPE needs vocab_path=... (bpe_simple_vocab_16e6.txt.gz); open_clip, which "
-            "ships it, is not installed"
+        raise MissingInput(
+            f"{NEEDED_BY} needs tokenizer.vocab_path=... (bpe_simple_vocab_16e6.txt.gz); "
+            "open_clip, which ships it, is not installed"
         )
     return Path(spec.submodule_search_locations[0]) / "bpe_simple_vocab_16e6.txt.gz"
 
@@ -70,11 +72,14 @@ class ClipBpeTokenizer(Tokenizer):
 
     def __init__(self, add_bos: bool = True, vocab_path: str | None = None):
         super().__init__(add_bos)
-        import regex
-
+        regex = require_package("regex", NEEDED_BY, "pip install regex ftfy")
+        require_package("ftfy", NEEDED_BY, "pip install regex ftfy")  # clean_text, per record
         path = Path(vocab_path) if vocab_path else default_vocab_path()
         if not path.is_file():
-            raise FileNotFoundError(f"CLIP BPE vocab_path={str(path)!r} does not exist")
+            raise MissingInput(
+                f"tokenizer.vocab_path={str(path)!r} does not exist: expected CLIP's BPE merges "
+                "file (bpe_simple_vocab_16e6.txt.gz)"
+            )
         with gzip.open(path, "rt", encoding="utf-8") as file:
             lines = file.read().split("\n")
         merges = [tuple(line.split()) for line in lines[1 : NUM_MERGES + 1]]

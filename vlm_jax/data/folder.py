@@ -25,6 +25,7 @@ from pathlib import Path
 
 import ml_collections
 
+from vlm_jax.config import MissingInput
 from vlm_jax.data.records import BadRecords, decode_image
 from vlm_jax.data.sources import DATA_SOURCES
 
@@ -40,13 +41,20 @@ def read_manifest(path: Path) -> list[dict]:
         return list(csv.DictReader(file))
 
 
-def find_manifest(root: Path, split: str) -> Path:
-    candidates = [root / f"{split}.jsonl", root / f"{split}.csv"]
+def find_manifest(root: str, split: str) -> Path:
+    """DIR/<split>.jsonl or DIR/<split>.csv of the folder `root` (config.data.path)."""
+    if not root or not Path(root).is_dir():
+        raise MissingInput(
+            f"data.path={root!r} is not a directory: expected an image folder with a manifest "
+            f"per split ({split}.jsonl or {split}.csv; see vlm_jax/data/folder.py)"
+        )
+    candidates = [Path(root) / f"{split}.jsonl", Path(root) / f"{split}.csv"]
     for candidate in candidates:
         if candidate.is_file():
             return candidate
-    raise FileNotFoundError(
-        f"no manifest for split {split!r}: looked for {', '.join(map(str, candidates))}"
+    raise MissingInput(
+        f"data.path={root!r}: no manifest for split {split!r}: looked for "
+        f"{', '.join(map(str, candidates))}"
     )
 
 
@@ -107,8 +115,8 @@ class FolderSource:
     of an image folder (see the module docstring for the layout)."""
 
     def __init__(self, config: ml_collections.ConfigDict, split: str):
+        manifest = find_manifest(config.path, split)
         self.root = Path(config.path)
-        manifest = find_manifest(self.root, split)
         self.bad = BadRecords(config.get("on_error", "skip"), f"folder source {str(manifest)!r}")
         rows = read_manifest(manifest)
         self.rows, positions = usable_rows(rows, self.root, self.bad)

@@ -16,8 +16,10 @@ import string
 from collections.abc import Sequence
 from pathlib import Path
 
+from vlm_jax.config import MissingInput, require_package
 from vlm_jax.data.tokenizers import TOKENIZERS, Tokenizer
 
+NEEDED_BY = "tokenizer.name='sentencepiece'"
 _PUNCTUATION = str.maketrans("", "", string.punctuation)
 
 
@@ -34,10 +36,12 @@ class SentencePieceTokenizer(Tokenizer):
         pad_id: int | None = None,
     ):
         super().__init__(add_bos)
-        import sentencepiece
-
+        sentencepiece = require_package("sentencepiece", NEEDED_BY, "pip install sentencepiece")
         if not Path(model_path).is_file():
-            raise FileNotFoundError(f"sentencepiece model_path={model_path!r} does not exist")
+            raise MissingInput(
+                f"tokenizer.model_path={model_path!r} does not exist: expected a SentencePiece "
+                ".model file"
+            )
         self.model = sentencepiece.SentencePieceProcessor(model_file=str(model_path))
         self.vocab_size = self.model.get_piece_size()
         self.eos_id, self.bos_id, self.unk_id = (

@@ -4,7 +4,7 @@ checkpoint in DIR with the config's evaluators; prints JSON and writes DIR/eval_
 import json
 import sys
 
-from vlm_jax.train.cli import parse_args, setup_logging
+from vlm_jax.train.cli import exit_on_user_error, parse_args, setup_logging
 
 
 def main() -> None:
@@ -13,11 +13,8 @@ def main() -> None:
     import vlm_jax.train.registry_imports  # noqa: F401
     from vlm_jax.train.trainer import evaluate_checkpoint
 
-    try:
+    with exit_on_user_error(also=(ValueError, FileNotFoundError)):  # config errors, no workdir
         results = evaluate_checkpoint(config, options["workdir"])
-    except (ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        raise SystemExit(2) from None
     print(json.dumps(results, indent=2))
 
 

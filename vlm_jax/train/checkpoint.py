@@ -30,6 +30,7 @@ import jax.numpy as jnp
 import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
+from vlm_jax.config import MissingInput
 from vlm_jax.train.distributed import any_process
 from vlm_jax.train.integrity import check_params_match
 
@@ -194,7 +195,7 @@ class Checkpointer:
         """
         step = self.latest_step() if step is None else step
         if step is None:
-            raise FileNotFoundError(f"no checkpoint in {self.directory}")
+            raise MissingInput(f"no checkpoint in {self.directory} (no saved step)")
         meta_tree = self.manager.item_metadata(step)["state"]
         device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
         abstract = jax.tree.map(
@@ -240,7 +241,7 @@ class Checkpointer:
     def restore_newest_intact_params(self, abstract_params: Any = None) -> tuple[Any, int]:
         """(params, step) of the newest step whose params restore cleanly (`restore_params`).
 
-        Newer damaged steps are logged and left in place. Raises FileNotFoundError if there is
+        Newer damaged steps are logged and left in place. Raises MissingInput if there is
         no step, RuntimeError naming each step's problem if none is intact, and ModelMismatch
         at once if the checkpoint is of another model config.
         """
@@ -248,7 +249,7 @@ class Checkpointer:
         found = self._newest_intact(lambda s: self.restore_params(s, abstract_params), damaged)
         if found is None:
             if not self.all_steps():
-                raise FileNotFoundError(f"no checkpoint in {self.directory}")
+                raise MissingInput(f"no checkpoint in {self.directory} (no saved step)")
             raise RuntimeError(self._no_intact_message(damaged))
         step, params = found
         for bad, problem in sorted(damaged.items(), reverse=True):
@@ -349,7 +350,10 @@ def checkpoints_dir(path: str | Path) -> Path:
     if (directory / "checkpoints").is_dir():
         directory = directory / "checkpoints"
     if not directory.is_dir():
-        raise FileNotFoundError(f"no checkpoint directory at {str(path)!r} (not a directory)")
+        raise MissingInput(
+            f"no checkpoint directory at {str(path)!r}: expected a run's workdir (holding "
+            "checkpoints/) or its checkpoints/ directory"
+        )
     return directory
 
 

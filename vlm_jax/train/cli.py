@@ -1,16 +1,33 @@
-"""Command-line entry points shared by train and evaluate."""
+"""Command-line entry points shared by train and evaluate, and how every CLI reports a user's
+mistake: one `error: <message>` line on stderr and exit status 2, no traceback."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+
+from vlm_jax.config import UserError
 
 USAGE = (
     "usage: python -m vlm_jax.{cmd} --config configs/NAME.py[:arg] --workdir DIR "
     "[--config.key=value ...]"
 )
+
+
+@contextlib.contextmanager
+def exit_on_user_error(also: tuple[type[Exception], ...] = ()) -> Iterator[None]:
+    """Turn a UserError (and the `also` types) raised inside into `error: <message>` + exit 2.
+
+    Only these: any other exception is a bug and keeps its traceback.
+    """
+    try:
+        yield
+    except (UserError, *also) as e:
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
 
 
 def parse_args(argv: Sequence[str], cmd: str, extra: Sequence[str] = ()):
@@ -19,7 +36,7 @@ def parse_args(argv: Sequence[str], cmd: str, extra: Sequence[str] = ()):
 
     try:
         config, options = parse_cli(argv)
-    except (ValueError, FileNotFoundError, TypeError) as e:
+    except (UserError, ValueError, FileNotFoundError, TypeError) as e:
         print(f"error: {e}\n{USAGE.format(cmd=cmd)}", file=sys.stderr)
         raise SystemExit(2) from None
     allowed = {"config", "workdir", *extra}
@@ -31,6 +48,20 @@ def parse_args(argv: Sequence[str], cmd: str, extra: Sequence[str] = ()):
         )
         raise SystemExit(2)
     return config, options
+
+
+def check_init_checkpoints(config) -> None:
+    """Fail before any compute when an `init.*checkpoint` key names no checkpoint directory
+    (the trainer would only find out after compiling the model)."""
+    from vlm_jax.config import MissingInput
+    from vlm_jax.train.checkpoint import checkpoints_dir
+
+    for key, path in config.init.items():
+        if key.endswith("checkpoint") and path:
+            try:
+                checkpoints_dir(path)
+            except MissingInput as e:
+                raise MissingInput(f"init.{key}={path!r}: {e}") from None
 
 
 def setup_logging() -> None:
@@ -54,10 +85,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     import vlm_jax.train.registry_imports  # noqa: F401  (registers tasks)
     from vlm_jax.train.trainer import train
 
-    try:
+    with exit_on_user_error(also=(ValueError,)):  # ValueError: config errors found before compute
+        check_init_checkpoints(config)
         final = train(config, options["workdir"])
-    except ValueError as e:  # config errors found before compute
-        print(f"error: {e}", file=sys.stderr)
-        raise SystemExit(2) from None
     summary = {k: round(v, 4) for k, v in final.items() if k.startswith(("eval/", "train/loss"))}
     logging.info("done: %s", summary)

@@ -1,0 +1,73 @@
+"""A user's mistake that a CLI can name ends in one `error:` line naming the bad path or value,
+exit status 2 and no traceback, before anything is compiled: a missing data folder or manifest,
+a missing checkpoint directory (train's init.*checkpoint keys, evaluate, generate, convert), a
+missing tokenizer file and a missing optional package."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+MISSING = "/nonexistent/vlm_jax_test"
+NO_SENTENCEPIECE = "import sys; sys.modules['sentencepiece'] = None"  # its import raises
+RUN_TRAIN = "import runpy; runpy.run_module('vlm_jax.train', run_name='__main__')"
+
+
+def train(config: str, *overrides: str) -> list[str]:
+    return ["-m", "vlm_jax.train", "--config", f"configs/{config}.py", "--workdir", "{tmp}/run"] + [
+        f"--config.{override}" for override in overrides
+    ]
+
+
+SIGLIP_B16 = train("siglip_b16", f"tokenizer.model_path={MISSING}/spiece.model")
+CASES = {
+    "data_folder": (
+        train("digits_folder", f"data.path={MISSING}"),
+        f"data.path='{MISSING}' is not a directory",
+    ),
+    "manifest": (
+        train("digits_folder", "data.path={tmp}"),
+        "no manifest for split 'train': looked for {tmp}/train.jsonl",
+    ),
+    "init_checkpoint": (
+        train("siglip_shapes", f"init.checkpoint={MISSING}"),
+        f"init.checkpoint='{MISSING}': no checkpoint directory at '{MISSING}'",
+    ),
+    "tokenizer_file": (SIGLIP_B16, f"tokenizer.model_path='{MISSING}/spiece.model' does not exist"),
+    "optional_package": (
+        ["-c", f"{NO_SENTENCEPIECE}; {RUN_TRAIN}", *SIGLIP_B16[2:]],
+        "tokenizer.name='sentencepiece' needs the package 'sentencepiece'",
+    ),
+    "evaluate_checkpoint": (
+        ["-m", "vlm_jax.evaluate", "--config", "configs/siglip_shapes.py", "--workdir", MISSING],
+        f"no checkpoints in '{MISSING}'",
+    ),
+    "evaluate_no_steps": (
+        ["-m", "vlm_jax.evaluate", "--config", "configs/siglip_shapes.py", "--workdir", "{tmp}"],
+        "no checkpoint in {tmp}/checkpoints (no saved step)",
+    ),
+    "generate_workdir": (
+        ["-m", "vlm_jax.generate", "--workdir", MISSING, "--image", "x.png", "--prompt", "hi"],
+        f"--workdir '{MISSING}' is not a training run: expected {MISSING}/config.json",
+    ),
+    "convert_src": (
+        ["-m", "vlm_jax.convert", "--to", "hf", "--src", MISSING, "--out", "{tmp}/hf"],
+        f"--src '{MISSING}' does not exist: expected a vlm_jax run directory",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_user_mistakes_end_in_one_error_line_and_exit_2(case, tmp_path):
+    argv, expected = CASES[case]
+    if case == "evaluate_no_steps":
+        (tmp_path / "checkpoints").mkdir()
+    argv = [arg.replace("{tmp}", str(tmp_path)) for arg in argv]
+    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="")
+    proc = subprocess.run([sys.executable, *argv], env=env, capture_output=True, text=True)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1, proc.stderr[-3000:]
+    assert expected.replace("{tmp}", str(tmp_path)) in errors[0]
