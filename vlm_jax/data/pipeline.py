@@ -172,7 +172,8 @@ def close_stream(iterator: Iterator) -> None:
     thread to finish every unlink queued so far. Batches the caller still holds are not freed.
     """
     iterator.close()
-    unlinker = SharedMemoryArray._del_thread_pool  # one thread, FIFO (Grain has no public hook)
+    # One thread, FIFO; a private attribute (Grain 0.2 has no public hook), hence the getattr.
+    unlinker = getattr(SharedMemoryArray, "_del_thread_pool", None)
     if unlinker is not None:
         unlinker.apply(int)  # returns once every earlier request has run
 
