@@ -222,3 +222,11 @@ def test_weights_the_mesh_cannot_split_are_named_before_compute():
     error = r"\['txt'\].*\['attn'\].*\(size 4\) is split over mesh axes \('tensor',\) = 8 ways"
     with jax.set_mesh(mesh), rules, pytest.raises(ValueError, match=error):
         trainer.param_layout(task, config, mesh)
+
+
+def test_one_slice_mesh_is_unchanged_and_multi_slice_splits_only_the_data_axis():
+    assert sharding.num_slices(jax.devices()) == 1  # CPU devices have no slice_index
+    assert sharding.build_mesh((-1, 2, 1)).devices.shape == (4, 2, 1)
+    assert sharding.split_dcn((8, 2, 1), 4) == ((2, 2, 1), (4, 1, 1))
+    with pytest.raises(ValueError, match=r"data axis \(2\) must be a multiple of the 4 slices"):
+        sharding.split_dcn((2, 8, 1), 4)

@@ -1,7 +1,8 @@
 """Mesh construction and logical-axis sharding.
 
 Mesh axes are `data`, `fsdp`, `tensor`; any may be 1, and one may be -1 (fill with the
-remaining devices). Weights and activations carry logical axis names (see
+remaining devices). On a multi-slice job the data axis also spans the slices (DCN).
+Weights and activations carry logical axis names (see
 models/layers.py); one rule table maps them to mesh axes:
 
     data parallel:  batch -> (data, fsdp), weights replicated
@@ -17,6 +18,7 @@ from collections.abc import Sequence
 import flax.linen as nn
 import jax
 import numpy as np
+from jax.experimental import mesh_utils
 from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -61,13 +63,42 @@ def resolve_mesh_shape(shape: Sequence[int], num_devices: int) -> tuple[int, ...
     return tuple(shape)
 
 
+def num_slices(devices: Sequence[jax.Device]) -> int:
+    """How many slices (ICI-connected groups, joined by DCN) the devices span: TPU devices of
+    a multi-slice job carry `slice_index`; other devices are one slice."""
+    return len({getattr(d, "slice_index", 0) for d in devices})
+
+
+def split_dcn(shape: Sequence[int], slices: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """(ICI shape inside one slice, DCN shape across slices) of a resolved mesh shape.
+
+    Only the data axis crosses slices (data parallel over DCN: one gradient all-reduce per
+    step there); fsdp and tensor collectives run every layer and must stay on ICI.
+    """
+    data, *inner = shape
+    if data % slices:
+        raise ValueError(
+            f"mesh.shape={tuple(shape)}: the data axis ({data}) must be a multiple of the "
+            f"{slices} slices (data parallel across slices; fsdp and tensor stay inside one)"
+        )
+    return (data // slices, *inner), (slices, *([1] * len(inner)))
+
+
 def build_mesh(shape: Sequence[int], devices: Sequence[jax.Device] | None = None) -> Mesh:
-    """A (data, fsdp, tensor) mesh over `devices` (default: all), topology-aware."""
+    """A (data, fsdp, tensor) mesh over `devices` (default: all), topology-aware.
+
+    `shape` covers all devices. Devices of several slices get a hybrid mesh whose data axis
+    is (slices over DCN) x (data / slices over ICI), so the ICI axes never cross slices.
+    """
     devices = list(devices) if devices is not None else jax.devices()
     resolved = resolve_mesh_shape(shape, len(devices))
-    return jax.make_mesh(
-        resolved, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES), devices=devices
-    )
+    axis_types = (AxisType.Auto,) * len(MESH_AXES)
+    slices = num_slices(devices)
+    if slices == 1:
+        return jax.make_mesh(resolved, MESH_AXES, axis_types=axis_types, devices=devices)
+    ici, dcn = split_dcn(resolved, slices)
+    grid = mesh_utils.create_hybrid_device_mesh(ici, dcn, devices=devices)
+    return Mesh(grid, MESH_AXES, axis_types=axis_types)
 
 
 def batch_sharding(mesh: Mesh, ndim: int) -> NamedSharding:

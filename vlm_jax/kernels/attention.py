@@ -7,8 +7,10 @@
 per call, the fastest implementation measured for this device kind, mask kind, head dim,
 dtype and (nearest) sequence length among those whose `SUPPORTS` predicate accepts the call
 (see autotune.py); unmeasured devices and shapes get Pallas on GPU/TPU, and CPU always gets
-XLA. Every implementation accepts the same `AttentionMask` and returns zeros for query rows
-that see no key.
+XLA. The device is the one being compiled for: the mesh in scope (`jax.set_mesh`), else jax's
+default backend (`autotune.target_device`), so a step compiled for a TPU topology on a CPU
+host picks, and lowers, what the TPU would. Every implementation accepts the same
+`AttentionMask` and returns zeros for query rows that see no key.
 """
 
 from __future__ import annotations
@@ -70,9 +72,10 @@ def cudnn_attention(
     q: jax.Array, k: jax.Array, v: jax.Array, mask: AttentionMask | None, scale: float
 ) -> jax.Array:
     """cuDNN fused attention through jax.nn.dot_product_attention (GPU only)."""
-    if jax.default_backend() != "gpu":
+    platform = autotune.target_device().platform
+    if platform != "gpu":
         raise ValueError(
-            f"attention impl='cudnn' needs a GPU, the backend is {jax.default_backend()!r}; "
+            f"attention impl='cudnn' needs a GPU, the target platform is {platform!r}; "
             f"valid here: {', '.join(n for n in ATTENTION_IMPLS.names() if n != 'cudnn')}"
         )
     batch, q_len = q.shape[:2]
@@ -134,10 +137,12 @@ def supported_impls(call: AttentionCall) -> list[str]:
 
 
 def describe_call(q: jax.Array, k: jax.Array, mask: AttentionMask | None) -> AttentionCall:
-    """The static key of one call: backend, device kind (first device), mask kind, shapes."""
+    """The static key of one call: target platform and device kind (the mesh's devices, see
+    `autotune.target_device`), mask kind, shapes."""
+    target = autotune.target_device()
     return AttentionCall(
-        backend=jax.default_backend(),
-        device_kind=jax.devices()[0].device_kind,  # no concrete mesh is visible inside jit
+        backend=target.platform,
+        device_kind=target.device_kind,
         mask=autotune.mask_kind(mask),
         q_len=q.shape[1],
         kv_len=k.shape[1],
@@ -153,7 +158,8 @@ def resolve_impl(impl: str, call: AttentionCall | None = None) -> str:
         ATTENTION_IMPLS.get(impl)  # raises naming the valid choices
         return impl
     if call is None:
-        return autotune.fallback_impl(jax.default_backend(), ATTENTION_IMPLS.names())
+        platform = autotune.target_device().platform
+        return autotune.fallback_impl(platform, ATTENTION_IMPLS.names())
     return autotune.choose_impl(call, supported_impls(call))
 
 

@@ -52,6 +52,30 @@ class AttentionCall(NamedTuple):
         return max(self.q_len, self.kv_len)
 
 
+class TargetDevice(NamedTuple):
+    """The devices a traced function is being compiled for."""
+
+    platform: str  # "cpu" | "gpu" | "tpu"
+    device_kind: str  # e.g. "TPU v5 lite", "NVIDIA H100 80GB HBM3", "cpu"
+
+
+def target_device() -> TargetDevice:
+    """Platform and kind of the devices of the mesh in scope (`jax.set_mesh`), else jax's
+    default devices.
+
+    Why not `jax.default_backend()`: a step compiled on a CPU host for a TPU topology (see
+    vlm_jax/compile.py) runs under a mesh of TPU devices, and kernels must be lowered for
+    those (Mosaic), not for the host (the Pallas interpreter). The abstract mesh carries the
+    kind of its devices and is visible at trace time, also inside `shard_map`. Without a mesh
+    (or one without device information) this is the default backend, as before.
+    """
+    mesh = jax.sharding.get_abstract_mesh()
+    device = None if mesh.empty else mesh.abstract_device
+    if device is None:
+        return TargetDevice(jax.default_backend(), jax.devices()[0].device_kind)
+    return TargetDevice(device.platform, device.device_kind)
+
+
 def mask_kind(mask: AttentionMask | None) -> str:
     """The mask's kind in MASK_KINDS; explicit positions or segments dominate causal."""
     if mask is None or mask.is_full:

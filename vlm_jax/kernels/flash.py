@@ -18,9 +18,10 @@ Odd lengths and head dims are padded inside the wrapper; padded keys are masked,
 rows are sliced off, so results never change.
 
 One kernel source: compiled through Triton on GPU (operands [B, T, H, D]), lowered
-through Mosaic for TPU (operands transposed to [B, H, T, D]; only the lowering is
-tested, by exporting for TPU), and run by the Pallas interpreter on CPU. CPU tests also
-export for GPU, so the Triton lowering is checked without a GPU. Under a mesh the
+through Mosaic for TPU (operands transposed to [B, H, T, D]; exported for TPU in the CPU
+tests, compiled by libtpu for real topologies in tests/test_compile_tpu.py), and run by the
+Pallas interpreter on CPU. CPU tests also export for GPU, so the Triton lowering is checked
+without a GPU. Under a mesh the
 dispatcher entry `pallas_attention` runs the kernels per (batch, head) shard.
 """
 
@@ -597,19 +598,22 @@ def flash_attention(
 ) -> jax.Array:
     """Flash attention: q[B, Tq, H, D], k/v[B, Tk, Hkv, D] -> [B, Tq, H, D] (q's dtype).
 
-    Differentiable in q, k, v. `backend` ("cpu" | "gpu" | "tpu", default: jax's) picks the
-    lowering (e.g. "tpu" to export for TPU from a CPU host); `interpret` defaults to True
-    on CPU (the kernels then run through the Pallas interpreter, slowly but exactly).
+    Differentiable in q, k, v. `backend` ("cpu" | "gpu" | "tpu") picks the lowering; by
+    default it is the platform of the mesh in scope (`autotune.target_device`: a step traced
+    under a mesh of TPU topology devices on a CPU host lowers through Mosaic), else jax's
+    default backend. `interpret` defaults to True on CPU (the kernels then run through the
+    Pallas interpreter, slowly but exactly).
     """
     batch, q_len, heads, dim = q.shape
     kv_len, kv_heads = k.shape[1], k.shape[2]
-    backend = backend or jax.default_backend()
+    target = autotune.target_device()
+    backend = backend or target.platform
     if backend not in ("cpu", "gpu", "tpu"):
         raise ValueError(f"flash_attention backend={backend!r} is not one of: cpu, gpu, tpu")
     interpret = backend == "cpu" if interpret is None else interpret
     on_tpu = backend == "tpu" and not interpret
     compiled_gpu = backend == "gpu" and not interpret  # the only place tuned tiles apply
-    device_kind = jax.devices()[0].device_kind if compiled_gpu else None
+    device_kind = target.device_kind if compiled_gpu else None
     blocks = block_sizes or (
         TPU_BLOCKS if on_tpu else default_block_sizes(dim, autotune.mask_kind(mask), device_kind)
     )

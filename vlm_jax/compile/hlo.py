@@ -1,0 +1,63 @@
+"""What a compiled program does between chips, read from its optimized HLO text.
+
+    collectives(hlo_text) -> {"all-gather": {"count": 37, "bytes": 123456}, ...}
+    tpu_custom_calls(hlo_text) -> 6   # Pallas kernels lowered through Mosaic
+
+Bytes are each op's result per chip (the SPMD program is one chip's view), e.g. an
+all-gather's gathered array. Ops are counted as they appear in the program text: an op
+inside a loop body (scan over layers, a ring loss) is counted once, not once per iteration.
+"""
+
+from __future__ import annotations
+
+import re
+
+COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all", "collective-permute")
+# `%name = SHAPE op(` or `op-start(` (async pairs; the matching `-done` moves nothing new)
+_OP = re.compile(
+    r"^\s*(?:ROOT\s+)?%?[\w.\-]+\s*=\s*(?P<shape>.+?)\s+"
+    rf"(?P<op>{'|'.join(COLLECTIVES)})(?P<start>-start)?\("
+)
+_ARRAY = re.compile(r"\b(?P<dtype>pred|[a-z]+\d+[a-z0-9]*)\[(?P<dims>[\d,]*)\]")
+_CONTEXT_SCALARS = ("u32", "s32")  # an async start's sync flags: (operands, results, u32[], u32[])
+
+
+def _array_bytes(dtype: str, dims: str) -> int:
+    bits = 8 if dtype == "pred" else int(re.match(r"[a-z]+(\d+)", dtype).group(1))
+    count = 1
+    for d in filter(None, dims.split(",")):
+        count *= int(d)
+    return count * max(bits, 8) // 8
+
+
+def result_bytes(shape: str, start: bool, op: str) -> int:
+    """Bytes of an op's result shape. An async all-gather / permute start returns
+    (operands, results[, flags]): only the results count."""
+    arrays = [(m["dtype"], m["dims"]) for m in _ARRAY.finditer(shape)]
+    if start and op != "all-reduce":
+        arrays = [a for a in arrays if not (a[1] == "" and a[0] in _CONTEXT_SCALARS)]
+        arrays = arrays[len(arrays) // 2 :]
+    return sum(_array_bytes(d, s) for d, s in arrays)
+
+
+def collectives(hlo_text: str) -> dict[str, dict[str, int]]:
+    """{op: {"count", "bytes"}} for every collective kind in COLLECTIVES (zeros included)."""
+    found = {op: {"count": 0, "bytes": 0} for op in COLLECTIVES}
+    for line in hlo_text.splitlines():
+        match = _OP.match(line)
+        if match:
+            entry = found[match["op"]]
+            entry["count"] += 1
+            entry["bytes"] += result_bytes(match["shape"], bool(match["start"]), match["op"])
+    return found
+
+
+def tpu_custom_calls(hlo_text: str) -> int:
+    """Number of Mosaic kernels (Pallas on TPU) in the program."""
+    return hlo_text.count('custom_call_target="tpu_custom_call"')
+
+
+def attention_kind(hlo_text: str) -> str:
+    """Which attention the program holds: "mosaic" when it has Pallas TPU kernels, else
+    "xla" (plain HLO: the XLA implementation, or a kernel that was interpreted)."""
+    return "mosaic" if tpu_custom_calls(hlo_text) else "xla"
