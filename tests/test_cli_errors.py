@@ -58,16 +58,46 @@ CASES = {
 }
 
 
+def run_cli(argv: list[str]) -> subprocess.CompletedProcess:
+    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="")
+    return subprocess.run([sys.executable, *argv], env=env, capture_output=True, text=True)
+
+
 @pytest.mark.parametrize("case", CASES)
 def test_user_mistakes_end_in_one_error_line_and_exit_2(case, tmp_path):
     argv, expected = CASES[case]
     if case == "evaluate_no_steps":
         (tmp_path / "checkpoints").mkdir()
-    argv = [arg.replace("{tmp}", str(tmp_path)) for arg in argv]
-    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="")
-    proc = subprocess.run([sys.executable, *argv], env=env, capture_output=True, text=True)
+    proc = run_cli([arg.replace("{tmp}", str(tmp_path)) for arg in argv])
     assert proc.returncode == 2, proc.stderr[-3000:]
     assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1, proc.stderr[-3000:]
     assert expected.replace("{tmp}", str(tmp_path)) in errors[0]
+
+
+PLANT_BUG = (
+    "import vlm_jax.train.trainer as t\n"
+    "def bug(*a, **k): raise ValueError('planted bug in a training step')\n"
+    "t.next_global_batch = bug\n"
+)
+TINY = ["train.total_steps=2", "data.val_size=64", "data.zeroshot_size=64", "train.worker_count=0"]
+
+
+def test_a_config_error_found_while_building_is_one_error_line(tmp_path):
+    """A size the model's own check rejects (found while the state is built) is the config's."""
+    argv = train("siglip_shapes", "model.image.num_heads=3", *TINY)
+    proc = run_cli([arg.replace("{tmp}", str(tmp_path)) for arg in argv])
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "width=128 is not divisible by num_heads=3" in errors[0]
+
+
+def test_a_crash_while_training_keeps_its_traceback(tmp_path):
+    """A ValueError raised once steps run is a bug, not a user mistake: traceback, exit 1."""
+    argv = train("siglip_shapes", *TINY)
+    code = f"{PLANT_BUG}{RUN_TRAIN}"
+    proc = run_cli(["-c", code, *[arg.replace("{tmp}", str(tmp_path)) for arg in argv[2:]]])
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    assert "Traceback" in proc.stderr and "ValueError: planted bug" in proc.stderr
+    assert not any(line.startswith("error:") for line in proc.stderr.splitlines())

@@ -9,9 +9,10 @@ device work, with a message naming the valid keys or choices.
 from __future__ import annotations
 
 import ast
+import contextlib
 import importlib.util
 import json
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -36,6 +37,23 @@ class MissingInput(UserError, FileNotFoundError):
 
 class MissingPackage(UserError, ImportError):
     """An optional package that the configured component needs is not installed."""
+
+
+class ConfigError(UserError, ValueError):
+    """A config value that a check found wrong before any step ran (see `config_errors`)."""
+
+
+@contextlib.contextmanager
+def config_errors() -> Iterator[None]:
+    """Inside: a ValueError is the config's (checks of values, choices, sizes and shapes made
+    while a run is set up) and becomes a ConfigError, i.e. an `error:` line. Code that runs
+    steps stays outside, so a ValueError there is a crash and keeps its traceback."""
+    try:
+        yield
+    except UserError:
+        raise
+    except ValueError as e:
+        raise ConfigError(str(e)) from e
 
 
 def require_package(module: str, needed_by: str, install: str) -> ModuleType:

@@ -13,7 +13,7 @@ def main() -> None:
     import vlm_jax.train.registry_imports  # noqa: F401
     from vlm_jax.train.trainer import evaluate_checkpoint
 
-    with exit_on_user_error(also=(ValueError, FileNotFoundError)):  # config errors, no workdir
+    with exit_on_user_error():  # config errors (ConfigError), no checkpoints (MissingInput)
         results = evaluate_checkpoint(config, options["workdir"])
     print(json.dumps(results, indent=2))
 

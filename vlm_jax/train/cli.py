@@ -85,7 +85,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     import vlm_jax.train.registry_imports  # noqa: F401  (registers tasks)
     from vlm_jax.train.trainer import train
 
-    with exit_on_user_error(also=(ValueError,)):  # ValueError: config errors found before compute
+    with exit_on_user_error():  # the trainer raises a config's ValueErrors as ConfigError
         check_init_checkpoints(config)
         final = train(config, options["workdir"])
     summary = {k: round(v, 4) for k, v in final.items() if k.startswith(("eval/", "train/loss"))}

@@ -20,7 +20,7 @@ import optax
 from jax.sharding import Mesh
 
 from vlm_jax import sharding
-from vlm_jax.config import to_json
+from vlm_jax.config import MissingInput, config_errors, to_json
 from vlm_jax.data.pipeline import close_stream
 from vlm_jax.train import metrics as metrics_lib
 from vlm_jax.train import numerics
@@ -247,17 +247,19 @@ def load_init_params(path: str, state, state_shardings):
 def train(config: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, float]:
     """Run (or resume) training; returns the last logged metrics."""
     workdir = Path(workdir)
-    validate_config(config)
-    mesh = sharding.build_mesh(config.mesh.shape)
-    is_primary = jax.process_index() == 0
-    prepare_workdir(workdir, config, is_primary)
-    task = TASKS.get(config.task)(config, mesh)
+    with config_errors():
+        validate_config(config)
+        mesh = sharding.build_mesh(config.mesh.shape)
+        is_primary = jax.process_index() == 0
+        prepare_workdir(workdir, config, is_primary)
+        task = TASKS.get(config.task)(config, mesh)
     with jax.set_mesh(mesh), nn.logical_axis_rules(tuple(config.sharding.rules)):
         return _train_loop(config, workdir, mesh, task, is_primary)
 
 
 def _train_loop(config, workdir: Path, mesh: Mesh, task: Task, is_primary: bool):
-    data_iter = train_iterator(task, config, mesh)  # first: batch/mesh mismatches fail early
+    with config_errors():
+        data_iter = train_iterator(task, config, mesh)  # first: batch/mesh mismatches fail early
     try:
         return _train_steps(config, workdir, mesh, task, is_primary, data_iter)
     finally:  # also on errors and signals: the workers and their shared memory end with the run
@@ -284,19 +286,22 @@ def next_global_batch(data_iter, data_counts: DataCounters, batch_shardings, mes
 
 
 def _train_steps(config, workdir: Path, mesh: Mesh, task: Task, is_primary: bool, data_iter):
-    state, state_shardings, tx, schedule = build_state(task, config, mesh)
-    log_state_memory(state)
-    dummy = task.dummy_batch(sharding.data_parallel_size(mesh))
-    batch_shardings = {k: sharding.batch_sharding(mesh, v.ndim) for k, v in dummy.items()}
-    train_step = make_train_step(task, tx, schedule, state_shardings, batch_shardings, mesh)
-    ckpt = Checkpointer(
-        workdir / "checkpoints",
-        keep=config.train.keep_checkpoints,
-        async_save=config.train.async_checkpoint,
-    )
-    state, resumed, meta = restore_or_init(ckpt, state, state_shardings, data_iter, config, mesh)
-    if resumed is None:
-        state = state.replace(params=task.load_pretrained(state.params))
+    with config_errors():  # sizes and shapes the config got wrong surface while building
+        state, state_shardings, tx, schedule = build_state(task, config, mesh)
+        log_state_memory(state)
+        dummy = task.dummy_batch(sharding.data_parallel_size(mesh))
+        batch_shardings = {k: sharding.batch_sharding(mesh, v.ndim) for k, v in dummy.items()}
+        train_step = make_train_step(task, tx, schedule, state_shardings, batch_shardings, mesh)
+        ckpt = Checkpointer(
+            workdir / "checkpoints",
+            keep=config.train.keep_checkpoints,
+            async_save=config.train.async_checkpoint,
+        )
+        state, resumed, meta = restore_or_init(
+            ckpt, state, state_shardings, data_iter, config, mesh
+        )
+        if resumed is None:  # init checkpoints that don't fit the config are the config's
+            state = state.replace(params=task.load_pretrained(state.params))
     start = resumed or 0
     pending = meta.get(PENDING_ROW)  # the saved step's row, whose evaluation failed
     kept_rows = resumed if pending is None else resumed - 1  # a retry's row is rewritten
@@ -399,12 +404,13 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str | Path) 
     """Evaluate the newest intact checkpoint in `workdir` (damaged newer steps are logged and
     skipped, as `load_params` does); writes WORKDIR/eval_<step>.json."""
     workdir = Path(workdir)
-    validate_config(config)
-    mesh = sharding.build_mesh(config.mesh.shape)
-    task = TASKS.get(config.task)(config, mesh)
+    with config_errors():
+        validate_config(config)
+        mesh = sharding.build_mesh(config.mesh.shape)
+        task = TASKS.get(config.task)(config, mesh)
     ckpt_dir = workdir / "checkpoints"
     if not ckpt_dir.is_dir():
-        raise FileNotFoundError(f"no checkpoints in {str(workdir)!r} (looked in {ckpt_dir})")
+        raise MissingInput(f"no checkpoints in {str(workdir)!r} (looked in {ckpt_dir})")
     with jax.set_mesh(mesh), nn.logical_axis_rules(tuple(config.sharding.rules)):
         _, abstract, _ = param_layout(task, config, mesh)
         ckpt = Checkpointer(ckpt_dir, async_save=False)
