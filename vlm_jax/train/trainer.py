@@ -96,14 +96,19 @@ def prepare_workdir(workdir: Path, config: ml_collections.ConfigDict, is_primary
 
 
 def param_layout(task: Task, config, mesh: Mesh):
-    """(init_fn, abstract params, their shardings) without allocating anything."""
+    """(init_fn, abstract params, their shardings) without allocating anything.
+
+    Fully abstract (no concrete key, no dummy array), so it also runs under a mesh of
+    compile-only TPU devices (vlm_jax.compile), where jax cannot place an array.
+    """
     dummy = task.dummy_batch(sharding.data_parallel_size(mesh))
-    dummy = {k: jnp.asarray(v) for k, v in dummy.items()}
+    dummy = {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in dummy.items()}
 
     def init_fn(rng):
-        return task.init(rng, dummy)["params"]
+        batch = {k: jnp.zeros(s.shape, s.dtype) for k, s in dummy.items()}  # traced, not made
+        return task.init(rng, batch)["params"]
 
-    rng = jax.random.key(config.seed)
+    rng = jax.eval_shape(lambda: jax.random.key(config.seed))
     boxed = jax.eval_shape(init_fn, rng)
     shardings = sharding.logical_shardings(boxed, mesh, config.sharding.rules)
     unboxed = jax.eval_shape(lambda r: nn.unbox(init_fn(r)), rng)
@@ -124,27 +129,43 @@ def init_params(task: Task, config, mesh: Mesh) -> tuple[Any, Any]:
     return init(jax.random.key(config.seed)), shardings
 
 
-def build_state(task: Task, config, mesh: Mesh):
-    """TrainState, its shardings, the optimizer and the LR schedule."""
-    params, param_shardings = init_params(task, config, mesh)
+def state_layout(task: Task, config, mesh: Mesh):
+    """(abstract TrainState, its shardings, the optimizer, the LR schedule); allocates nothing,
+    so vlm_jax.compile lays out the state of a TPU topology with it on a CPU host."""
+    _, params, param_shardings = param_layout(task, config, mesh)
     tx, schedule = build_optimizer(config.optim, config.train.total_steps, params)
     replicated = sharding.replicated(mesh)
     opt_abstract = jax.eval_shape(tx.init, params)
     frozen = lambda x: isinstance(x, optax.MaskedNode)  # optim.freeze: no state
-    opt_shardings = optax.tree_map_params(
-        tx,
-        lambda p, s: p if frozen(p) else s,
-        opt_abstract,
-        param_shardings,
-        transform_non_params=lambda _: replicated,
-        is_leaf=frozen,
-    )
-    opt_state = jax.jit(tx.init, out_shardings=opt_shardings)(params)
-    rng = jax.random.key_data(jax.random.key(config.seed + 1))
-    state = TrainState(step=jnp.int32(0), params=params, opt_state=opt_state, rng=rng)
-    state_shardings = TrainState(
+    with jax.set_mesh(None):  # tree_map_params runs tx.init on placeholders: concrete arrays
+        opt_shardings = optax.tree_map_params(
+            tx,
+            lambda p, s: p if frozen(p) else s,
+            opt_abstract,
+            param_shardings,
+            transform_non_params=lambda _: replicated,
+            is_leaf=frozen,
+        )
+    rng = jax.eval_shape(lambda: jax.random.key_data(jax.random.key(0)))  # uint32[2]
+    shardings = TrainState(
         step=replicated, params=param_shardings, opt_state=opt_shardings, rng=replicated
     )
+    abstract = TrainState(
+        step=jax.ShapeDtypeStruct((), jnp.int32, sharding=replicated),
+        params=params,
+        opt_state=abstract_like(opt_abstract, opt_shardings),
+        rng=jax.ShapeDtypeStruct(rng.shape, rng.dtype, sharding=replicated),
+    )
+    return abstract, shardings, tx, schedule
+
+
+def build_state(task: Task, config, mesh: Mesh):
+    """TrainState, its shardings, the optimizer and the LR schedule."""
+    _, state_shardings, tx, schedule = state_layout(task, config, mesh)
+    params, _ = init_params(task, config, mesh)
+    opt_state = jax.jit(tx.init, out_shardings=state_shardings.opt_state)(params)
+    rng = jax.random.key_data(jax.random.key(config.seed + 1))
+    state = TrainState(step=jnp.int32(0), params=params, opt_state=opt_state, rng=rng)
     state = jax.device_put(state, state_shardings)
     return state, state_shardings, tx, schedule
 
