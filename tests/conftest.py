@@ -42,7 +42,7 @@ def signal_handlers_unchanged():
     """Fail any test that leaves SIGINT/SIGTERM handling changed, and restore it: the Python
     handler, the handler the kernel calls, and whether the main thread blocks the signal. A
     leaked handler or mask turns a later Ctrl-C into nothing (a trainer run inside a notebook
-    must leave Ctrl-C working), and it made the ablation runner's Ctrl-C test fail."""
+    must leave Ctrl-C working)."""
     before = _signal_state()
     saved = {sig: _os_handler(sig) for sig in WATCHED_SIGNALS}
     yield
