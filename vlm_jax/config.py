@@ -12,6 +12,7 @@ import ast
 import contextlib
 import importlib.util
 import json
+import sys
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from types import ModuleType
@@ -26,7 +27,7 @@ class UserError(Exception):
     """A mistake in what the user gave a command (a path, a value, an install), not a bug.
 
     Raised where user input is checked; every CLI prints it as one `error: <message>` line and
-    exits 2 (`vlm_jax.train.cli.exit_on_user_error`), while any other exception keeps its
+    exits 2 (`exit_on_user_error`), while any other exception keeps its
     traceback. The message names the bad value and what was expected.
     """
 
@@ -54,6 +55,19 @@ def config_errors() -> Iterator[None]:
         raise
     except ValueError as e:
         raise ConfigError(str(e)) from e
+
+
+@contextlib.contextmanager
+def exit_on_user_error(also: tuple[type[Exception], ...] = ()) -> Iterator[None]:
+    """Turn a UserError (and the `also` types) raised inside into `error: <message>` + exit 2.
+
+    Only these: any other exception is a bug and keeps its traceback.
+    """
+    try:
+        yield
+    except (UserError, *also) as e:
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
 
 
 def require_package(module: str, needed_by: str, install: str) -> ModuleType:

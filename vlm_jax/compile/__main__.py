@@ -120,8 +120,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     host_cpu_only()  # before anything initialises a jax backend
     from vlm_jax.compile import report
     from vlm_jax.compile.topology import parse_topology, require_libtpu
-    from vlm_jax.config import parse_int
-    from vlm_jax.train.cli import exit_on_user_error
+    from vlm_jax.config import exit_on_user_error, parse_int
 
     config, options = parse_args(sys.argv[1:] if argv is None else argv)
     with exit_on_user_error(also=(ValueError,)):

@@ -16,9 +16,8 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
-from vlm_jax.config import MissingInput
+from vlm_jax.config import MissingInput, exit_on_user_error
 from vlm_jax.convert import big_vision, common, hf, open_clip
-from vlm_jax.train.cli import exit_on_user_error
 
 IMPORTERS = {"hf": hf.convert, "open_clip": open_clip.convert, "big_vision": big_vision.convert}
 EXPORTERS = {"hf": hf.export}

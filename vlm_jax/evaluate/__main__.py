@@ -4,7 +4,8 @@ checkpoint in DIR with the config's evaluators; prints JSON and writes DIR/eval_
 import json
 import sys
 
-from vlm_jax.train.cli import exit_on_user_error, parse_args, setup_logging
+from vlm_jax.config import exit_on_user_error
+from vlm_jax.train.cli import parse_args, setup_logging
 
 
 def main() -> None:

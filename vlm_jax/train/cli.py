@@ -1,33 +1,19 @@
-"""Command-line entry points shared by train and evaluate, and how every CLI reports a user's
-mistake: one `error: <message>` line on stderr and exit status 2, no traceback."""
+"""Command-line entry points shared by train and evaluate. Every CLI reports a user's mistake
+with `vlm_jax.config.exit_on_user_error`: one `error: <message>` line, exit status 2."""
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 
-from vlm_jax.config import UserError
+from vlm_jax.config import UserError, exit_on_user_error
 
 USAGE = (
     "usage: python -m vlm_jax.{cmd} --config configs/NAME.py[:arg] --workdir DIR "
     "[--config.key=value ...]"
 )
-
-
-@contextlib.contextmanager
-def exit_on_user_error(also: tuple[type[Exception], ...] = ()) -> Iterator[None]:
-    """Turn a UserError (and the `also` types) raised inside into `error: <message>` + exit 2.
-
-    Only these: any other exception is a bug and keeps its traceback.
-    """
-    try:
-        yield
-    except (UserError, *also) as e:
-        print(f"error: {e}", file=sys.stderr)
-        raise SystemExit(2) from None
 
 
 def parse_args(argv: Sequence[str], cmd: str, extra: Sequence[str] = ()):
