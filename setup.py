@@ -5,6 +5,8 @@ from setuptools import find_packages, setup
 # `python -m vlm_jax.convert` reads and writes .safetensors; reading PyTorch .bin weights also
 # needs torch, which only [test] installs (pinned).
 CONVERT = ["safetensors>=0.4"]
+# train.metric_writers=("wandb", ...) logs to Weights & Biases (offline mode needs no network).
+WANDB = ["wandb>=0.31.0"]
 
 setup(
     name="vlm_jax",
@@ -34,8 +36,10 @@ setup(
     ],
     extras_require={
         "convert": CONVERT,
+        "wandb": WANDB,
         "test": [
             *CONVERT,
+            *WANDB,
             "pytest>=8.0",
             "pytest-timeout>=2.3",
             "hypothesis>=6.100",

@@ -32,6 +32,15 @@ def base_config() -> ml_collections.ConfigDict:
     # Non-finite loss/gradients: the step's update is always dropped; "skip" counts it and goes
     # on, "stop" saves the last good state and raises naming the parameters (train/numerics.py).
     c.train.on_nonfinite = "skip"
+    # Where metrics go, by name (train/metrics.py METRIC_WRITERS): "jsonl" (metrics.jsonl),
+    # "tensorboard", "wandb" (Weights & Biases: the `wandb` section, the [wandb] extra).
+    c.train.metric_writers = ("jsonl", "tensorboard")
+
+    c.wandb = ml_collections.ConfigDict()
+    c.wandb.project = "vlm_jax"
+    c.wandb.entity = ""  # "": W&B's default entity
+    c.wandb.name = ""  # "": the workdir's name
+    c.wandb.mode = ""  # "online", "offline" (files only) or "disabled"; "": WANDB_MODE, else online
 
     c.optim = ml_collections.ConfigDict()
     c.optim.name = "adamw"

@@ -1,5 +1,7 @@
-"""Run outputs: metrics.jsonl, TensorBoard events, a progress display, and perf numbers.
+"""Run outputs: metric writers by name, a progress display, and perf numbers.
 
+`train.metric_writers` names the writers (METRIC_WRITERS): "jsonl" (WORKDIR/metrics.jsonl),
+"tensorboard" (WORKDIR/tensorboard/) and "wandb" (Weights & Biases, the `[wandb]` extra).
 Only process 0 writes. metrics.jsonl holds one JSON object per logged step with keys `step`,
 `train/...`, `eval/...`, `perf/...`. On resume, rows past the restored step are dropped first
 so a resumed run's file equals an uninterrupted run's (no duplicated or missing rows).
@@ -15,9 +17,13 @@ from __future__ import annotations
 import json
 import logging
 import math
+import secrets
 import sys
 import time
 from pathlib import Path
+
+from vlm_jax.config import require_package, to_json
+from vlm_jax.registry import Registry
 
 # Dense bf16 peak FLOP/s per device, by jax device_kind prefix.
 PEAK_FLOPS = {
@@ -52,19 +58,70 @@ def truncate_jsonl(path: Path, last_step: int) -> None:
     tmp.replace(path)
 
 
-class MetricWriter:
-    """metrics.jsonl + TensorBoard on process 0; no-op elsewhere."""
+# Metric writers by name (train.metric_writers). Each is built as
+# `Writer(workdir, config, resume_step)` (resume_step: the last step whose row a resumed run
+# keeps, None for a fresh run) and has `write(row)` and `close()`; a row is `metrics_row`'s.
+METRIC_WRITERS = Registry("train.metric_writers")
+WANDB_INSTALL = "pip install 'vlm_jax[wandb]'"
+WANDB_MODES = ("", "online", "offline", "disabled")  # "": WANDB_MODE, else online
 
-    def __init__(self, workdir: Path, *, enabled: bool, resume_step: int | None):
+
+def metrics_row(step: int, metrics: dict) -> dict:
+    """{"step": step, key: value, ...} in key order; values as JSON numbers (non-finite: text)."""
+    return {"step": int(step)} | {k: _jsonable(v) for k, v in sorted(metrics.items())}
+
+
+def scalars(row: dict) -> dict[str, int | float]:
+    """The row's numeric values, without `step` (non-finite values, text by now, are left out)."""
+    return {k: v for k, v in row.items() if k != "step" and isinstance(v, int | float)}
+
+
+class MetricWriter:
+    """The writers `config.train.metric_writers` names, on process 0; no-op elsewhere."""
+
+    def __init__(self, workdir: Path, config, *, enabled: bool, resume_step: int | None):
         self.enabled = enabled
-        self.path = workdir / "metrics.jsonl"
-        self._tb = None
-        if not enabled:
+        names = config.train.metric_writers if enabled else ()
+        self.writers = [METRIC_WRITERS.get(name)(workdir, config, resume_step) for name in names]
+
+    def write(self, step: int, metrics: dict[str, float]) -> None:
+        if not self.writers:
             return
+        row = metrics_row(step, metrics)
+        for writer in self.writers:
+            writer.write(row)
+
+    def close(self) -> None:
+        for writer in self.writers:
+            writer.close()
+
+
+@METRIC_WRITERS.register("jsonl")
+class JsonlWriter:
+    """WORKDIR/metrics.jsonl, one JSON object a row. A fresh run starts the file anew; a
+    resumed one first drops the rows past its resume step, which it then writes again."""
+
+    def __init__(self, workdir: Path, config, resume_step: int | None):
+        self.path = workdir / "metrics.jsonl"
         if resume_step is None:
             self.path.unlink(missing_ok=True)
         else:
             truncate_jsonl(self.path, resume_step)
+
+    def write(self, row: dict) -> None:
+        with self.path.open("a") as f:
+            f.write(json.dumps(row) + "\n")
+
+    def close(self) -> None:
+        pass
+
+
+@METRIC_WRITERS.register("tensorboard")
+class TensorBoardWriter:
+    """TensorBoard scalars in WORKDIR/tensorboard/ (a warning, and none, without tensorboardX)."""
+
+    def __init__(self, workdir: Path, config, resume_step: int | None):
+        self._tb = None
         try:
             from tensorboardX import SummaryWriter
 
@@ -72,21 +129,58 @@ class MetricWriter:
         except ImportError:  # TensorBoard is optional
             logging.warning("tensorboardX not installed: no TensorBoard events")
 
-    def write(self, step: int, metrics: dict[str, float]) -> None:
-        if not self.enabled:
+    def write(self, row: dict) -> None:
+        if self._tb is None:
             return
-        row = {"step": int(step)} | {k: _jsonable(v) for k, v in sorted(metrics.items())}
-        with self.path.open("a") as f:
-            f.write(json.dumps(row) + "\n")
-        if self._tb is not None:
-            for key, value in row.items():
-                if key != "step" and isinstance(value, int | float):
-                    self._tb.add_scalar(key, value, step)
-            self._tb.flush()
+        for key, value in scalars(row).items():
+            self._tb.add_scalar(key, value, row["step"])
+        self._tb.flush()
 
     def close(self) -> None:
         if self._tb is not None:
             self._tb.close()
+
+
+@METRIC_WRITERS.register("wandb")
+class WandbWriter:
+    """A Weights & Biases run (settings: config.wandb), its files under WORKDIR/wandb/.
+
+    A resumed run logs on to the same W&B run (its id is kept in WORKDIR/wandb/run_id). W&B
+    history only grows: the steps past the resume step that an earlier attempt logged keep
+    those values (the same numbers, since a resume is exact; perf/ aside). An offline run
+    uploads later with `wandb sync WORKDIR/wandb/offline-run-*`.
+    """
+
+    def __init__(self, workdir: Path, config, resume_step: int | None):
+        wandb = require_package("wandb", "train.metric_writers 'wandb'", WANDB_INSTALL)
+        settings = config.wandb
+        self._run = wandb.init(
+            project=settings.project,
+            entity=settings.entity or None,
+            name=settings.name or workdir.resolve().name,
+            mode=settings.mode or None,
+            id=wandb_run_id(workdir, resume_step),
+            resume="allow",
+            dir=str(workdir),
+            config=json.loads(to_json(config)),
+        )
+
+    def write(self, row: dict) -> None:
+        self._run.log(scalars(row), step=row["step"], commit=True)
+
+    def close(self) -> None:
+        self._run.finish()
+
+
+def wandb_run_id(workdir: Path, resume_step: int | None) -> str:
+    """The W&B run id kept in WORKDIR/wandb/run_id when resuming; else a new one, kept there."""
+    path = workdir / "wandb" / "run_id"
+    if resume_step is not None and path.exists():
+        return path.read_text().strip()
+    run_id = secrets.token_hex(4)  # 8 characters of [0-9a-f], a valid W&B run id
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(run_id + "\n")
+    return run_id
 
 
 def _jsonable(value):

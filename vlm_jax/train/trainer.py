@@ -326,7 +326,7 @@ def _train_steps(config, workdir: Path, mesh: Mesh, task: Task, is_primary: bool
     start = resumed or 0
     pending = meta.get(PENDING_ROW)  # the saved step's row, whose evaluation failed
     kept_rows = resumed if pending is None else resumed - 1  # a retry's row is rewritten
-    writer = metrics_lib.MetricWriter(workdir, enabled=is_primary, resume_step=kept_rows)
+    writer = metrics_lib.MetricWriter(workdir, config, enabled=is_primary, resume_step=kept_rows)
     total = config.train.total_steps
     progress = metrics_lib.Progress(total, start, config.train.batch_size, is_primary)
     perf = PerfMeter(config.train.batch_size, task.train_flops_per_example(), config, mesh)

@@ -8,6 +8,7 @@ from vlm_jax.config import check_choice
 from vlm_jax.data.records import LONG_CAPTION_CHOICES, ON_ERROR_CHOICES
 from vlm_jax.models.layers import COMPUTE_DTYPES
 from vlm_jax.models.two_tower import attention_choices
+from vlm_jax.train.metrics import METRIC_WRITERS, WANDB_MODES
 from vlm_jax.train.numerics import CHOICES as NONFINITE_CHOICES
 
 
@@ -21,6 +22,16 @@ def check_image_sizes(config: ml_collections.ConfigDict) -> None:
             f"model.image.image_size={model_size} != data.image_size={data_size}; "
             "set both to the resolution the tower should see"
         )
+
+
+def check_metric_writers(config: ml_collections.ConfigDict) -> None:
+    """train.metric_writers: known names, each once; wandb.mode one of WANDB_MODES."""
+    names = config.train.get("metric_writers", ("jsonl", "tensorboard"))
+    for name in names:
+        check_choice("train.metric_writers", name, METRIC_WRITERS.names)
+    if len(set(names)) != len(names):
+        raise ValueError(f"train.metric_writers={tuple(names)!r} names a writer twice")
+    check_choice("wandb.mode", (config.get("wandb") or {}).get("mode", ""), WANDB_MODES)
 
 
 def validate_config(config: ml_collections.ConfigDict) -> None:
@@ -40,6 +51,7 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     if train.eval_every < 0:
         raise ValueError(f"train.eval_every={train.eval_every!r} must be >= 0 (0: only at the end)")
     check_choice("train.on_nonfinite", train.get("on_nonfinite", "skip"), NONFINITE_CHOICES)
+    check_metric_writers(config)
     check_choice("optim.name", config.optim.name, ("adamw",))
     check_choice("optim.schedule", config.optim.schedule, ("cosine", "linear", "constant"))
     data = config.get("data") or {}
