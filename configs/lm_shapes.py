@@ -11,7 +11,7 @@ from pathlib import Path
 import ml_collections
 
 from vlm_jax.config import load_config
-from vlm_jax.train.defaults import base_config
+from vlm_jax.defaults import base_config
 
 
 def get_config(arg=None):

@@ -9,7 +9,7 @@ Nothing is downloaded at run time.
 import ml_collections
 
 from vlm_jax.data.pipeline import record_check_config
-from vlm_jax.train.defaults import base_config
+from vlm_jax.defaults import base_config
 
 
 def get_config(arg=None):

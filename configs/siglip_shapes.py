@@ -10,7 +10,7 @@ it as command-line overrides, with its measured accuracy-vs-wall-time curves.
 import ml_collections
 
 from vlm_jax.data.pipeline import default_data_config
-from vlm_jax.train.defaults import base_config
+from vlm_jax.defaults import base_config
 
 
 def get_config(arg=None):

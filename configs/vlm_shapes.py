@@ -13,7 +13,7 @@ import ml_collections
 from vlm_jax.data.pipeline import default_data_config
 from vlm_jax.data.tokenizers import SPECIALS
 from vlm_jax.data.vqa import IMAGE_PLACEHOLDER, QUESTION_TYPES, vocabulary
-from vlm_jax.train.defaults import base_config
+from vlm_jax.defaults import base_config
 
 # optim.freeze regexes over param paths; stage 1 trains the connector and, with
 # cross-attention fusion, the gated xattn blocks (lm/xattn_*), as Flamingo does.

@@ -64,7 +64,6 @@ def measure(config, steps: int, warmup: int) -> dict:
     import flax.linen as nn
     import jax
 
-    import vlm_jax.train.registry_imports  # noqa: F401  (registers tasks)
     from vlm_jax import sharding
     from vlm_jax.train.distributed import train_iterator
     from vlm_jax.train.tasks import TASKS

@@ -13,7 +13,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from vlm_jax.train.checkpoint import (
+from vlm_jax.checkpoint import (
     Checkpointer,
     DamagedCheckpoint,
     ModelMismatch,

@@ -28,7 +28,7 @@ TIMEOUT_S = 300
 # `python -m vlm_jax.train` whose evaluation raises (a bug, as far as the CLI can tell).
 FAILING_EVALUATION = """
 import runpy
-from vlm_jax.train.contrastive import ContrastiveTask
+from vlm_jax.train.tasks.contrastive import ContrastiveTask
 def evaluate(self, params):
     raise RuntimeError("planted evaluation failure")
 ContrastiveTask.evaluate = evaluate

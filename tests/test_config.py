@@ -5,8 +5,8 @@ import textwrap
 import pytest
 
 from vlm_jax.config import apply_override, check_choice, load_config, parse_cli
+from vlm_jax.defaults import base_config
 from vlm_jax.sharding import resolve_mesh_shape
-from vlm_jax.train.defaults import base_config
 
 
 @pytest.fixture
@@ -15,7 +15,7 @@ def config_file(tmp_path):
     path.write_text(
         textwrap.dedent(
             """
-            from vlm_jax.train.defaults import base_config
+            from vlm_jax.defaults import base_config
 
             def get_config(arg=None):
                 c = base_config()
@@ -93,7 +93,6 @@ def test_bad_mesh_shapes_fail_with_device_count(shape):
 @pytest.mark.parametrize("name", ["configs/siglip_shapes.py", "configs/vlm_shapes.py"])
 def test_model_and_data_image_sizes_must_agree(name):
     """Was: model.image.image_size=64 with data.image_size=32 passed validation unchecked."""
-    import vlm_jax.train.registry_imports  # noqa: F401  (registers the tasks)
     from vlm_jax.train.validate import validate_config
 
     config = load_config(name)
@@ -108,7 +107,6 @@ def test_validation_reads_the_attention_registry_and_the_dtype_table(monkeypatch
     (layers.COMPUTE_DTYPES): a newly registered impl or dtype is valid everywhere at once."""
     import jax.numpy as jnp
 
-    import vlm_jax.train.registry_imports  # noqa: F401
     from vlm_jax.kernels import ATTENTION_IMPLS
     from vlm_jax.models import build_model
     from vlm_jax.models.layers import COMPUTE_DTYPES

@@ -7,7 +7,7 @@ import re
 import pytest
 
 from vlm_jax.config import apply_override
-from vlm_jax.train.defaults import base_config
+from vlm_jax.defaults import base_config
 
 
 @pytest.mark.parametrize(

@@ -190,7 +190,6 @@ def test_missing_and_unexpected_keys_are_named(tmp_path, torch):
 def test_converted_checkpoint_is_evaluated_and_fine_tuned(tmp_path, torch):
     """The converter's output is an init `train` loads (then evaluates: same params path as
     `evaluate`, which reads checkpoints through the same Checkpointer.restore_params)."""
-    import vlm_jax.train.registry_imports  # noqa: F401
     from vlm_jax.config import apply_override, load_config
     from vlm_jax.train.trainer import train
 

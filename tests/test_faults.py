@@ -31,10 +31,10 @@ from test_config_fuzz import INVALID, no_compile
 from test_numerics import guarded_step
 from test_train import tiny_config
 
+from vlm_jax.checkpoint import Checkpointer
 from vlm_jax.config import parse_cli
 from vlm_jax.data import build_pipeline, records
 from vlm_jax.train import numerics, trainer
-from vlm_jax.train.checkpoint import Checkpointer
 
 
 @dataclass

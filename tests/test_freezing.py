@@ -15,11 +15,11 @@ from test_vlm_train import tiny_config as tiny_vlm_config
 
 from vlm_jax import sharding
 from vlm_jax.models.flops import image_flops, text_flops
-from vlm_jax.train.contrastive import ContrastiveTask
 from vlm_jax.train.optim import param_paths, regex_mask
 from vlm_jax.train.tasks import Task
+from vlm_jax.train.tasks.contrastive import ContrastiveTask
+from vlm_jax.train.tasks.vlm import VLMTask
 from vlm_jax.train.trainer import init_params
-from vlm_jax.train.vlm_task import VLMTask
 
 
 def setup(task_cls, config):

@@ -17,9 +17,8 @@ import numpy as np
 import pytest
 from test_sharding import TINY, assert_close_except_key_bias
 
-import vlm_jax.train.registry_imports  # noqa: F401
+from vlm_jax.checkpoint import Checkpointer
 from vlm_jax.config import apply_override, load_config
-from vlm_jax.train.checkpoint import Checkpointer
 from vlm_jax.train.trainer import train
 
 REPO = Path(__file__).resolve().parents[1]

@@ -10,9 +10,9 @@ import pytest
 from test_train import final_params, numeric, read_rows, tiny_config
 
 from vlm_jax import sharding
+from vlm_jax.checkpoint import Checkpointer
 from vlm_jax.data import pipeline
 from vlm_jax.train import numerics, trainer
-from vlm_jax.train.checkpoint import Checkpointer
 from vlm_jax.train.state import TrainState
 from vlm_jax.train.validate import validate_config
 

@@ -18,7 +18,7 @@ import pytest
 from test_checkpoint_integrity import largest_file, truncate
 from test_train import TINY, numeric
 
-from vlm_jax.train.checkpoint import TMP_SUFFIX, Checkpointer
+from vlm_jax.checkpoint import TMP_SUFFIX, Checkpointer
 
 STEPS = 16
 EVERY = 2  # checkpoint_every: a SIGKILL at an odd step loses that step

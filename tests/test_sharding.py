@@ -11,7 +11,6 @@ import optax
 import pytest
 from jax.sharding import PartitionSpec as P
 
-import vlm_jax.train.registry_imports  # noqa: F401
 from vlm_jax import sharding
 from vlm_jax.config import apply_override, load_config
 from vlm_jax.train import trainer

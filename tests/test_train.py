@@ -7,10 +7,9 @@ import jax
 import numpy as np
 import pytest
 
-import vlm_jax.train.registry_imports  # noqa: F401
+from vlm_jax.checkpoint import Checkpointer
 from vlm_jax.config import apply_override, load_config, to_json
-from vlm_jax.train.checkpoint import Checkpointer
-from vlm_jax.train.contrastive import ContrastiveTask
+from vlm_jax.train.tasks.contrastive import ContrastiveTask
 from vlm_jax.train.trainer import evaluate_checkpoint, train
 
 TINY = {

@@ -12,12 +12,12 @@ import pytest
 from PIL import Image
 
 from vlm_jax import sharding
+from vlm_jax.checkpoint import Checkpointer, load_params
 from vlm_jax.config import apply_override, load_config
 from vlm_jax.data import build_pipeline, shapes
-from vlm_jax.train.checkpoint import Checkpointer, load_params
 from vlm_jax.train.optim import build_optimizer, param_paths
+from vlm_jax.train.tasks.vlm import LMTask, VLMTask, next_token_loss
 from vlm_jax.train.trainer import init_params, train
-from vlm_jax.train.vlm_task import LMTask, VLMTask, next_token_loss
 
 TINY = {
     "data.image_size": "16",
@@ -329,11 +329,11 @@ def test_generate_cli_top_k_restricts_sampling(tmp_path, capsys):
 
 
 def test_documented_recipes_are_the_configs():
-    """vlm_task's docstring lists each recipe's optim.freeze; it must be what the config sets."""
+    """The vlm task's docstring lists each recipe's optim.freeze; it must be what the config sets."""
     import ast
     import re
 
-    from vlm_jax.train import vlm_task
+    from vlm_jax.train.tasks import vlm as vlm_task
 
     pattern = r"^\s+(stage \d|full):\s+optim\.freeze = (\(.*?\))\s"
     documented = {

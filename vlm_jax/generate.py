@@ -127,7 +127,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         print(f"error: {error}\n{USAGE}", file=sys.stderr)
         raise SystemExit(2) from None
     from vlm_jax.config import exit_on_user_error
-    from vlm_jax.train.vlm_task import answer_from_checkpoint
+    from vlm_jax.train.tasks.vlm import answer_from_checkpoint
 
     with exit_on_user_error():
         check_paths(args["workdir"], args["image"])

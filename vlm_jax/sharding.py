@@ -178,9 +178,13 @@ def process_batch_rows(mesh: Mesh, global_batch_size: int) -> slice:
     return slice(start, stop)
 
 
-def shard_shapes(tree) -> object:
-    """Per-device shard shape of every array leaf (the same on all devices for NamedShardings)."""
-    return jax.tree.map(lambda x: x.sharding.shard_shape(x.shape), tree)
+def any_process(flag: bool) -> bool:
+    """True on every process if `flag` is True on any (all processes must call it together)."""
+    if jax.process_count() == 1:
+        return flag
+    from jax.experimental import multihost_utils
+
+    return bool(np.any(multihost_utils.process_allgather(np.array(flag))))
 
 
 def bytes_per_device(tree) -> dict[jax.Device, int]:

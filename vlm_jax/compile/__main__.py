@@ -73,7 +73,6 @@ def compile_functions(config, topology, slices: int, names: Sequence[str] = ()) 
     import flax.linen as nn
     import jax
 
-    import vlm_jax.train.registry_imports  # noqa: F401  (registers tasks)
     from vlm_jax import sharding
     from vlm_jax.compile import steps
     from vlm_jax.compile.topology import topology_devices

@@ -286,7 +286,7 @@ def full_config(sections: dict[str, dict]) -> ml_collections.ConfigDict:
     """A complete run config: trainer defaults, the shapes data, and the converted `model`,
     `tokenizer` and `loss` sections (override data/optim from the CLI to fine-tune)."""
     from vlm_jax.data.pipeline import default_data_config
-    from vlm_jax.train.defaults import base_config
+    from vlm_jax.defaults import base_config
 
     config = base_config()
     config.task = "contrastive"
@@ -301,7 +301,7 @@ def save_converted(out: str | Path, params: Params, sections: dict[str, dict], m
     """Write params as step 0 of OUT/checkpoints (the trainer's layout, so
     `--config.init.checkpoint=OUT` and `evaluate --workdir OUT` load them), the config sections
     and `meta` (source, layout) as OUT/convert.json, and OUT/config.py that rebuilds the config."""
-    from vlm_jax.train.checkpoint import Checkpointer
+    from vlm_jax.checkpoint import Checkpointer
 
     out = Path(out).absolute()
     out.mkdir(parents=True, exist_ok=True)
@@ -317,7 +317,7 @@ def save_converted(out: str | Path, params: Params, sections: dict[str, dict], m
 def load_converted(out: str | Path) -> tuple[Params, ml_collections.ConfigDict]:
     """(params as numpy, full config) of a converter output directory or a training workdir
     (newest intact checkpoint, `checkpoint.load_params`)."""
-    from vlm_jax.train.checkpoint import load_params
+    from vlm_jax.checkpoint import load_params
 
     out = Path(out)
     if (out / "convert.json").is_file():

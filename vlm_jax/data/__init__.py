@@ -1,12 +1,5 @@
 """Data: sources (embedded shapes world, ...), tokenizers, preprocessing, Grain pipelines."""
 
-from vlm_jax.data import (  # noqa: F401  (register the real-data sources and tokenizers)
-    array_record_source,
-    bpe,
-    folder,
-    spm,
-    tfds_source,
-)
 from vlm_jax.data.pipeline import build_pipeline, default_data_config, load_split
 from vlm_jax.data.sources import (
     DATA_SOURCES,

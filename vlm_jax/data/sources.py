@@ -6,7 +6,8 @@ same record (Grain shuffles, shards and checkpoints by index). A record that is 
 `records.BadRecordError` (or comes back bad: the pipeline's `records.RecordCheck` normalises
 and checks every image and caption, grey/RGBA arrays and encoded bytes included); the pipeline
 replaces it by the next good record and counts it. Register new sources with
-`@DATA_SOURCES.register("name")` on a callable `(config.data, split) -> source`. Sources with a
+`@DATA_SOURCES.register("name")` on a callable `(config.data, split) -> source`, in a module
+named in DATA_SOURCES' `modules` (imported on the first lookup). Sources with a
 zero-shot split expose `classnames` (indexed by the record's "label") and `templates`.
 """
 
@@ -19,7 +20,15 @@ import ml_collections
 from vlm_jax.data import shapes
 from vlm_jax.registry import Registry
 
-DATA_SOURCES = Registry("data.source")
+DATA_SOURCES = Registry(
+    "data.source",
+    modules=(
+        "vlm_jax.data.folder",
+        "vlm_jax.data.array_record_source",
+        "vlm_jax.data.tfds_source",
+        "vlm_jax.data.vqa",
+    ),
+)
 
 
 def build_source(config: ml_collections.ConfigDict, split: str) -> Any:

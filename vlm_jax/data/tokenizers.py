@@ -6,7 +6,8 @@ every tokenizer feeds the text tower the same layout:
 
     [bos]? content... eos pad pad ...      (pad_id == 0; EOS kept when truncating)
 
-Register a new one with `@TOKENIZERS.register("name")`; `build_tokenizer(config.tokenizer)`
+Register a new one with `@TOKENIZERS.register("name")` in a module named in TOKENIZERS'
+`modules` (imported on the first lookup); `build_tokenizer(config.tokenizer)`
 passes every config key except `name` and `max_len` to its constructor.
 """
 
@@ -21,7 +22,7 @@ import numpy as np
 from vlm_jax.data import shapes
 from vlm_jax.registry import Registry
 
-TOKENIZERS = Registry("tokenizer")
+TOKENIZERS = Registry("tokenizer", modules=("vlm_jax.data.bpe", "vlm_jax.data.spm"))
 SPECIALS = ("<pad>", "<eos>", "<bos>", "<unk>")  # ids 0, 1, 2, 3 in the built-in tokenizers
 _WORD = re.compile(r"[a-z0-9]+|[^\sa-z0-9]")
 

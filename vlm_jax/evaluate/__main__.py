@@ -11,7 +11,6 @@ from vlm_jax.train.cli import parse_args, setup_logging
 def main() -> None:
     setup_logging()
     config, options = parse_args(sys.argv[1:], "evaluate")
-    import vlm_jax.train.registry_imports  # noqa: F401
     from vlm_jax.train.trainer import evaluate_checkpoint
 
     with exit_on_user_error():  # config errors (ConfigError), no checkpoints (MissingInput)

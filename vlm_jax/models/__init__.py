@@ -1,7 +1,7 @@
 """Models by name: `build_model(config.model)` looks up `config.model.name` in MODELS.
 
 A model module registers a builder `fn(model_config) -> nn.Module` with
-`@MODELS.register("name")`; importing the submodules below performs the registrations.
+`@MODELS.register("name")`; MODELS imports the modules it lists on its first lookup.
 """
 
 from __future__ import annotations
@@ -10,13 +10,10 @@ import ml_collections
 
 from vlm_jax.registry import Registry
 
-MODELS = Registry("model")
+# "two_tower"; "vlm" and "decoder_lm".
+MODELS = Registry("model", modules=("vlm_jax.models.two_tower", "vlm_jax.models.vlm"))
 
 
 def build_model(model_config: ml_collections.ConfigDict):
     """The linen module `model_config.name` names, built (and validated) from `model_config`."""
     return MODELS.get(model_config.name)(model_config)
-
-
-# Registrations: "two_tower"; "vlm" and "decoder_lm".
-from vlm_jax.models import two_tower, vlm  # noqa: E402, F401

@@ -8,7 +8,9 @@ Every connector is a linen module called as
 and reports its token count without parameters: `connector.output_tokens(N) -> M`. The
 token-per-patch connectors (`linear`, `mlp`) keep M = N; `pool` shrinks the grid by k x k;
 the resamplers in resamplers.py emit a fixed M whatever N is. Connectors are looked up by
-`config.model.connector.name` in CONNECTORS; the resamplers register themselves on import.
+`config.model.connector.name` in CONNECTORS: the three above are registered here, and a
+connector in its own file registers itself and adds its module name to CONNECTORS' `modules`
+(imported on the first lookup), as resamplers.py (perceiver, qformer) does.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ import ml_collections
 from vlm_jax.models.layers import Dtype, logical_dense
 from vlm_jax.registry import Registry
 
-CONNECTORS = Registry("connector")
+CONNECTORS = Registry("connector", modules=("vlm_jax.models.resamplers",))
 POOL_MODES = ("avg", "merge")
 
 

@@ -21,10 +21,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from vlm_jax.models import (
-    MODELS,
-    resamplers,  # noqa: F401  (registers perceiver, qformer)
-)
+from vlm_jax.models import MODELS
 from vlm_jax.models.decoder import DecoderLM, KVCache, decoder_from_config
 from vlm_jax.models.layers import compute_dtype
 from vlm_jax.models.projectors import build_connector

@@ -39,8 +39,8 @@ def parse_args(argv: Sequence[str], cmd: str, extra: Sequence[str] = ()):
 def check_init_checkpoints(config) -> None:
     """Fail before any compute when an `init.*checkpoint` key names no checkpoint directory
     (the trainer would only find out after compiling the model)."""
+    from vlm_jax.checkpoint import checkpoints_dir
     from vlm_jax.config import MissingInput
-    from vlm_jax.train.checkpoint import checkpoints_dir
 
     for key, path in config.init.items():
         if key.endswith("checkpoint") and path:
@@ -68,7 +68,6 @@ def main(argv: Sequence[str] | None = None) -> None:
     from vlm_jax.train.distributed import maybe_initialize_distributed
 
     maybe_initialize_distributed(config)
-    import vlm_jax.train.registry_imports  # noqa: F401  (registers tasks)
     from vlm_jax.train.trainer import train
 
     with exit_on_user_error():  # the trainer raises a config's ValueErrors as ConfigError

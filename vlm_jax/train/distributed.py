@@ -54,15 +54,6 @@ def maybe_initialize_distributed(config) -> None:
     )
 
 
-def any_process(flag: bool) -> bool:
-    """True on every process if `flag` is True on any (all processes must call it together)."""
-    if jax.process_count() == 1:
-        return flag
-    from jax.experimental import multihost_utils
-
-    return bool(np.any(multihost_utils.process_allgather(np.array(flag))))
-
-
 def data_shard_plan(
     mesh: Mesh, global_batch_size: int, data_shards: int = 0
 ) -> tuple[range, int, int]:

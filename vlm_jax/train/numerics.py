@@ -21,6 +21,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from vlm_jax.trees import leaf_paths
+
 CHOICES = ("skip", "stop")
 FLAG = "train/nonfinite"  # float32[]: 1.0 when this step's update was dropped
 LEAVES = "numerics/nonfinite_grads"  # bool[n_leaves]: which gradient leaves were non-finite
@@ -53,14 +55,6 @@ def guard(old_state: Any, new_state: Any, loss: jax.Array, grads: Any) -> tuple[
         opt_state=jax.tree.map(pick, old_state.opt_state, new_state.opt_state),
     )
     return state, {FLAG: bad.astype(jnp.float32), LEAVES: bad_leaves}
-
-
-def leaf_paths(tree: Any) -> list[str]:
-    """'a/b/kernel'-style paths of `tree`'s leaves, in flatten order."""
-    flat, _ = jax.tree_util.tree_flatten_with_path(tree)
-    return [
-        "/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path) for path, _ in flat
-    ]
 
 
 class NonFiniteMonitor:

@@ -17,7 +17,7 @@ import signal
 import jax
 from jax.experimental import multihost_utils
 
-from vlm_jax.train.distributed import any_process
+from vlm_jax.sharding import any_process
 
 
 def jax_preemption_service() -> bool:

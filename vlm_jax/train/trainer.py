@@ -20,11 +20,11 @@ import optax
 from jax.sharding import Mesh
 
 from vlm_jax import sharding
+from vlm_jax.checkpoint import Checkpointer, load_params
 from vlm_jax.config import MissingInput, config_errors, to_json
 from vlm_jax.data.pipeline import close_stream
 from vlm_jax.train import metrics as metrics_lib
 from vlm_jax.train import numerics
-from vlm_jax.train.checkpoint import Checkpointer, load_params
 from vlm_jax.train.data_counters import DataCounters
 from vlm_jax.train.distributed import train_iterator
 from vlm_jax.train.optim import build_optimizer

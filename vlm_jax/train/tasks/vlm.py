@@ -24,11 +24,11 @@ import ml_collections
 import numpy as np
 
 from vlm_jax import sharding
+from vlm_jax.checkpoint import load_params
 from vlm_jax.data import build_pipeline, build_tokenizer, load_split
 from vlm_jax.data.vqa import build_vqa_pipeline, encode_example, image_token_id
 from vlm_jax.evaluate.vqa import evaluate_vqa, load_examples
 from vlm_jax.models.vlm import build_decoder_lm, build_vlm
-from vlm_jax.train.checkpoint import load_params
 from vlm_jax.train.tasks import TASKS, Task, check_vocab_size
 
 

@@ -1,8 +1,10 @@
 """Task plug-ins for the one trainer.
 
 A task turns a config into a model, its loss, its data and its evaluators. The trainer owns
-everything else (mesh, sharded init, optimizer, jit, checkpoints, logging, signals). Register
-with `@TASKS.register("name")` and select with `config.task = "name"`.
+everything else (mesh, sharded init, optimizer, jit, checkpoints, logging, signals). One file
+per task in this package; it registers with `@TASKS.register("name")`, and its module name in
+TASKS' `modules` below is the one line to add (imported on the first TASKS lookup). Select a task
+with `config.task = "name"`.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from jax.sharding import Mesh
 from vlm_jax.registry import Registry
 from vlm_jax.train.optim import regex_mask
 
-TASKS = Registry("task")
+TASKS = Registry("task", modules=("vlm_jax.train.tasks.contrastive", "vlm_jax.train.tasks.vlm"))
 
 
 def check_vocab_size(key: str, vocab_size: int, tokenizer) -> None:

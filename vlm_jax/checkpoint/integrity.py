@@ -7,7 +7,7 @@ from typing import Any
 
 import jax
 
-from vlm_jax.train.numerics import leaf_paths
+from vlm_jax.trees import leaf_paths
 
 
 def _shapes(tree: Any) -> dict[str, tuple[int, ...]]:

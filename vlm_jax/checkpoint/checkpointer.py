@@ -30,9 +30,9 @@ import jax.numpy as jnp
 import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
+from vlm_jax.checkpoint.integrity import check_params_match
 from vlm_jax.config import MissingInput
-from vlm_jax.train.distributed import any_process
-from vlm_jax.train.integrity import check_params_match
+from vlm_jax.sharding import any_process
 
 ITEMS = ("state", "data", "meta")
 TMP_SUFFIX = ".orbax-checkpoint-tmp"  # Orbax's name for a step directory still being written
@@ -261,9 +261,6 @@ class Checkpointer:
                 step,
             )
         return params, step
-
-    def wait(self) -> None:
-        self.manager.wait_until_finished()
 
     def close(self) -> None:
         self.manager.wait_until_finished()
