@@ -66,8 +66,3 @@ class AttentionMask:
         if self.kv_valid is not None:
             visible = visible & self.kv_valid[:, None, :].astype(bool)
         return visible[:, None, :, :]
-
-
-def padding_mask(kv_valid: jax.Array) -> AttentionMask:
-    """Bidirectional attention over the valid keys only: kv_valid bool[B, Tk]."""
-    return AttentionMask(kv_valid=kv_valid)
