@@ -15,8 +15,10 @@ from vlm_jax import sharding
 from vlm_jax.checkpoint import Checkpointer, load_params
 from vlm_jax.config import apply_override, load_config
 from vlm_jax.data import build_pipeline, shapes
+from vlm_jax.losses import next_token_loss
 from vlm_jax.train.optim import build_optimizer, param_paths
-from vlm_jax.train.tasks.vlm import LMTask, VLMTask, next_token_loss
+from vlm_jax.train.tasks.lm import LMTask
+from vlm_jax.train.tasks.vlm import VLMTask
 from vlm_jax.train.trainer import init_params, train
 
 TINY = {
@@ -329,7 +331,7 @@ def test_generate_cli_top_k_restricts_sampling(tmp_path, capsys):
 
 
 def test_documented_recipes_are_the_configs():
-    """The vlm task's docstring lists each recipe's optim.freeze; it must be what the config sets."""
+    """The vlm task's docstring lists each recipe's optim.freeze; it is what the config sets."""
     import ast
     import re
 

@@ -6,14 +6,16 @@
 The whole loop (prefill, then one `decode_step` per token in a `lax.while_loop` that stops
 when every row has emitted EOS) is one jitted function. After EOS a row emits `pad_id`.
 
-CLI: `python -m vlm_jax.generate --workdir DIR --image PATH --prompt "..." [--max_new_tokens N]
-[--temperature T] [--top_k K]` loads the run's config.json and newest intact checkpoint and
-prints the answer; any other flag exits 2 listing the valid ones.
+`answer_from_checkpoint(workdir, image_path, prompt)` answers with a trained "vlm" run: its
+config.json and newest intact checkpoint. The CLI prints that answer:
+`python -m vlm_jax.generate --workdir DIR --image PATH --prompt "..." [--max_new_tokens N]
+[--temperature T] [--top_k K]`; any other flag exits 2 listing the valid ones.
 """
 
 from __future__ import annotations
 
 import functools
+import json
 import math
 import sys
 from collections.abc import Sequence
@@ -103,6 +105,48 @@ def generate(
     return out
 
 
+def answer_from_checkpoint(
+    workdir: str, image_path: str, prompt: str, *, max_new_tokens=16, temperature=0.0, top_k=0
+) -> str:
+    """Answer `prompt` about the image at `image_path` with a trained "vlm" run (greedy when
+    temperature is 0; else sampled, from the top_k likeliest tokens when top_k > 0)."""
+    import ml_collections
+    import numpy as np
+    from PIL import Image
+
+    from vlm_jax.checkpoint import load_params
+    from vlm_jax.data import build_tokenizer, preprocess
+    from vlm_jax.data.vqa import IMAGE_PLACEHOLDER, TEMPLATE, encode_example
+    from vlm_jax.models.vlm import build_vlm
+
+    config = ml_collections.ConfigDict(json.loads((Path(workdir) / "config.json").read_text()))
+    tokenizer = build_tokenizer(config.tokenizer)
+    if not 0 <= top_k <= tokenizer.vocab_size:
+        raise ValueError(f"top_k={top_k}: must be in [0, {tokenizer.vocab_size}] (the vocabulary)")
+    model = build_vlm(config.model)
+    params = load_params(workdir)
+    if IMAGE_PLACEHOLDER not in prompt:
+        prompt = TEMPLATE.format(images=IMAGE_PLACEHOLDER, question=prompt)
+    image = np.asarray(Image.open(image_path).convert("RGB"))
+    image = preprocess.to_float(preprocess.fit_image(image, config.data.image_size))
+    example = encode_example(tokenizer, prompt, None, config.tokenizer.max_len)
+    out = generate(
+        model,
+        {"params": params},
+        jnp.asarray(image[None, None]),
+        jnp.asarray(example["tokens"][None]),
+        jnp.asarray(example["prefix_len"][None]),
+        max_new_tokens=max_new_tokens,
+        eos_id=tokenizer.eos_id,
+        pad_id=tokenizer.pad_id,
+        temperature=temperature,
+        top_k=top_k,
+        vocab_size=tokenizer.vocab_size,
+        rng=jax.random.key(0),
+    )
+    return tokenizer.decode(np.asarray(out[0]))
+
+
 # --flag: (parse(flag, text) -> value, default or REQUIRED, usage text)
 REQUIRED = object()
 FLAGS = {
@@ -127,7 +171,6 @@ def main(argv: Sequence[str] | None = None) -> None:
         print(f"error: {error}\n{USAGE}", file=sys.stderr)
         raise SystemExit(2) from None
     from vlm_jax.config import exit_on_user_error
-    from vlm_jax.train.tasks.vlm import answer_from_checkpoint
 
     with exit_on_user_error():
         check_paths(args["workdir"], args["image"])

@@ -22,7 +22,14 @@ from jax.sharding import Mesh
 from vlm_jax.registry import Registry
 from vlm_jax.train.optim import regex_mask
 
-TASKS = Registry("task", modules=("vlm_jax.train.tasks.contrastive", "vlm_jax.train.tasks.vlm"))
+TASKS = Registry(
+    "task",
+    modules=(
+        "vlm_jax.train.tasks.contrastive",
+        "vlm_jax.train.tasks.lm",
+        "vlm_jax.train.tasks.vlm",
+    ),
+)
 
 
 def check_vocab_size(key: str, vocab_size: int, tokenizer) -> None:
