@@ -13,7 +13,7 @@ from test_bench_scripts import load_script
 from test_train import read_rows, tiny_config
 
 from vlm_jax.config import ConfigError, MissingPackage
-from vlm_jax.train.defaults import base_config
+from vlm_jax.defaults import base_config
 from vlm_jax.train.metrics import MetricWriter
 from vlm_jax.train.trainer import train
 from vlm_jax.train.validate import validate_config
