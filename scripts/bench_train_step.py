@@ -67,7 +67,7 @@ def measure(config, steps: int, warmup: int) -> dict:
     from vlm_jax import sharding
     from vlm_jax.train.distributed import train_iterator
     from vlm_jax.train.tasks import TASKS
-    from vlm_jax.train.trainer import build_state, make_train_step
+    from vlm_jax.train.trainer import batch_contract, build_state, make_train_step
     from vlm_jax.train.validate import validate_config
 
     validate_config(config)
@@ -79,13 +79,11 @@ def measure(config, steps: int, warmup: int) -> dict:
     with jax.set_mesh(mesh), nn.logical_axis_rules(tuple(config.sharding.rules)):
         data_iter = train_iterator(task, config, mesh)
         state, state_shardings, tx, schedule = build_state(task, config, mesh)
-        dummy = task.dummy_batch(sharding.data_parallel_size(mesh))
-        batch_shardings = {k: sharding.batch_sharding(mesh, v.ndim) for k, v in dummy.items()}
-        step = make_train_step(task, tx, schedule, state_shardings, batch_shardings, mesh)
+        contract = batch_contract(task, config, mesh)
+        step = make_train_step(task, tx, schedule, state_shardings, contract.shardings(mesh), mesh)
         host = next(data_iter)
-        batch = sharding.global_batch(
-            {k: v for k, v in host.items() if k in batch_shardings}, mesh, config.train.batch_size
-        )
+        contract.check(host)
+        batch = sharding.global_batch(contract.model_batch(host), mesh, config.train.batch_size)
         compiled = step.lower(state, batch).compile()
         cost = compiled.cost_analysis()
         cost = cost[0] if isinstance(cost, list) else cost

@@ -124,7 +124,7 @@ def one_step(change: tuple[tuple[str, str], ...]) -> tuple[float, dict[str, floa
     mesh = sharding.build_mesh((1, 1, 1), jax.devices()[:1])
     task = TASKS.get(config.task)(config, mesh)
     rng = np.random.default_rng(0)
-    shapes = task.dummy_batch(4)
+    shapes = task.batch_spec(4)
     tokens = rng.integers(2, 100, shapes["tokens"].shape).astype(np.int32)
     for row, eos in enumerate([5, 9, 12, tokens.shape[1] - 1]):  # eos, then pads
         tokens[row, eos], tokens[row, eos + 1 :] = 1, 0

@@ -28,7 +28,7 @@ def setup(task_cls, config):
     with jax.set_mesh(mesh):
         params, _ = init_params(task, config, mesh)
     batch = next(iter(task.train_data(8, 0, 1, 0)))
-    batch = {k: jnp.asarray(v) for k, v in batch.items() if k in task.dummy_batch(1)}
+    batch = {k: jnp.asarray(v) for k, v in batch.items() if k in task.batch_spec(1)}
     return task, params, batch
 
 

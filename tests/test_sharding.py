@@ -62,13 +62,13 @@ def train_steps(mesh_shape):
     task = TASKS.get(config.task)(config, mesh)
     with jax.set_mesh(mesh), nn.logical_axis_rules(tuple(config.sharding.rules)):
         state, state_shardings, tx, schedule = trainer.build_state(task, config, mesh)
-        dummy = task.dummy_batch(sharding.data_parallel_size(mesh))
-        batch_shardings = {k: sharding.batch_sharding(mesh, v.ndim) for k, v in dummy.items()}
-        step = trainer.make_train_step(task, tx, schedule, state_shardings, batch_shardings, mesh)
+        contract = trainer.batch_contract(task, config, mesh)
+        shardings = contract.shardings(mesh)
+        step = trainer.make_train_step(task, tx, schedule, state_shardings, shardings, mesh)
         data = train_iterator(task, config, mesh)
         metrics = []
         for _ in range(STEPS):
-            local = {k: v for k, v in next(data).items() if k in batch_shardings}
+            local = contract.model_batch(next(data))
             batch = sharding.global_batch(local, mesh, config.train.batch_size)
             state, step_metrics = step(state, batch)
             metrics.append(jax.device_get(step_metrics))

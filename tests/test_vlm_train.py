@@ -92,7 +92,7 @@ def test_stage1_freezing_leaves_frozen_params_bit_identical(fusion):
     tx, _ = build_optimizer(config.optim, 10, params)
     opt_state = tx.init(params)
     batch = next(iter(task.train_data(8, 0, 1, 0)))
-    batch = {k: jnp.asarray(v) for k, v in batch.items() if k in task.dummy_batch(1)}
+    batch = {k: jnp.asarray(v) for k, v in batch.items() if k in task.batch_spec(1)}
 
     @jax.jit
     def step(params, opt_state):

@@ -31,13 +31,10 @@ class Function:
 
 
 def abstract_batch(task: Task, batch_size: int, mesh: Mesh) -> dict[str, jax.ShapeDtypeStruct]:
-    """The model inputs of a global batch, batch-sharded: {key: [batch_size, ...]}."""
-    one = task.dummy_batch(1)  # one row: the global batch may not fit in host memory
+    """The task's batch contract at `batch_size`, batch-sharded: {key: [batch_size, ...]}."""
     return {
-        k: jax.ShapeDtypeStruct(
-            (batch_size, *v.shape[1:]), v.dtype, sharding=sharding.batch_sharding(mesh, v.ndim)
-        )
-        for k, v in one.items()
+        k: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding.batch_sharding(mesh, s.ndim))
+        for k, s in task.batch_spec(batch_size).items()
     }
 
 

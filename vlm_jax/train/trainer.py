@@ -1,14 +1,17 @@
-"""The one trainer: build mesh -> task -> sharded state -> jitted step -> loop.
+"""The one trainer: build mesh -> task -> sharded state -> jitted step -> `Run.train` loop.
 
-Each piece is a small function; task-specific parts (model, loss, data, evaluators) come from
-the task registry (`config.task`). See DESIGN.md for the data flow.
+Each piece is a small function; task-specific parts (model, loss, data, evaluators, the batch
+contract `Task.batch_spec` / `Task.host_keys`, config keys added since old runs) come from the
+task registry (`config.task`). See DESIGN.md for the data flow.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +28,7 @@ from vlm_jax.config import MissingInput, config_errors, to_json
 from vlm_jax.data.pipeline import close_stream
 from vlm_jax.train import metrics as metrics_lib
 from vlm_jax.train import numerics
+from vlm_jax.train.batch import BatchContract
 from vlm_jax.train.data_counters import DataCounters
 from vlm_jax.train.distributed import train_iterator
 from vlm_jax.train.optim import build_optimizer
@@ -52,16 +56,14 @@ IDENTITY_TRAIN_KEYS = (
 # uninterrupted), instead of losing the training since the last checkpoint.
 PENDING_ROW = "pending_row"
 
-# Keys added to a task's configs after runs existed: (task, section, key) -> the value the
-# code used for runs whose config.json lacks the key (they resume; other values are refused).
-ADDED_KEYS = {("vlm", "model", "pad_id"): 0}
-
 
 def identity(config_json: str) -> dict:
-    """The experiment-defining part of a config (as JSON text)."""
+    """The experiment-defining part of a config (as JSON text); keys added to its task's
+    configs after runs existed read as the value the code used then (`Task.added_keys`)."""
     full = json.loads(config_json)
-    for (task, section, key), value in ADDED_KEYS.items():
-        if full.get("task") == task and isinstance(full.get(section), dict):
+    added = TASKS.get(full["task"]).added_keys if full.get("task") in TASKS else {}
+    for (section, key), value in added.items():
+        if isinstance(full.get(section), dict):
             full[section].setdefault(key, value)
     ident = {k: full.get(k) for k in IDENTITY_SECTIONS}
     ident["train"] = {k: full.get("train", {}).get(k) for k in IDENTITY_TRAIN_KEYS}
@@ -101,11 +103,10 @@ def param_layout(task: Task, config, mesh: Mesh):
     Fully abstract (no concrete key, no dummy array), so it also runs under a mesh of
     compile-only TPU devices (vlm_jax.compile), where jax cannot place an array.
     """
-    dummy = task.dummy_batch(sharding.data_parallel_size(mesh))
-    dummy = {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in dummy.items()}
+    spec = task.batch_spec(sharding.data_parallel_size(mesh))
 
     def init_fn(rng):
-        batch = {k: jnp.zeros(s.shape, s.dtype) for k, s in dummy.items()}  # traced, not made
+        batch = {k: jnp.zeros(s.shape, s.dtype) for k, s in spec.items()}  # traced, not made
         return task.init(rng, batch)["params"]
 
     rng = jax.eval_shape(lambda: jax.random.key(config.seed))
@@ -282,7 +283,7 @@ def _train_loop(config, workdir: Path, mesh: Mesh, task: Task, is_primary: bool)
     with config_errors():
         data_iter = train_iterator(task, config, mesh)  # first: batch/mesh mismatches fail early
     try:
-        return _train_steps(config, workdir, mesh, task, is_primary, data_iter)
+        return start_run(config, workdir, mesh, task, is_primary, data_iter).train()
     finally:  # also on errors and signals: the workers and their shared memory end with the run
         close_data(data_iter)
 
@@ -294,25 +295,36 @@ def close_data(data_iter) -> None:
         close_stream(stream)
 
 
-def next_global_batch(data_iter, data_counts: DataCounters, batch_shardings, mesh, batch_size):
-    """The next global batch (the model's inputs), counting the data counters on the way.
+def next_global_batch(data_iter, data_counts: DataCounters, contract: BatchContract, mesh, first):
+    """The next global batch (the model's inputs), counting the data counters on the way; the
+    `first` host batch of a run is checked against the task's batch contract.
 
     The host batch (in Grain's shared memory when workers made it) lives only in this frame, so
     no traceback of a later error keeps it, and its memory, alive until exit.
     """
     host_batch = next(data_iter)
+    if first:
+        contract.check(host_batch)
     data_counts.add(host_batch)
-    batch = {k: v for k, v in host_batch.items() if k in batch_shardings}
-    return sharding.global_batch(batch, mesh, batch_size)
+    return sharding.global_batch(contract.model_batch(host_batch), mesh, contract.batch_size)
 
 
-def _train_steps(config, workdir: Path, mesh: Mesh, task: Task, is_primary: bool, data_iter):
+def batch_contract(task: Task, config, mesh: Mesh) -> BatchContract:
+    """The task's batch contract for this process's rows of the config's global batch."""
+    rows = sharding.process_batch_rows(mesh, config.train.batch_size)
+    spec = task.batch_spec(config.train.batch_size)
+    return BatchContract(config.task, spec, task.host_keys, rows.stop - rows.start)
+
+
+def start_run(config, workdir: Path, mesh: Mesh, task: Task, is_primary: bool, data_iter):
+    """The `Run` of `config`: its state built and compiled, then resumed from the newest intact
+    checkpoint in `workdir` or initialised (config.init, the task's pretrained towers)."""
     with config_errors():  # sizes and shapes the config got wrong surface while building
+        contract = batch_contract(task, config, mesh)
         state, state_shardings, tx, schedule = build_state(task, config, mesh)
         log_state_memory(state)
-        dummy = task.dummy_batch(sharding.data_parallel_size(mesh))
-        batch_shardings = {k: sharding.batch_sharding(mesh, v.ndim) for k, v in dummy.items()}
-        train_step = make_train_step(task, tx, schedule, state_shardings, batch_shardings, mesh)
+        shardings = contract.shardings(mesh)
+        step_fn = make_train_step(task, tx, schedule, state_shardings, shardings, mesh)
         ckpt = Checkpointer(
             workdir / "checkpoints",
             keep=config.train.keep_checkpoints,
@@ -326,99 +338,169 @@ def _train_steps(config, workdir: Path, mesh: Mesh, task: Task, is_primary: bool
     start = resumed or 0
     pending = meta.get(PENDING_ROW)  # the saved step's row, whose evaluation failed
     kept_rows = resumed if pending is None else resumed - 1  # a retry's row is rewritten
-    writer = metrics_lib.MetricWriter(workdir, config, enabled=is_primary, resume_step=kept_rows)
-    total = config.train.total_steps
-    progress = metrics_lib.Progress(total, start, config.train.batch_size, is_primary)
-    perf = PerfMeter(config.train.batch_size, task.train_flops_per_example(), config, mesh)
-    last: dict[str, float] = {}
-    step = start
-    monitor = numerics.NonFiniteMonitor(
-        config.train.on_nonfinite, state.params, meta.get("train/nonfinite_skipped", 0)
+    train = config.train
+    return Run(
+        config=config,
+        task=task,
+        mesh=mesh,
+        contract=contract,
+        data_iter=data_iter,
+        step_fn=step_fn,
+        state=state,
+        ckpt=ckpt,
+        writer=metrics_lib.MetricWriter(workdir, config, enabled=is_primary, resume_step=kept_rows),
+        progress=metrics_lib.Progress(train.total_steps, start, train.batch_size, is_primary),
+        perf=PerfMeter(train.batch_size, task.train_flops_per_example(), config, mesh),
+        monitor=numerics.NonFiniteMonitor(
+            train.on_nonfinite, state.params, meta.get("train/nonfinite_skipped", 0)
+        ),
+        data_counts=DataCounters(meta, sharding.process_batch_rows(mesh, train.batch_size).start),
+        start=start,
+        pending=pending,
     )
-    first_row = sharding.process_batch_rows(mesh, config.train.batch_size).start
-    data_counts = DataCounters(meta, first_row)
 
-    def checkpoint_meta() -> dict:
-        return {"step": step} | run_counts(monitor, data_counts)
 
-    if pending is not None:
-        logging.info("step %d: running the evaluation that failed before", start)
-        last = evaluated(task, state.params, pending)
-        writer.write(start, last)
-    batch_size = config.train.batch_size
-    with StopRequest() as stop:
-        while step < total:
-            state, step_metrics = train_step(
-                state, next_global_batch(data_iter, data_counts, batch_shardings, mesh, batch_size)
-            )
-            step += 1
-            _on_nonfinite(
-                monitor.push(step, step_metrics), monitor, ckpt, state, data_iter, checkpoint_meta
-            )
-            if step == start + 1:  # exclude compilation from perf numbers
-                jax.block_until_ready(step_metrics)
-                perf.reset(step)
-            row = {}
-            if step % config.train.log_every == 0 or step == total:
-                _on_nonfinite(monitor.flush(), monitor, ckpt, state, data_iter, checkpoint_meta)
-                row |= {k: float(v) for k, v in jax.device_get(step_metrics).items()}
-                row |= run_counts(monitor, data_counts)
-                row |= perf.report(step)
-                progress.update(step, row)
-            evaluating = (config.train.eval_every and step % config.train.eval_every == 0) or (
-                step == total
-            )
-            if evaluating:
-                try:
-                    row = evaluated(task, state.params, row)
-                except Exception:  # keep the trained state: a relaunch evaluates, then goes on
-                    logging.error("evaluation at step %d failed; saving the step first", step)
-                    _on_nonfinite(monitor.flush(), monitor, ckpt, state, data_iter, checkpoint_meta)
-                    with_row = checkpoint_meta() | {PENDING_ROW: row}
-                    ckpt.save(step, state, data_iter, with_row, force=True)
-                    ckpt.close()
-                    raise
-            if row:
-                writer.write(step, row)
-                last = row
-            stopping = stop.should_stop(step)
-            saving = step % config.train.checkpoint_every == 0 or step == total or stopping
-            if saving:
-                _on_nonfinite(monitor.flush(), monitor, ckpt, state, data_iter, checkpoint_meta)
-                ckpt.save(step, state, data_iter, checkpoint_meta(), force=True)
-            if evaluating or saving:  # keep eval and checkpoint time out of perf/step_time_s
-                perf.reset(step)
-            if stopping:
-                logging.warning("stopped at step %d; checkpoint saved, resume to continue", step)
-                break
-    ckpt.close()
-    writer.close()
-    progress.close()
-    return last
+@dataclasses.dataclass
+class Run:
+    """A run in progress: its state, and what a step, a log row, an evaluation, a save or a
+    stop needs (built by `start_run`). `train()` is the loop."""
+
+    config: ml_collections.ConfigDict
+    task: Task
+    mesh: Mesh
+    contract: BatchContract
+    data_iter: Any
+    step_fn: Callable  # the jitted train step: (state, batch) -> (state, metrics)
+    state: TrainState
+    ckpt: Checkpointer
+    writer: metrics_lib.MetricWriter
+    progress: metrics_lib.Progress
+    perf: PerfMeter
+    monitor: numerics.NonFiniteMonitor
+    data_counts: DataCounters
+    start: int  # the step resumed from (0: a fresh run)
+    pending: dict | None  # the start step's metrics row, whose evaluation failed before
+    step: int = dataclasses.field(init=False)  # the steps done so far
+    last: dict = dataclasses.field(default_factory=dict)  # the last row written
+
+    def __post_init__(self):
+        self.step = self.start
+
+    def train(self) -> dict[str, float]:
+        """Step, log, evaluate and save until train.total_steps or a stop request (SIGTERM,
+        Ctrl-C, a preemption notice); returns the last logged metrics."""
+        cfg = self.config.train
+        self.retry_evaluation()
+        with StopRequest() as stop:
+            while self.step < cfg.total_steps:
+                metrics = self.advance()
+                row = self.log(metrics) if self.due(cfg.log_every) else {}
+                evaluating = self.due(cfg.eval_every)
+                if evaluating:
+                    row = self.evaluate(row)
+                self.write(row)
+                stopping = stop.should_stop(self.step)
+                saving = self.due(cfg.checkpoint_every) or stopping
+                if saving:
+                    self.save()
+                if evaluating or saving:  # keep eval and checkpoint time out of perf numbers
+                    self.perf.reset(self.step)
+                if stopping:
+                    self.stop()
+                    break
+        self.close()
+        return self.last
+
+    def due(self, every: int) -> bool:
+        """Whether this step logs / evaluates / saves, for `every` steps (0: never, but the
+        last step always does)."""
+        return self.step == self.config.train.total_steps or bool(every and self.step % every == 0)
+
+    def advance(self) -> dict[str, jax.Array]:
+        """One train step on the next batch -> its metrics, on the devices."""
+        first = self.step == self.start
+        self.state, metrics = self.step_fn(self.state, self.next_batch(first))
+        self.step += 1
+        self.on_nonfinite(self.monitor.push(self.step, metrics))
+        if first:  # exclude compilation from perf numbers
+            jax.block_until_ready(metrics)
+            self.perf.reset(self.step)
+        return metrics
+
+    def next_batch(self, first: bool) -> dict[str, jax.Array]:
+        """The next global batch; the run's `first` is checked against the batch contract."""
+        return next_global_batch(self.data_iter, self.data_counts, self.contract, self.mesh, first)
+
+    def log(self, metrics: dict[str, jax.Array]) -> dict[str, float]:
+        """This step's metrics row: the step's metrics, the run's counters and perf numbers."""
+        self.on_nonfinite(self.monitor.flush())
+        row = {k: float(v) for k, v in jax.device_get(metrics).items()}
+        row |= self.counts()
+        row |= self.perf.report(self.step)
+        self.progress.update(self.step, row)
+        return row
+
+    def evaluate(self, row: dict) -> dict:
+        """`row` with the task's held-out metrics. If the evaluation raises, the step is saved
+        first with `row` pending (a relaunch evaluates, then goes on) and the error propagates."""
+        try:
+            return evaluated(self.task, self.state.params, row)
+        except Exception:  # keep the trained state
+            logging.error("evaluation at step %d failed; saving the step first", self.step)
+            self.save(pending_row=row)
+            self.ckpt.close()
+            raise
+
+    def retry_evaluation(self) -> None:
+        """The evaluation of the resumed step that failed before, run first (metrics.jsonl then
+        reads as if uninterrupted)."""
+        if self.pending is None:
+            return
+        logging.info("step %d: running the evaluation that failed before", self.start)
+        self.last = evaluated(self.task, self.state.params, self.pending)
+        self.writer.write(self.start, self.last)
+
+    def write(self, row: dict) -> None:
+        if row:
+            self.writer.write(self.step, row)
+            self.last = row
+
+    def save(self, pending_row: dict | None = None) -> None:
+        """Checkpoint this step (with `pending_row`: the row of its failed evaluation)."""
+        self.on_nonfinite(self.monitor.flush())
+        meta = self.meta() if pending_row is None else self.meta() | {PENDING_ROW: pending_row}
+        self.ckpt.save(self.step, self.state, self.data_iter, meta, force=True)
+
+    def stop(self) -> None:
+        logging.warning("stopped at step %d; checkpoint saved, resume to continue", self.step)
+
+    def on_nonfinite(self, event: dict) -> None:
+        """train.on_nonfinite='stop': save the (guarded, last good) state, then raise."""
+        if not event or self.monitor.policy != "stop":
+            return
+        self.ckpt.save(self.step, self.state, self.data_iter, self.meta(), force=True)
+        self.ckpt.close()
+        raise self.monitor.error(event, self.step)
+
+    def meta(self) -> dict:
+        """The checkpoint meta of this step: the step and the run's counters."""
+        return {"step": self.step} | self.counts()
+
+    def counts(self) -> dict:
+        """Counters logged in metrics.jsonl and kept in the checkpoint meta across resumes:
+        train/nonfinite_skipped, data/bad_records, data/truncated_captions (every process
+        calls this together: the data totals are summed over processes)."""
+        return {"train/nonfinite_skipped": self.monitor.skipped} | self.data_counts.totals()
+
+    def close(self) -> None:
+        self.ckpt.close()
+        self.writer.close()
+        self.progress.close()
 
 
 def evaluated(task: Task, params, row: dict) -> dict:
     """`row` with the task's held-out metrics added as eval/<name>."""
     return row | {f"eval/{k}": v for k, v in task.evaluate(params).items()}
-
-
-def run_counts(monitor: numerics.NonFiniteMonitor, data_counts: DataCounters) -> dict:
-    """Counters logged in metrics.jsonl and kept in the checkpoint meta across resumes:
-    train/nonfinite_skipped, data/bad_records, data/truncated_captions (every process calls
-    this together: the data totals are summed over processes)."""
-    return {"train/nonfinite_skipped": monitor.skipped} | data_counts.totals()
-
-
-def _on_nonfinite(event: dict, monitor, ckpt: Checkpointer, state, data_iter, meta_fn) -> None:
-    """train.on_nonfinite='stop': save the (guarded, last good) state, then raise.
-    `meta_fn()` -> the checkpoint meta of this step."""
-    if not event or monitor.policy != "stop":
-        return
-    meta = meta_fn()
-    step = meta["step"]
-    ckpt.save(step, state, data_iter, meta, force=True)
-    ckpt.close()
-    raise monitor.error(event, step)
 
 
 def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str | Path) -> dict:

@@ -10,7 +10,7 @@ with `config.task = "name"`.
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import Any
+from typing import Any, ClassVar
 
 import flax.linen as nn
 import jax
@@ -19,6 +19,7 @@ import numpy as np
 from jax import lax
 from jax.sharding import Mesh
 
+from vlm_jax.data.records import COUNTERS, SUBSTITUTE
 from vlm_jax.registry import Registry
 from vlm_jax.train.optim import regex_mask
 
@@ -45,13 +46,21 @@ class Task:
     """Base class: subclasses set `self.model` and implement the methods below."""
 
     model: nn.Module
+    # Keys of `train_data`'s batches that stay on the host (the batch contract: see
+    # vlm_jax.train.batch): each record's id, the data counters DataCounters totals and the
+    # substitute flag. They may be absent; the trainer drops them before the step.
+    host_keys: ClassVar[tuple[str, ...]] = ("id", *COUNTERS, SUBSTITUTE)
+    # Config keys added after runs of the task existed: (section, key) -> the value the code
+    # used for runs whose config.json lacks the key (they resume; other values are refused).
+    added_keys: ClassVar[dict[tuple[str, str], Any]] = {}
 
     def __init__(self, config: ml_collections.ConfigDict, mesh: Mesh):
         self.config = config
         self.mesh = mesh
 
-    def dummy_batch(self, batch_size: int) -> dict[str, np.ndarray]:
-        """A batch of the right shapes and dtypes (for init and compilation)."""
+    def batch_spec(self, batch_size: int) -> dict[str, jax.ShapeDtypeStruct]:
+        """The global batch the train step takes, {name: [batch_size, ...]}: the model inputs
+        init, the shardings and the compiled step are built from (nothing is allocated)."""
         raise NotImplementedError
 
     def init(self, rng: jax.Array, batch: dict[str, jax.Array]) -> dict[str, Any]:

@@ -62,11 +62,13 @@ class ContrastiveTask(Task):
         )
 
     # -- training -------------------------------------------------------------------------
-    def dummy_batch(self, batch_size: int) -> dict[str, np.ndarray]:
+    host_keys = (*Task.host_keys, "label")  # labelled sources' class index (zero-shot)
+
+    def batch_spec(self, batch_size: int) -> dict[str, jax.ShapeDtypeStruct]:
         size = self.config.model.image.image_size
         return {
-            "image": np.zeros((batch_size, size, size, 3), np.float32),
-            "tokens": np.zeros((batch_size, self.config.tokenizer.max_len), np.int32),
+            "image": jax.ShapeDtypeStruct((batch_size, size, size, 3), np.float32),
+            "tokens": jax.ShapeDtypeStruct((batch_size, self.config.tokenizer.max_len), np.int32),
         }
 
     def model_inputs(self, batch):
@@ -119,7 +121,7 @@ class ContrastiveTask(Task):
         """Towers ("img", "txt") whose params optim.freeze matches entirely."""
         if not self.config.optim.freeze:
             return ()
-        variables = jax.eval_shape(self.init, jax.random.key(0), self.dummy_batch(1))
+        variables = jax.eval_shape(self.init, jax.random.key(0), self.batch_spec(1))
         frozen = regex_mask(nn.unbox(variables["params"]), self.config.optim.freeze)
         return tuple(
             tower for tower in ("img", "txt") if all(jax.tree.leaves(frozen.get(tower, [False])))

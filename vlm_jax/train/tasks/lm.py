@@ -27,8 +27,12 @@ class LMTask(Task):
         self._val_tokens: np.ndarray | None = None
         self._eval_sums = jax.jit(self._token_sums)  # one compile: every eval chunk is padded
 
-    def dummy_batch(self, batch_size: int) -> dict[str, np.ndarray]:
-        return {"tokens": np.zeros((batch_size, self.config.tokenizer.max_len), np.int32)}
+    # build_pipeline's batches are the contrastive task's: their images stay on the host
+    host_keys = (*Task.host_keys, "image", "label")
+
+    def batch_spec(self, batch_size: int) -> dict[str, jax.ShapeDtypeStruct]:
+        length = self.config.tokenizer.max_len
+        return {"tokens": jax.ShapeDtypeStruct((batch_size, length), np.int32)}
 
     def model_inputs(self, batch):
         return {"tokens": batch["tokens"]}

@@ -14,7 +14,7 @@ activation gradients still flow through a frozen LM to a trained connector).
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar
 
 import jax
 import jax.numpy as jnp
@@ -48,13 +48,16 @@ class VLMTask(Task):
         self.model = build_vlm(config.model)
         self._examples = None
 
-    def dummy_batch(self, batch_size: int) -> dict[str, np.ndarray]:
+    host_keys = (*Task.host_keys, "question_type")  # the question's kind: unused in training
+    added_keys: ClassVar[dict] = {("model", "pad_id"): 0}  # runs from before model.pad_id
+
+    def batch_spec(self, batch_size: int) -> dict[str, jax.ShapeDtypeStruct]:
         size, length = self.config.data.image_size, self.config.tokenizer.max_len
         return {
-            "image": np.zeros((batch_size, 1, size, size, 3), np.float32),
-            "tokens": np.zeros((batch_size, length), np.int32),
-            "prefix_len": np.ones((batch_size,), np.int32),
-            "loss_mask": np.zeros((batch_size, length), np.int32),
+            "image": jax.ShapeDtypeStruct((batch_size, 1, size, size, 3), np.float32),
+            "tokens": jax.ShapeDtypeStruct((batch_size, length), np.int32),
+            "prefix_len": jax.ShapeDtypeStruct((batch_size,), np.int32),
+            "loss_mask": jax.ShapeDtypeStruct((batch_size, length), np.int32),
         }
 
     def model_inputs(self, batch):
