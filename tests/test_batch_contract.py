@@ -6,13 +6,12 @@ import pytest
 from test_train import tiny_config
 from test_vlm_train import tiny_config as tiny_vlm_config
 
-import vlm_jax.train.registry_imports  # noqa: F401
 from vlm_jax import sharding
 from vlm_jax.config import ConfigError
 from vlm_jax.train.batch import BatchContract
-from vlm_jax.train.contrastive import ContrastiveTask
 from vlm_jax.train.distributed import train_iterator
 from vlm_jax.train.tasks import TASKS
+from vlm_jax.train.tasks.contrastive import ContrastiveTask
 from vlm_jax.train.trainer import batch_contract, train
 
 SPEC = {
