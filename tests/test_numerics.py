@@ -15,6 +15,7 @@ from vlm_jax.data import pipeline
 from vlm_jax.train import numerics, trainer
 from vlm_jax.train.state import TrainState
 from vlm_jax.train.validate import validate_config
+from vlm_jax.trees import leaf_paths
 
 
 def tiny_state():
@@ -64,7 +65,7 @@ def test_nonfinite_step_keeps_params_and_opt_state(scale, dtype):
 
 def test_leaf_flags_name_the_offending_params():
     grads = {"enc": {"kernel": jnp.ones((2,))}, "head": {"bias": jnp.array([1.0, np.nan])}}
-    paths = numerics.leaf_paths(grads)
+    paths = leaf_paths(grads)
     flags = np.asarray(numerics.nonfinite_leaves(grads))
     assert [p for p, f in zip(paths, flags, strict=True) if f] == ["head/bias"]
 

@@ -11,11 +11,13 @@ What must hold: the resumed run equals the uninterrupted one (every logged metri
 the final params, bit for bit), and both log the old run's rows. Bit equality needs a machine
 whose floats reproduce the fixture's first steps; where today's code, uninterrupted, does not
 reproduce the old rows up to the checkpoint bit for bit (another CPU, another XLA), the runs
-started on different states and the test asserts closeness instead, saying so.
+started on different states and the test asserts closeness instead, saying so. On the machine
+that wrote the fixture (runs.json "machine": jax, jaxlib, CPU) bit equality is required.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import shutil
@@ -34,6 +36,15 @@ REPO = Path(__file__).resolve().parents[1]
 FIXTURES = REPO / "tests" / "fixtures" / "old_runs"
 FIXTURE = json.loads((FIXTURES / "runs.json").read_text())
 RTOL = 1e-4  # only where the machine does not reproduce the fixture's floats (see above)
+
+
+def fixture_machine_matches() -> bool:
+    """Whether this machine has the jax, jaxlib and CPU that wrote the fixture (runs.json
+    "machine", recorded by regenerate.py): there, anything short of bit equality is a change."""
+    spec = importlib.util.spec_from_file_location("regenerate", FIXTURES / "regenerate.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.machine() == FIXTURE["machine"]
 
 
 def train_cli(spec: dict, workdir: Path) -> subprocess.CompletedProcess:
@@ -92,6 +103,10 @@ def test_old_run_resumes_like_an_uninterrupted_run(tmp_path, name):
     step = spec["checkpoint_step"]
     fresh_rows = numeric_rows(fresh)
     exact = rows_up_to(fresh_rows, step) == rows_up_to(old_rows, step)
+    assert exact or not fixture_machine_matches(), (
+        f"on the machine that wrote the fixture ({FIXTURE['machine']}), today's code no longer "
+        f"reproduces commit {FIXTURE['commit']}'s rows up to step {step} bit for bit"
+    )
     machine = "" if exact else " (this machine does not reproduce the fixture's floats)"
     if not exact:
         warnings.warn(f"{name}: within rtol={RTOL}, not bit for bit{machine}", stacklevel=1)
