@@ -19,7 +19,8 @@ def get_config(arg=None):
     c = base_config()
     c.task = "lm"
     c.data = vlm.data
-    c.data.source = "shapes"
+    c.data.source = "shapes"  # captions only: the VQA source's question_types do not apply
+    del c.data["question_types"]
     c.tokenizer = vlm.tokenizer
     c.model = ml_collections.ConfigDict()
     c.model.name = "decoder_lm"

@@ -58,19 +58,10 @@ def get_config(arg=None):
             dropout=0.0,
         )
     )
-    c.model.connector = ml_collections.ConfigDict(
-        dict(
-            name="mlp",  # linear | mlp | pool | perceiver | qformer
-            num_tokens=32,  # perceiver / qformer: the visual-token budget
-            depth=2,
-            width=64,
-            num_heads=4,
-            mlp_dim=128,
-            pool_size=2,  # pool: k x k
-            pool_mode="avg",  # pool: "avg" | "merge"
-            text_conditioned=False,  # qformer: queries also read the instruction
-        )
-    )
+    # linear | mlp | pool | perceiver | qformer; the section holds the named connector's keys
+    # (its schema has the defaults): e.g. --config.model.connector.name=perceiver
+    # --config.model.connector.num_tokens=16 (see experiments/ablate_connectors.py).
+    c.model.connector = ml_collections.ConfigDict(dict(name="mlp"))
     c.model.lm = ml_collections.ConfigDict(
         dict(
             vocab_size=128,

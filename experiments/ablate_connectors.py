@@ -37,28 +37,31 @@ REPO = Path(__file__).resolve().parents[1]
 QUESTION_TYPES = ("colour", "shape", "count", "spatial", "exists", "absent", "caption")
 
 # name -> config overrides. Token budgets assume the base config's 8x8 patch grid (64 patches).
+# The resamplers' sizes (width 64, MLP 128, depth 2, 4 heads) are the ones every run of this
+# ablation used: configs/vlm_shapes.py's connector section holds only the chosen connector's keys.
+RESAMPLER = {"model.connector.width": 64, "model.connector.mlp_dim": 128}
+
+
+def _resampler(name: str, num_tokens: int, **more) -> dict:
+    return (
+        {"model.connector.name": name, "model.connector.num_tokens": num_tokens} | RESAMPLER | more
+    )
+
+
 CELLS = {
     "text_only": {"model.fusion": "none"},
     "mlp64/early": {"model.connector.name": "mlp", "model.fusion": "early"},
     "linear64/early": {"model.connector.name": "linear", "model.fusion": "early"},
     "pool16/early": {"model.connector.name": "pool", "model.connector.pool_size": 2},
-    "perceiver16/early": {"model.connector.name": "perceiver", "model.connector.num_tokens": 16},
-    "perceiver32/early": {"model.connector.name": "perceiver", "model.connector.num_tokens": 32},
-    "perceiver64/early": {"model.connector.name": "perceiver", "model.connector.num_tokens": 64},
-    "qformer16/early": {"model.connector.name": "qformer", "model.connector.num_tokens": 16},
-    "qformer32/early": {"model.connector.name": "qformer", "model.connector.num_tokens": 32},
-    "qformer64/early": {"model.connector.name": "qformer", "model.connector.num_tokens": 64},
+    "perceiver16/early": _resampler("perceiver", 16),
+    "perceiver32/early": _resampler("perceiver", 32),
+    "perceiver64/early": _resampler("perceiver", 64),
+    "qformer16/early": _resampler("qformer", 16),
+    "qformer32/early": _resampler("qformer", 32),
+    "qformer64/early": _resampler("qformer", 64),
     "mlp64/xattn": {"model.connector.name": "mlp", "model.fusion": "cross_attention"},
-    "perceiver32/xattn": {
-        "model.connector.name": "perceiver",
-        "model.connector.num_tokens": 32,
-        "model.fusion": "cross_attention",
-    },
-    "qformer32/xattn": {
-        "model.connector.name": "qformer",
-        "model.connector.num_tokens": 32,
-        "model.fusion": "cross_attention",
-    },
+    "perceiver32/xattn": _resampler("perceiver", 32, **{"model.fusion": "cross_attention"}),
+    "qformer32/xattn": _resampler("qformer", 32, **{"model.fusion": "cross_attention"}),
 }
 GRIDS = {
     "tiny": (

@@ -32,9 +32,10 @@ USAGE = (
 
 def parse(argv: Sequence[str]):
     from vlm_jax.config import parse_cli, parse_int
+    from vlm_jax.train.validate import CONFIG
 
     try:
-        config, options = parse_cli(argv)
+        config, options = parse_cli(argv, CONFIG)
         unknown = sorted(set(options) - {"config", "steps", "warmup"})
         if unknown:
             raise ValueError(f"unknown flag(s) {unknown}; flags: config, steps, warmup")

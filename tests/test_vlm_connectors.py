@@ -12,12 +12,14 @@ from vlm_jax.models import resamplers  # noqa: F401  (registers perceiver, qform
 from vlm_jax.models.projectors import CONNECTORS, build_connector
 
 OUT = 24
+RESAMPLER_SIZES = dict(num_tokens=6, depth=2, width=16, num_heads=2)
 
 
 def _build(name, **kwargs):
-    cfg = ml_collections.ConfigDict(
-        dict(name=name, num_tokens=6, depth=2, width=16, num_heads=2, **kwargs)
-    )
+    """The connector `name` with small resampler sizes (a section holds only its own keys)."""
+    declared = CONNECTORS.schema(name).keys
+    sizes = {key: value for key, value in RESAMPLER_SIZES.items() if key in declared}
+    cfg = ml_collections.ConfigDict(dict(name=name, **sizes, **kwargs))
     return build_connector(cfg, OUT, dtype=jnp.float32, attention_impl="xla")
 
 

@@ -165,7 +165,7 @@ def test_sampling_is_seeded_and_top1_equals_greedy():
 def test_bad_fusion_names_valid_choices():
     model = _model("early").clone(fusion="late")
     images, tokens, prefix = _batch()
-    with pytest.raises(ValueError, match="fusion='late' is not one of: early, cross_attention"):
+    with pytest.raises(ValueError, match="fusion='late' is not one of: cross_attention, early"):
         model.init(jax.random.key(0), images, tokens, prefix)
 
 

@@ -189,10 +189,13 @@ def split_flags(argv: Sequence[str]) -> list[tuple[str, str]]:
     return flags
 
 
-def parse_cli(argv: Sequence[str]) -> tuple[ConfigDict, dict[str, str]]:
+def parse_cli(argv: Sequence[str], schema: Any = None) -> tuple[ConfigDict, dict[str, str]]:
     """Parse `--config FILE[:arg] --workdir DIR --config.k=v ...`.
 
-    Returns the config (overrides applied, locked) and the other `--flag value` options.
+    Returns the config (overrides applied, locked) and the other `--flag value` options. With
+    `schema` (the config's root spec, vlm_jax.train.validate.CONFIG) the overrides are applied
+    knowing the components' schemas (`schema.apply_overrides`): a component selected on the
+    command line (`--config.model.connector.name=perceiver`) takes its own keys from there on.
     """
     options: dict[str, str] = {}
     overrides: list[tuple[str, str]] = []
@@ -204,8 +207,11 @@ def parse_cli(argv: Sequence[str]) -> tuple[ConfigDict, dict[str, str]]:
     if "config" not in options:
         raise ValueError("missing --config configs/NAME.py[:arg]")
     config = load_config(options["config"])
-    for key, value in overrides:
-        apply_override(config, key, value)
+    if schema is not None:
+        schema.apply_overrides(config, overrides, apply_override)
+    else:
+        for key, value in overrides:
+            apply_override(config, key, value)
     config.lock()
     return config, options
 

@@ -1,42 +1,59 @@
-"""Name -> object registries: models, connectors, losses, data sources, tokenizers, tasks.
+"""Name -> object registries: models, connectors, fusions, losses, sources, tokenizers, tasks.
 
 Configs refer to components by a short name; adding a component is one file and one
-registration line. Unknown names fail with the list of valid ones.
+`@REGISTRY.register("name", schema=SCHEMA)` line. Unknown names fail with the list of valid ones.
 
-Where the registry is defined, `modules=` lists the modules that register into it with
-`@REGISTRY.register("name")`; they are imported on the first lookup (`get`, `names`, `in`),
-so the package that holds the registry never imports its plug-ins at import time and no import
-cycle runs through it. Adding a plug-in file is adding its module name to that tuple:
+Where the registry is defined, `modules=` lists the modules that register into it; they are
+imported on the first lookup (`get`, `schema`, `names`, `in`), so the package that holds the
+registry never imports its plug-ins at import time and no import cycle runs through it. Adding a
+plug-in file is adding its module name to that tuple:
 
     TASKS = Registry("task", modules=("vlm_jax.train.tasks.contrastive", ...))
 
 A component can also register from anywhere else (a test, an experiment script) by calling
 `REGISTRY.register("name")` before the lookup.
+
+Schemas (vlm_jax/schema.py): each component declares the keys of its config section next to its
+code, either as `register(name, schema=Schema({...}))` or as a `SCHEMA` class attribute; a
+component without one reads no keys of its own. The section that selects among a registry's
+components is declared by its parent as `Select(REGISTRY, by="name", base=...)` (`base`: keys
+every component of the section shares, such as data's pipeline keys), and
+`vlm_jax.train.validate` resolves every such section before anything compiles: evaluators and
+metric writers (or any new kind) declare their keys the same way, and the parent that reads
+them (a task's `SCHEMA`) names their section with a `Select` or a nested `Schema`.
 """
 
 from __future__ import annotations
 
 import importlib
 from collections.abc import Callable, Sequence
-from typing import Any, TypeVar
+from typing import Any, ClassVar, TypeVar
+
+from vlm_jax.schema import EMPTY, Schema
 
 T = TypeVar("T")
 
 
 class Registry:
-    """A case-sensitive map from short names to components of one kind."""
+    """A case-sensitive map from short names to components of one kind (and their schemas)."""
+
+    instances: ClassVar[list[Registry]] = []  # every registry made (checks over them all)
 
     def __init__(self, kind: str, modules: Sequence[str] = ()):
         self.kind = kind
         self.modules = tuple(modules)
         self._entries: dict[str, Any] = {}
+        self._schemas: dict[str, Schema] = {}
         self._loaded = not self.modules
+        Registry.instances.append(self)
 
-    def register(self, name: str) -> Callable[[T], T]:
+    def register(self, name: str, schema: Schema | None = None) -> Callable[[T], T]:
         def decorator(obj: T) -> T:
             if name in self._entries and self._entries[name] is not obj:
                 raise ValueError(f"{self.kind} {name!r} is registered twice")
             self._entries[name] = obj
+            if schema is not None:
+                self._schemas[name] = schema
             return obj
 
         return decorator
@@ -46,6 +63,11 @@ class Registry:
         if name not in self._entries:
             raise ValueError(f"{self.kind}={name!r} is not one of: {', '.join(self.names())}")
         return self._entries[name]
+
+    def schema(self, name: str) -> Schema:
+        """The keys component `name` reads from its section (EMPTY if it declares none)."""
+        component = self.get(name)  # loads the plug-in modules first
+        return self._schemas.get(name) or getattr(component, "SCHEMA", None) or EMPTY
 
     def names(self) -> list[str]:
         self._load()

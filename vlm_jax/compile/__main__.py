@@ -27,9 +27,10 @@ FLAGS = ("config", "topology", "num_slices", "functions", "out")
 def parse_args(argv: Sequence[str]):
     """-> (config, options) or exit(2) naming the bad flag and the valid ones."""
     from vlm_jax.config import UserError, parse_cli
+    from vlm_jax.train.validate import CONFIG
 
     try:
-        config, options = parse_cli(argv)
+        config, options = parse_cli(argv, CONFIG)
     except (UserError, ValueError, FileNotFoundError, TypeError) as e:
         _usage_error(str(e))
     unknown = sorted(set(options) - set(FLAGS))

@@ -19,6 +19,7 @@ import grain
 import ml_collections
 import msgpack
 
+from vlm_jax.data.folder import FILES
 from vlm_jax.data.records import BadRecordError, decode_image
 from vlm_jax.data.sources import DATA_SOURCES
 
@@ -98,7 +99,7 @@ def check_written_count(meta_path: Path, meta: dict, split: str, paths: list, co
         )
 
 
-@DATA_SOURCES.register("array_record")
+@DATA_SOURCES.register("array_record", schema=FILES)
 class ArrayRecordSource:
     """Records of one split of a `write_shards` output directory."""
 
@@ -108,7 +109,7 @@ class ArrayRecordSource:
         meta_path = self.root / "meta.json"
         meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
         self.classnames = meta.get("classnames", [])
-        self.templates = tuple(config.get("templates") or meta.get("templates", ()))
+        self.templates = tuple(config.templates or meta.get("templates", ()))
         self.shards = grain.sources.ArrayRecordDataSource([str(p) for p in paths])
         check_written_count(meta_path, meta, split, paths, len(self.shards))
 

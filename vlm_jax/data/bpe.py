@@ -20,6 +20,7 @@ from pathlib import Path
 
 from vlm_jax.config import MissingInput, require_package
 from vlm_jax.data.tokenizers import TOKENIZERS, Tokenizer
+from vlm_jax.schema import Key, Schema
 
 NEEDED_BY = "tokenizer.name='clip_bpe'"
 BOS_TOKEN, EOS_TOKEN = "<start_of_text>", "<end_of_text>"
@@ -60,7 +61,15 @@ def clean_text(text: str) -> str:
     return " ".join(text.split()).lower()
 
 
-@TOKENIZERS.register("clip_bpe")
+@TOKENIZERS.register(
+    "clip_bpe",
+    schema=Schema(
+        {
+            "add_bos": Key(bool, True, "start every text with BOS (<start_of_text>)"),
+            "vocab_path": Key((str, type(None)), None, "the merges file; None: the bundled one"),
+        }
+    ),
+)
 class ClipBpeTokenizer(Tokenizer):
     """CLIP BPE. pad_id 0 (open_clip's padding), bos_id <start_of_text>, eos_id <end_of_text>.
 

@@ -28,6 +28,7 @@ import ml_collections
 from vlm_jax.config import MissingInput
 from vlm_jax.data.records import BadRecords, decode_image
 from vlm_jax.data.sources import DATA_SOURCES
+from vlm_jax.schema import REQUIRED, Key, Schema
 
 DEFAULT_TEMPLATES = ("a photo of a {}.",)
 
@@ -65,7 +66,7 @@ def read_lines(path: Path) -> list[str]:
 def zeroshot_metadata(root: Path, config: ml_collections.ConfigDict) -> tuple[list, tuple]:
     """(classnames, templates) from DIR/classnames.txt and DIR/templates.txt or the config."""
     classnames = read_lines(root / "classnames.txt") if (root / "classnames.txt").is_file() else []
-    if config.get("templates"):
+    if config.templates:
         templates = tuple(config.templates)
     elif (root / "templates.txt").is_file():
         templates = tuple(read_lines(root / "templates.txt"))
@@ -109,7 +110,18 @@ def drops_before(positions: list[int], total: int) -> list[int]:
     return [position - before - 1 for position, before in zip(positions, previous)]
 
 
-@DATA_SOURCES.register("folder")
+# The keys of a source reading files under `path` (folder and array_record).
+FILES = Schema(
+    {
+        "path": Key(str, REQUIRED, "the directory (see the module docstring for its layout)"),
+        "templates": Key(
+            (tuple, type(None)), None, "zero-shot prompts ('a {}.'); None: the directory's"
+        ),
+    }
+)
+
+
+@DATA_SOURCES.register("folder", schema=FILES)
 class FolderSource:
     """Records {"image": uint8[H, W, 3], "caption": str, "id": int, ["label": int]} of a split
     of an image folder (see the module docstring for the layout)."""
@@ -117,7 +129,7 @@ class FolderSource:
     def __init__(self, config: ml_collections.ConfigDict, split: str):
         manifest = find_manifest(config.path, split)
         self.root = Path(config.path)
-        self.bad = BadRecords(config.get("on_error", "skip"), f"folder source {str(manifest)!r}")
+        self.bad = BadRecords(config.on_error, f"folder source {str(manifest)!r}")
         rows = read_manifest(manifest)
         self.rows, positions = usable_rows(rows, self.root, self.bad)
         self.drops = drops_before(positions, len(rows))

@@ -33,8 +33,9 @@ from vlm_jax.data.records import (
     RecordError,
     counters,
 )
-from vlm_jax.data.sources import build_source
+from vlm_jax.data.sources import DATA, build_source
 from vlm_jax.data.tokenizers import Tokenizer
+from vlm_jax.schema import resolve
 
 # Record fields that reach the batch (besides "image" and "tokens"), when the source has them.
 BATCH_FIELDS = ("id", "label")
@@ -272,19 +273,16 @@ def build_pipeline(
     b == batch_size unless drop_remainder=False. The iterator's get_state() is a small
     JSON-able dict (grain.checkpoint.CheckpointHandler stores it).
     """
-    data = config.data
+    data = resolve("data", config.data, DATA)
     where = f"data.source={data.source!r} split={split!r}"
     check = RecordCheck(
-        tokenizer,
-        config.tokenizer.max_len,
-        data.get("long_captions", "truncate"),
-        data.get("max_aspect_ratio", DEFAULT_MAX_ASPECT_RATIO),
+        tokenizer, config.tokenizer.max_len, data.long_captions, data.max_aspect_ratio
     )
-    bad = BadRecords(data.get("on_error", "skip"), where)
+    bad = BadRecords(data.on_error, where)
     transforms = []
     if split == "train":
         transforms.append(RandomCrop(data.image_size))
-        if data.get("flip", False):
+        if data.flip:
             transforms.append(RandomFlip())
     transforms.append(ToModelInputs(tokenizer, config.tokenizer.max_len, data.image_size, captions))
     return batched(

@@ -6,9 +6,11 @@ same record (Grain shuffles, shards and checkpoints by index). A record that is 
 `records.BadRecordError` (or comes back bad: the pipeline's `records.RecordCheck` normalises
 and checks every image and caption, grey/RGBA arrays and encoded bytes included); the pipeline
 replaces it by the next good record and counts it. Register new sources with
-`@DATA_SOURCES.register("name")` on a callable `(config.data, split) -> source`, in a module
-named in DATA_SOURCES' `modules` (imported on the first lookup). Sources with a
-zero-shot split expose `classnames` (indexed by the record's "label") and `templates`.
+`@DATA_SOURCES.register("name", schema=...)` on a callable `(config.data, split) -> source`, in a
+module named in DATA_SOURCES' `modules` (imported on the first lookup); the schema holds the keys
+it reads beside the pipeline's (PIPELINE), and `build_source` hands it the section resolved
+against both. Sources with a zero-shot split expose `classnames` (indexed by the record's
+"label") and `templates`.
 """
 
 from __future__ import annotations
@@ -18,7 +20,9 @@ from typing import Any
 import ml_collections
 
 from vlm_jax.data import shapes
+from vlm_jax.data.records import DEFAULT_MAX_ASPECT_RATIO, LONG_CAPTION_CHOICES, ON_ERROR_CHOICES
 from vlm_jax.registry import Registry
+from vlm_jax.schema import REQUIRED, Key, Schema, Select, positive, resolve
 
 DATA_SOURCES = Registry(
     "data.source",
@@ -29,30 +33,77 @@ DATA_SOURCES = Registry(
         "vlm_jax.data.vqa",
     ),
 )
+# The config.data keys of the pipeline, whatever the source (the record check and augmentation).
+PIPELINE = Schema(
+    {
+        "image_size": Key(
+            int,
+            REQUIRED,
+            "side of the model's input images",
+            valid=positive,
+            expect="a positive int",
+        ),
+        "flip": Key(bool, False, "random horizontal flip of train records (captions mirrored)"),
+        "on_error": Key(
+            str,
+            "skip",
+            "a bad record: skip (replace, count, log) or fail (raise)",
+            choices=ON_ERROR_CHOICES,
+        ),
+        "long_captions": Key(
+            str,
+            "truncate",
+            "over tokenizer.max_len: truncate, or a bad record",
+            choices=LONG_CAPTION_CHOICES,
+        ),
+        "max_aspect_ratio": Key(
+            float, DEFAULT_MAX_ASPECT_RATIO, "images more elongated are bad records"
+        ),
+    }
+)
+DATA = Select(DATA_SOURCES, by="source", base=PIPELINE)  # config.data
 
 
 def build_source(config: ml_collections.ConfigDict, split: str) -> Any:
     """`config.data` (with `source` naming the registered source) and a split name -> source."""
-    return DATA_SOURCES.get(config.source)(config, split)
+    return DATA_SOURCES.get(config.source)(resolve("data", config, DATA), split)
+
+
+_WORLD = shapes.World()
+SHAPES = Schema(
+    {
+        "seed": Key(int, _WORLD.seed, "the world's seed (scenes of every split)"),
+        "colours": Key(tuple, _WORLD.colours, "colour names the scenes use"),
+        "kinds": Key(tuple, _WORLD.kinds, "shape kinds the scenes use"),
+        "supersample": Key(int, _WORLD.supersample, "drawing resolution factor (antialiasing)"),
+        "relation_prob": Key(float, _WORLD.relation_prob, "share of captions with a relation"),
+        "caption_variation": Key(float, _WORLD.caption_variation, "share of varied wordings"),
+        **{
+            f"{split}_size": Key(int, size, f"records of the {split} split")
+            for split, size in _WORLD.split_sizes
+        },
+    },
+    doc="the embedded shapes world (vlm_jax.data.shapes)",
+)
 
 
 def shapes_world(config: ml_collections.ConfigDict) -> shapes.World:
-    """The shapes world a `config.data` describes; absent keys take the World defaults."""
-    defaults = shapes.World()
-    sizes = dict(defaults.split_sizes)
+    """The shapes world a `config.data` describes (resolved: absent keys take SHAPES's defaults,
+    the World's)."""
+    data = resolve("data", config, DATA)
     return shapes.World(
-        image_size=config.get("image_size", defaults.image_size),
-        colours=tuple(config.get("colours", defaults.colours)),
-        kinds=tuple(config.get("kinds", defaults.kinds)),
-        seed=config.get("seed", defaults.seed),
-        supersample=config.get("supersample", defaults.supersample),
-        relation_prob=config.get("relation_prob", defaults.relation_prob),
-        caption_variation=config.get("caption_variation", defaults.caption_variation),
-        split_sizes=tuple((split, config.get(f"{split}_size", n)) for split, n in sizes.items()),
+        image_size=data.image_size,
+        colours=tuple(data.colours),
+        kinds=tuple(data.kinds),
+        seed=data.seed,
+        supersample=data.supersample,
+        relation_prob=data.relation_prob,
+        caption_variation=data.caption_variation,
+        split_sizes=tuple((split, data[f"{split}_size"]) for split, _ in _WORLD.split_sizes),
     )
 
 
-@DATA_SOURCES.register("shapes")
+@DATA_SOURCES.register("shapes", schema=SHAPES)
 class ShapesSource:
     """Records of the embedded shapes world (see `vlm_jax.data.shapes`), drawn on access."""
 

@@ -17,13 +17,25 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from vlm_jax.config import MissingInput, require_package
-from vlm_jax.data.tokenizers import TOKENIZERS, Tokenizer
+from vlm_jax.data.tokenizers import ADD_BOS, TOKENIZERS, Tokenizer
+from vlm_jax.schema import REQUIRED, Key, Schema
 
 NEEDED_BY = "tokenizer.name='sentencepiece'"
 _PUNCTUATION = str.maketrans("", "", string.punctuation)
 
 
-@TOKENIZERS.register("sentencepiece")
+@TOKENIZERS.register(
+    "sentencepiece",
+    schema=ADD_BOS
+    | Schema(
+        {
+            "model_path": Key(str, REQUIRED, "the SentencePiece .model file"),
+            "lower": Key(bool, False, "lower-case texts first"),
+            "strip_punctuation": Key(bool, False, "drop ASCII punctuation first"),
+            "pad_id": Key((int, type(None)), None, "None: the model's pad id (or 0)"),
+        }
+    ),
+)
 class SentencePieceTokenizer(Tokenizer):
     """A SentencePiece model with the source's lower-casing, punctuation and padding rules."""
 

@@ -27,6 +27,7 @@ import numpy as np
 from vlm_jax.data.folder import DEFAULT_TEMPLATES
 from vlm_jax.data.records import BadRecordError, as_rgb
 from vlm_jax.data.sources import DATA_SOURCES
+from vlm_jax.schema import REQUIRED, Key, Schema
 
 
 def lookup(example: dict, key: str) -> Any:
@@ -50,29 +51,44 @@ def as_text(value: Any) -> str:
     return (value.decode("utf-8") if isinstance(value, bytes) else str(value)).strip()
 
 
-@DATA_SOURCES.register("tfds")
+_OPTIONAL_NAMES = (tuple, type(None))
+TFDS = Schema(
+    {
+        "tfds_name": Key(str, REQUIRED, "the TFDS builder (coco_captions, imagenet2012, ...)"),
+        "tfds_data_dir": Key(str, "", "where `tfds build` put it ('': TFDS's default)"),
+        "tfds_splits": Key(dict, {}, "our split -> the TFDS split, e.g. {'val': 'validation'}"),
+        "image_key": Key(str, "image", "feature holding the image"),
+        "caption_key": Key(str, "caption", "feature holding the caption(s); '/' walks nesting"),
+        "label_key": Key(str, "label", "zero-shot label feature (a ClassLabel)"),
+        "classnames": Key(_OPTIONAL_NAMES, None, "zero-shot class names; None: the labels'"),
+        "templates": Key(_OPTIONAL_NAMES, None, "zero-shot prompts; None: the defaults"),
+    }
+)
+
+
+@DATA_SOURCES.register("tfds", schema=TFDS)
 class TfdsSource:
     """Records {"image": uint8[H, W, 3], "caption", "id", ["label"]} of a prepared TFDS split."""
 
     def __init__(self, config: ml_collections.ConfigDict, split: str):
         import tensorflow_datasets as tfds
 
-        splits = dict(config.get("tfds_splits") or {})
+        splits = dict(config.tfds_splits)
         if split not in splits:
             raise ValueError(f"split {split!r} is not one of data.tfds_splits: {sorted(splits)}")
         self.source = tfds.data_source(
             config.tfds_name,
             split=splits[split],
-            data_dir=config.get("tfds_data_dir") or None,
+            data_dir=config.tfds_data_dir or None,
             download=False,  # prepared beforehand (`tfds build`); runs never download
         )
-        self.image_key = config.get("image_key", "image")
-        self.caption_key = config.get("caption_key", "caption")
-        self.label_key = config.get("label_key", "label")
+        self.image_key = config.image_key
+        self.caption_key = config.caption_key
+        self.label_key = config.label_key
         features = dict(self.source.dataset_info.features.items())
         label_names = getattr(features.get(self.label_key), "names", [])
-        self.classnames = list(config.get("classnames") or label_names)
-        self.templates = tuple(config.get("templates") or DEFAULT_TEMPLATES)
+        self.classnames = list(config.classnames or label_names)
+        self.templates = tuple(config.templates or DEFAULT_TEMPLATES)
 
     def __len__(self) -> int:
         return len(self.source)

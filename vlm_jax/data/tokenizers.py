@@ -6,9 +6,10 @@ every tokenizer feeds the text tower the same layout:
 
     [bos]? content... eos pad pad ...      (pad_id == 0; EOS kept when truncating)
 
-Register a new one with `@TOKENIZERS.register("name")` in a module named in TOKENIZERS'
-`modules` (imported on the first lookup); `build_tokenizer(config.tokenizer)`
-passes every config key except `name` and `max_len` to its constructor.
+Register a new one with `@TOKENIZERS.register("name", schema=...)` (its constructor's keyword
+arguments, as config keys) in a module named in TOKENIZERS' `modules` (imported on the first
+lookup); `build_tokenizer(config.tokenizer)` resolves the section and passes every key except
+`name` and `max_len` to the constructor.
 """
 
 from __future__ import annotations
@@ -21,8 +22,24 @@ import numpy as np
 
 from vlm_jax.data import shapes
 from vlm_jax.registry import Registry
+from vlm_jax.schema import REQUIRED, Key, Schema, Select, positive, resolve
 
 TOKENIZERS = Registry("tokenizer", modules=("vlm_jax.data.bpe", "vlm_jax.data.spm"))
+TOKENIZER = Select(  # config.tokenizer: name, max_len and the named tokenizer's options
+    TOKENIZERS,
+    base=Schema(
+        {
+            "max_len": Key(
+                int,
+                REQUIRED,
+                "tokens per text, EOS and padding included",
+                valid=positive,
+                expect="a positive int",
+            )
+        }
+    ),
+)
+ADD_BOS = Schema({"add_bos": Key(bool, False, "start every text with BOS")})
 SPECIALS = ("<pad>", "<eos>", "<bos>", "<unk>")  # ids 0, 1, 2, 3 in the built-in tokenizers
 _WORD = re.compile(r"[a-z0-9]+|[^\sa-z0-9]")
 
@@ -70,7 +87,11 @@ class Tokenizer:
         return tokens
 
 
-@TOKENIZERS.register("words")
+@TOKENIZERS.register(
+    "words",
+    schema=ADD_BOS
+    | Schema({"words": Key((tuple, type(None)), None, "the vocabulary; None: the shapes world's")}),
+)
 class WordTokenizer(Tokenizer):
     """Lower-cased words and single punctuation marks over a fixed vocabulary.
 
@@ -95,7 +116,7 @@ class WordTokenizer(Tokenizer):
         return " ".join(self.words[i] for i in ids)
 
 
-@TOKENIZERS.register("bytes")
+@TOKENIZERS.register("bytes", schema=ADD_BOS)
 class ByteTokenizer(Tokenizer):
     """UTF-8 bytes shifted past the specials: any text, no vocabulary, no <unk>."""
 
@@ -111,5 +132,7 @@ class ByteTokenizer(Tokenizer):
 
 def build_tokenizer(config: ml_collections.ConfigDict) -> Tokenizer:
     """`config.tokenizer` -> Tokenizer; keys other than name/max_len go to the constructor."""
+    tokenizer = TOKENIZERS.get(config.name)
+    config = resolve("tokenizer", config, TOKENIZER)
     options = {key: value for key, value in config.items() if key not in ("name", "max_len")}
-    return TOKENIZERS.get(config.name)(**options)
+    return tokenizer(**options)

@@ -30,8 +30,9 @@ import numpy as np
 from vlm_jax.data import preprocess, shapes
 from vlm_jax.data.pipeline import batched
 from vlm_jax.data.records import BadRecords, CheckedSource, check_image, counters
-from vlm_jax.data.sources import DATA_SOURCES, shapes_world
+from vlm_jax.data.sources import DATA, DATA_SOURCES, SHAPES, shapes_world
 from vlm_jax.data.tokenizers import Tokenizer
+from vlm_jax.schema import Key, Schema, resolve
 
 QUESTION_TYPES = ("colour", "shape", "count", "spatial", "exists", "absent", "caption")
 IMAGE_PLACEHOLDER = "<image>"
@@ -141,7 +142,20 @@ def make_question(
     raise ValueError(f"no question of types {tuple(types)} applies to scene {scene}")
 
 
-@DATA_SOURCES.register("shapes_vqa")
+SHAPES_VQA = SHAPES | Schema(
+    {
+        "question_types": Key(
+            tuple,
+            QUESTION_TYPES,
+            "the question types asked",
+            valid=lambda types: bool(types) and all(t in QUESTION_TYPES for t in types),
+            expect=f"a non-empty tuple, each one of: {', '.join(QUESTION_TYPES)}",
+        )
+    }
+)
+
+
+@DATA_SOURCES.register("shapes_vqa", schema=SHAPES_VQA)
 class ShapesVQASource:
     """One question per scene of the shapes world's `split` ("train" or "val").
 
@@ -154,13 +168,7 @@ class ShapesVQASource:
     def __init__(self, config: ml_collections.ConfigDict, split: str):
         self.world = shapes_world(config)
         self.split = split
-        self.types = tuple(config.get("question_types", QUESTION_TYPES))
-        bad = [t for t in self.types if t not in QUESTION_TYPES]
-        if bad or not self.types:
-            raise ValueError(
-                f"data.question_types={self.types!r}: each must be one of: "
-                f"{', '.join(QUESTION_TYPES)}"
-            )
+        self.types = tuple(resolve("data", config, DATA).question_types)
         self.length = self.world.split_size(split)
 
     def __len__(self) -> int:
@@ -259,7 +267,7 @@ def build_vqa_pipeline(
     """Per-process VQA batches; the iterator supports get_state/set_state (Grain). Records are
     checked as in `build_pipeline` (images only: prompts and answers are made here)."""
     where = f"data.source={config.data.source!r} split={split!r}"
-    bad = BadRecords(config.data.get("on_error", "skip"), where)
+    bad = BadRecords(resolve("data", config.data, DATA).on_error, where)
     return batched(
         CheckedSource(ShapesVQASource(config.data, split), check_image, bad),
         [VQAInputs(tokenizer, config.tokenizer.max_len, config.data.image_size)],

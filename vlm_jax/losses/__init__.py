@@ -29,14 +29,16 @@ from vlm_jax.losses.contrastive import (
 from vlm_jax.losses.next_token import next_token_loss, next_token_sums
 from vlm_jax.losses.ring import TileRule, pairwise_stats
 from vlm_jax.registry import Registry
+from vlm_jax.schema import Select, resolve
 
 LOSSES = Registry("loss")
+LOSS = Select(LOSSES)  # config.loss: `name` and the named loss's keys (ContrastiveLoss.SCHEMA)
 LOSSES.register("sigmoid")(SIGMOID)
 LOSSES.register("softmax")(SOFTMAX)
 
 
 def _batch_axes(loss_config: ml_collections.ConfigDict, mesh: Mesh) -> tuple[str, ...]:
-    axes = tuple(loss_config.get("batch_axes", ("data", "fsdp")))
+    axes = tuple(loss_config.batch_axes)
     unknown = [a for a in axes if a not in mesh.shape]
     if unknown:
         raise ValueError(
@@ -53,9 +55,7 @@ def build_loss(loss_config: ml_collections.ConfigDict, mesh: Mesh | None = None)
     `batch_axes` so it can be called inside a jitted step on globally sharded embeddings.
     """
     loss = LOSSES.get(loss_config.name)
-    tile_size = int(loss_config.get("tile_size", 1024))
-    if tile_size < 1:
-        raise ValueError(f"loss.tile_size={tile_size} must be a positive number of examples")
+    loss_config = resolve("loss", loss_config, LOSS)
 
     def cast(fn: LossFn) -> LossFn:
         def loss_fn(image_emb, text_emb, logit_scale, logit_bias):
@@ -64,13 +64,14 @@ def build_loss(loss_config: ml_collections.ConfigDict, mesh: Mesh | None = None)
 
         return loss_fn
 
-    if not loss_config.get("chunked", False):
+    if not loss_config.chunked:
         return cast(loss.plain)
     batch_axes = _batch_axes(loss_config, mesh) if mesh is not None else ()
-    return cast(chunked_loss(loss, tile_size, mesh, batch_axes))
+    return cast(chunked_loss(loss, loss_config.tile_size, mesh, batch_axes))
 
 
 __all__ = [
+    "LOSS",
     "LOSSES",
     "SIGMOID_RULE",
     "SOFTMAX_RULE",

@@ -27,6 +27,7 @@ import jax.numpy as jnp
 from jax.sharding import Mesh
 
 from vlm_jax.losses.ring import Array, TileRule, pairwise_stats, similarities
+from vlm_jax.schema import Key, Schema, positive
 
 LossFn = Callable[[Array, Array, Array, Array], Array]
 
@@ -105,6 +106,19 @@ class ContrastiveLoss:
     rule: TileRule
     from_stats: Callable[[Array, Array, Array], Array]  # (row[B], col[B], positive[B]) -> []
     uses_bias: bool
+    SCHEMA = Schema(
+        {
+            "chunked": Key(bool, False, "the tiled ring (chunked_loss) instead of full logits"),
+            "tile_size": Key(
+                int,
+                1024,
+                "chunked: examples per tile",
+                valid=positive,
+                expect="a positive number of examples",
+            ),
+            "batch_axes": Key(tuple, ("data", "fsdp"), "chunked: mesh axes the batch is split on"),
+        }
+    )
 
 
 SIGMOID = ContrastiveLoss(sigmoid_loss, SIGMOID_RULE, _sigmoid_from_stats, uses_bias=True)

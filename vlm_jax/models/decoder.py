@@ -34,6 +34,7 @@ from vlm_jax.models.layers import (
     constrain,
     logical_dense,
 )
+from vlm_jax.schema import REQUIRED, Key, Schema, resolve
 
 
 @flax.struct.dataclass
@@ -378,15 +379,34 @@ def _positions_and_mask(batch: int, length: int, prefix_lengths, cache: KVCache 
     return positions, mask, cache.index
 
 
-def _check_lm_heads(cfg: ml_collections.ConfigDict) -> None:
+def _check_lm_heads(path: str, cfg: dict) -> None:
     """Without head_dim, width must split evenly over the heads; kv heads must group them."""
-    if not cfg.get("head_dim", None):
-        check_heads("model.lm", cfg.width, cfg.num_heads)
-    kv_heads = cfg.get("num_kv_heads", None) or cfg.num_heads
-    if kv_heads <= 0 or cfg.num_heads % kv_heads:
+    if not cfg["head_dim"]:
+        check_heads(path, cfg["width"], cfg["num_heads"])
+    kv_heads = cfg["num_kv_heads"] or cfg["num_heads"]
+    if kv_heads <= 0 or cfg["num_heads"] % kv_heads:
         raise ValueError(
-            f"model.lm: num_heads={cfg.num_heads} is not a multiple of num_kv_heads={kv_heads}"
+            f"{path}: num_heads={cfg['num_heads']} is not a multiple of num_kv_heads={kv_heads}"
         )
+
+
+_OPTIONAL_INT = (int, type(None))
+LM = Schema(
+    {
+        "vocab_size": Key(int, REQUIRED, "token embedding rows"),
+        "width": Key(int, REQUIRED, "model width"),
+        "depth": Key(int, REQUIRED, "number of decoder blocks"),
+        "num_heads": Key(int, REQUIRED, "query heads"),
+        "num_kv_heads": Key(_OPTIONAL_INT, None, "key/value heads (GQA); None: num_heads"),
+        "head_dim": Key(_OPTIONAL_INT, None, "per-head width; None: width // num_heads"),
+        "mlp_dim": Key(_OPTIONAL_INT, None, "gated MLP width; None: 4 * width"),
+        "rope_theta": Key(float, 10_000.0, "RoPE base"),
+        "tie_embeddings": Key(bool, True, "the output head reuses the token embedding"),
+        "dropout": Key(float, 0.0, "dropout rate"),
+    },
+    doc="the decoder LM (model.lm)",
+    check=_check_lm_heads,
+)
 
 
 def decoder_from_config(
@@ -399,22 +419,11 @@ def decoder_from_config(
 ) -> DecoderLM:
     """Build a DecoderLM from `config.model.lm`.
 
-    Keys: vocab_size, width, depth, num_heads, num_kv_heads, head_dim, mlp_dim, rope_theta,
-    tie_embeddings, dropout. Head counts are checked here, before any compute.
+    Keys: LM (resolved here, so head counts are checked before any compute).
     """
-    _check_lm_heads(cfg)
     return DecoderLM(
-        vocab_size=cfg.vocab_size,
-        width=cfg.width,
-        depth=cfg.depth,
-        num_heads=cfg.num_heads,
-        num_kv_heads=cfg.get("num_kv_heads", None),
-        head_dim=cfg.get("head_dim", None),
-        mlp_dim=cfg.get("mlp_dim", None),
-        rope_theta=cfg.get("rope_theta", 10_000.0),
-        tie_embeddings=cfg.get("tie_embeddings", True),
+        **resolve("model.lm", cfg, LM),
         cross_attention_every=cross_attention_every,
-        dropout=cfg.get("dropout", 0.0),
         dtype=dtype,
         attention_impl=attention_impl,
         remat=remat,

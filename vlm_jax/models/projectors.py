@@ -10,7 +10,8 @@ token-per-patch connectors (`linear`, `mlp`) keep M = N; `pool` shrinks the grid
 the resamplers in resamplers.py emit a fixed M whatever N is. Connectors are looked up by
 `config.model.connector.name` in CONNECTORS: the three above are registered here, and a
 connector in its own file registers itself and adds its module name to CONNECTORS' `modules`
-(imported on the first lookup), as resamplers.py (perceiver, qformer) does.
+(imported on the first lookup), as resamplers.py (perceiver, qformer) does. Each registers with
+the schema of its keys (the section holds `name` and only those).
 """
 
 from __future__ import annotations
@@ -24,9 +25,10 @@ import ml_collections
 
 from vlm_jax.models.layers import Dtype, logical_dense
 from vlm_jax.registry import Registry
+from vlm_jax.schema import Key, Schema, Select, positive, resolve
 
 CONNECTORS = Registry("connector", modules=("vlm_jax.models.resamplers",))
-POOL_MODES = ("avg", "merge")
+CONNECTOR = Select(CONNECTORS)  # model.connector: `name` and the named connector's keys
 
 
 class LinearProjector(nn.Module):
@@ -68,6 +70,19 @@ def _grid_side(num_patches: int) -> int:
     return side
 
 
+def _avg(windows: jax.Array) -> jax.Array:
+    """float[B, M, k*k, Dv] -> float[B, M, Dv]"""
+    return windows.mean(axis=2)
+
+
+def _merge(windows: jax.Array) -> jax.Array:
+    """float[B, M, k*k, Dv] -> float[B, M, k*k*Dv]"""
+    return windows.reshape(*windows.shape[:2], -1)
+
+
+POOL_MODES = {"avg": _avg, "merge": _merge}
+
+
 class PoolProjector(nn.Module):
     """Shrink the patch grid k x k, then the MLP projector.
 
@@ -91,18 +106,13 @@ class PoolProjector(nn.Module):
 
     @nn.compact
     def __call__(self, image_features: jax.Array, **unused_text) -> jax.Array:
-        if self.mode not in POOL_MODES:
-            raise ValueError(f"pool_mode={self.mode!r} is not one of: {', '.join(POOL_MODES)}")
         batch, num_patches, dim = image_features.shape
         k = self.pool_size
         out_side = math.isqrt(self.output_tokens(num_patches))
         # windows: float[B, out_side, k, out_side, k, Dv] -> [B, out_side^2, k*k, Dv]
         windows = image_features.reshape(batch, out_side, k, out_side, k, dim)
         windows = windows.transpose(0, 1, 3, 2, 4, 5).reshape(batch, out_side**2, k * k, dim)
-        if self.mode == "avg":
-            pooled = windows.mean(axis=2)
-        else:
-            pooled = windows.reshape(batch, out_side**2, k * k * dim)
+        pooled = POOL_MODES[self.mode](windows)
         return MlpProjector(self.out_dim, dtype=self.dtype, name="mlp")(pooled)
 
 
@@ -116,19 +126,34 @@ def _mlp(cfg: ml_collections.ConfigDict, out_dim: int, dtype: Dtype, attention_i
     return MlpProjector(out_dim, dtype=dtype)
 
 
-@CONNECTORS.register("pool")
+POOL = Schema(
+    {
+        "pool_size": Key(
+            int,
+            2,
+            "k: each k x k window of patches becomes one token",
+            valid=positive,
+            expect="a positive int",
+        ),
+        "pool_mode": Key(
+            str,
+            "avg",
+            "avg: mean of the window; merge: its patches concatenated",
+            choices=tuple(POOL_MODES),
+        ),
+    }
+)
+
+
+@CONNECTORS.register("pool", schema=POOL)
 def _pool(cfg: ml_collections.ConfigDict, out_dim: int, dtype: Dtype, attention_impl: str):
-    return PoolProjector(
-        out_dim, pool_size=cfg.get("pool_size", 2), mode=cfg.get("pool_mode", "avg"), dtype=dtype
-    )
+    return PoolProjector(out_dim, pool_size=cfg.pool_size, mode=cfg.pool_mode, dtype=dtype)
 
 
 def build_connector(
     cfg: ml_collections.ConfigDict, out_dim: int, *, dtype: Dtype, attention_impl: str = "auto"
 ) -> nn.Module:
-    """The connector named by `cfg.name`, emitting `out_dim`-wide tokens.
-
-    Keys: name; pool: pool_size, pool_mode ("avg" | "merge"); perceiver / qformer:
-    num_tokens, depth, width, num_heads, mlp_dim, text_conditioned (qformer only).
-    """
-    return CONNECTORS.get(cfg.name)(cfg, out_dim, dtype, attention_impl)
+    """The connector named by `cfg.name`, emitting `out_dim`-wide tokens; `cfg` is resolved
+    against that connector's schema (its registration's `schema=`), which holds its defaults."""
+    builder = CONNECTORS.get(cfg.name)
+    return builder(resolve("model.connector", cfg, CONNECTOR), out_dim, dtype, attention_impl)

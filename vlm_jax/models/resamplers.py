@@ -16,6 +16,7 @@ import ml_collections
 from vlm_jax.kernels import AttentionMask
 from vlm_jax.models.layers import Dtype, MlpBlock, MultiHeadAttention, layer_norm, logical_dense
 from vlm_jax.models.projectors import CONNECTORS
+from vlm_jax.schema import Key, Schema, positive
 
 
 def _learned_queries(module: nn.Module, num_tokens: int, width: int, batch: int, dtype: Dtype):
@@ -174,29 +175,44 @@ class QFormer(nn.Module):
         )
 
 
+_OPTIONAL_INT = (int, type(None))
+RESAMPLER = Schema(
+    {
+        "num_tokens": Key(
+            int,
+            32,
+            "the visual-token budget (learned queries)",
+            valid=positive,
+            expect="a positive int",
+        ),
+        "depth": Key(int, 2, "layers"),
+        "width": Key(_OPTIONAL_INT, None, "query width; None: the LM's width"),
+        "num_heads": Key(int, 4, "attention heads (must divide width)"),
+        "mlp_dim": Key(_OPTIONAL_INT, None, "MLP width; None: 4 * width"),
+    }
+)
+QFORMER = RESAMPLER | Schema(
+    {"text_conditioned": Key(bool, False, "the queries also read the instruction (InstructBLIP)")}
+)
+
+
 def _resampler_kwargs(cfg: ml_collections.ConfigDict) -> dict:
-    return dict(
-        num_tokens=cfg.get("num_tokens", 32),
-        depth=cfg.get("depth", 2),
-        width=cfg.get("width", None),
-        num_heads=cfg.get("num_heads", 4),
-        mlp_dim=cfg.get("mlp_dim", None),
-    )
+    return {key: cfg[key] for key in RESAMPLER.keys}
 
 
-@CONNECTORS.register("perceiver")
+@CONNECTORS.register("perceiver", schema=RESAMPLER)
 def _perceiver(cfg: ml_collections.ConfigDict, out_dim: int, dtype: Dtype, attention_impl: str):
     return PerceiverResampler(
         out_dim, **_resampler_kwargs(cfg), dtype=dtype, attention_impl=attention_impl
     )
 
 
-@CONNECTORS.register("qformer")
+@CONNECTORS.register("qformer", schema=QFORMER)
 def _qformer(cfg: ml_collections.ConfigDict, out_dim: int, dtype: Dtype, attention_impl: str):
     return QFormer(
         out_dim,
         **_resampler_kwargs(cfg),
-        text_conditioned=cfg.get("text_conditioned", False),
+        text_conditioned=cfg.text_conditioned,
         dtype=dtype,
         attention_impl=attention_impl,
     )

@@ -11,6 +11,7 @@ With learn_temperature=False neither `t` nor `b` is a param: both are constants 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from typing import Any
 
 import flax.linen as nn
@@ -18,10 +19,9 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from vlm_jax.config import check_choice
 from vlm_jax.kernels import ATTENTION_IMPLS
-from vlm_jax.models import MODELS
-from vlm_jax.models.layers import ACTIVATIONS, check_heads, compute_dtype
+from vlm_jax.models import MODEL, MODELS
+from vlm_jax.models.layers import ACTIVATIONS, COMPUTE_DTYPES, check_heads, compute_dtype
 from vlm_jax.models.text import TEXT_POOLS, TextTransformer
 from vlm_jax.models.vit import (
     IMAGE_POOLS,
@@ -31,60 +31,101 @@ from vlm_jax.models.vit import (
     conv_stem_channels,
     decode_variant,
 )
+from vlm_jax.schema import REQUIRED, Key, Schema, resolve, resolve_keys
 
-REQUIRED = object()  # marks a setting with no default
-IMAGE_DEFAULTS: dict[str, Any] = dict(
-    variant=None,
-    width=REQUIRED,
-    depth=REQUIRED,
-    num_heads=REQUIRED,
-    mlp_dim=REQUIRED,
-    patch_size=REQUIRED,
-    image_size=REQUIRED,
-    posemb="learn",
-    pool="map",
-    stem="patch",
-    dropout=0.0,
-    activation="gelu_tanh",
-    ln_eps=1e-6,
-    ln_pre=False,
-    patch_bias=True,
-    head_bias=True,
-    head=True,  # False: no projection, the pooled features are the embedding (SigLIP's image)
-    input_mean=None,  # a released tower's input normalisation (see ViT.input_mean)
-    input_std=None,
+
+def _sizes(doc: str, types: type | tuple[type, ...] = int) -> Key:
+    return Key(types, REQUIRED, doc)
+
+
+def _tower_keys(pools: Sequence[str], pool: str, sizes=int) -> dict[str, Key]:
+    """Keys both towers have (the sizes, the pooling, the norms and activations, the head)."""
+    return dict(
+        width=_sizes("model width", sizes),
+        depth=_sizes("number of blocks", sizes),
+        num_heads=_sizes("attention heads (must divide width)", sizes),
+        mlp_dim=_sizes("hidden width of the MLP blocks", sizes),
+        pool=Key(str, pool, "how the tokens become one embedding", choices=pools),
+        dropout=Key(float, 0.0, "dropout rate"),
+        activation=Key(str, "gelu_tanh", "MLP activation", choices=lambda: tuple(ACTIVATIONS)),
+        ln_eps=Key(float, 1e-6, "layer-norm epsilon"),
+        head_bias=Key(bool, True, "a bias in the projection head"),
+        head=Key(bool, True, "False: no projection, the pooled features are the embedding"),
+    )
+
+
+def _check_image(path: str, s: dict) -> None:
+    unset = [key for key in VARIANT_SIZES if s[key] is None]
+    if unset:
+        raise ValueError(f"{path}.{unset[0]}=None: set it, or a {path}.variant that sets it")
+    check_heads(path, s["width"], s["num_heads"])
+    if s["stem"] == "conv":
+        conv_stem_channels(s["patch_size"], s["width"])  # raises if it can't
+    if s["image_size"] % s["patch_size"]:
+        raise ValueError(
+            f"{path}.image_size={s['image_size']} is not a multiple of patch_size={s['patch_size']}"
+        )
+
+
+VARIANT_SIZES = ("width", "depth", "num_heads", "mlp_dim", "patch_size")  # a variant may set
+IMAGE = Schema(
+    {
+        "variant": Key((str, type(None)), None, 'a ViT size ("B/16") setting the sizes'),
+        **_tower_keys(IMAGE_POOLS, "map", sizes=(int, type(None))),  # None: the variant's
+        "patch_size": _sizes("patch side in pixels", (int, type(None))),
+        "image_size": _sizes("input side in pixels (data.image_size)"),
+        "posemb": Key(str, "learn", "position embedding", choices=POSEMBS),
+        "stem": Key(str, "patch", "patch embedding", choices=STEMS),
+        "ln_pre": Key(bool, False, "a layer norm before the blocks (CLIP)"),
+        "patch_bias": Key(bool, True, "a bias in the patch embedding"),
+        "input_mean": Key((tuple, type(None)), None, "a released tower's input normalisation"),
+        "input_std": Key((tuple, type(None)), None, "(see ViT.input_mean)"),
+    },
+    doc="the ViT image tower (model.image)",
+    prepare=lambda section: _apply_variant(section),
+    check=_check_image,
 )
-TEXT_DEFAULTS: dict[str, Any] = dict(
-    vocab_size=REQUIRED,
-    max_len=REQUIRED,
-    width=REQUIRED,
-    depth=REQUIRED,
-    num_heads=REQUIRED,
-    mlp_dim=REQUIRED,
-    causal=False,
-    pool="last",
-    pad_id=0,
-    eos_id=1,
-    mask_pad=True,
-    dropout=0.0,
-    activation="gelu_tanh",
-    ln_eps=1e-6,
-    head_bias=True,
-    head=True,
+TEXT = Schema(
+    {
+        "vocab_size": _sizes("token embedding rows (>= the tokenizer's vocabulary)"),
+        "max_len": _sizes("position embedding rows (>= tokenizer.max_len)"),
+        **_tower_keys(TEXT_POOLS, "last"),
+        "causal": Key(bool, False, "a causal attention mask"),
+        "pad_id": Key(int, 0, "the tokenizer's pad id"),
+        "eos_id": Key(int, 1, "the tokenizer's EOS id"),
+        "mask_pad": Key(bool, True, "pad tokens are masked out of attention"),
+    },
+    doc="the text transformer (model.text)",
+    check=lambda path, s: check_heads(path, s["width"], s["num_heads"]),
 )
 
 
-def _resolve(section: ml_collections.ConfigDict | dict, defaults: dict, where: str) -> dict:
-    """The section's values over `defaults`; unknown or missing keys fail naming them."""
-    given = dict(section)
-    unknown = sorted(set(given) - set(defaults))
-    if unknown:
-        raise ValueError(f"{where}.{unknown[0]} is not a known key; valid: {', '.join(defaults)}")
-    settings = {**defaults, **given}
-    missing = [k for k, v in settings.items() if v is REQUIRED]
-    if missing:
-        raise ValueError(f"{where} needs {', '.join(missing)}")
-    return settings
+def attention_choices() -> tuple[str, ...]:
+    """Valid `model.attention_impl` values: "auto" and the dispatcher's registered kernels."""
+    return ("auto", *ATTENTION_IMPLS.names())
+
+
+# Keys at the top of `model` that every tower reads (the VLM's vision tower included).
+SHARED = Schema(
+    {
+        "dtype": Key(str, "float32", "compute dtype", choices=lambda: tuple(COMPUTE_DTYPES)),
+        "attention_impl": Key(str, "auto", "attention kernel", choices=attention_choices),
+        "remat": Key(bool, False, "rematerialise each block in the backward pass"),
+        "scan": Key(bool, False, "scan over the blocks (one compiled block)"),
+    }
+)
+TWO_TOWER = SHARED | Schema(
+    {
+        "embed_dim": Key(int, REQUIRED, "width of the shared embedding"),
+        "image": IMAGE,
+        "text": TEXT,
+        "temperature_init": Key(float, 10.0, "logit_scale at init (t = log of it)"),
+        "bias_init": Key((float, type(None)), -10.0, "logit bias at init; None: no bias"),
+        "learn_temperature": Key(bool, True, "False: t and b stay constants"),
+        "max_logit_scale": Key(float, 100.0, "cap on exp(t)"),
+    },
+    doc="the two-tower contrastive model",
+)
 
 
 def _apply_variant(section: dict) -> dict:
@@ -107,50 +148,20 @@ def _apply_variant(section: dict) -> dict:
 
 
 def image_settings(model_config: ml_collections.ConfigDict) -> dict[str, Any]:
-    """model.image resolved and validated: the one reading of it for the two-tower model, the
-    VLM's vision tower and the FLOP count. `variant` ("B/16") sets the sizes (see _apply_variant).
-    """
-    section = _apply_variant(dict(model_config.image))
-    settings = _resolve(section, IMAGE_DEFAULTS, "model.image")
-    check_heads("model.image", settings["width"], settings["num_heads"])
-    check_choice("model.image.pool", settings["pool"], IMAGE_POOLS)
-    check_choice("model.image.posemb", settings["posemb"], POSEMBS)
-    check_choice("model.image.stem", settings["stem"], STEMS)
-    if settings["stem"] == "conv":
-        conv_stem_channels(settings["patch_size"], settings["width"])  # raises if it can't
-    check_choice("model.image.activation", settings["activation"], tuple(ACTIVATIONS))
-    if settings["image_size"] % settings["patch_size"]:
-        raise ValueError(
-            f"model.image.image_size={settings['image_size']} is not a multiple of "
-            f"patch_size={settings['patch_size']}"
-        )
-    return settings
+    """model.image resolved (IMAGE): the one reading of it for the two-tower model, the VLM's
+    vision tower and the FLOP count. `variant` ("B/16") sets the sizes (see _apply_variant)."""
+    return dict(resolve("model.image", model_config.image, IMAGE))
 
 
 def text_settings(model_config: ml_collections.ConfigDict) -> dict[str, Any]:
-    """model.text resolved over its defaults and validated."""
-    settings = _resolve(model_config.text, TEXT_DEFAULTS, "model.text")
-    check_heads("model.text", settings["width"], settings["num_heads"])
-    check_choice("model.text.pool", settings["pool"], TEXT_POOLS)
-    check_choice("model.text.activation", settings["activation"], tuple(ACTIVATIONS))
-    return settings
-
-
-def attention_choices() -> tuple[str, ...]:
-    """Valid `model.attention_impl` values: "auto" and the dispatcher's registered kernels."""
-    return ("auto", *ATTENTION_IMPLS.names())
+    """model.text resolved (TEXT)."""
+    return dict(resolve("model.text", model_config.text, TEXT))
 
 
 def shared_settings(model_config: ml_collections.ConfigDict) -> dict[str, Any]:
     """Settings every tower (and the VLM's vision tower) takes from the top of `model`."""
-    impl = model_config.get("attention_impl", "auto")
-    check_choice("model.attention_impl", impl, attention_choices())
-    return dict(
-        dtype=compute_dtype(model_config.get("dtype", "float32")),
-        attention_impl=impl,
-        remat=model_config.get("remat", False),
-        scan=model_config.get("scan", False),
-    )
+    shared = resolve_keys("model", model_config, SHARED)
+    return dict(shared, dtype=compute_dtype(shared.dtype))
 
 
 def _tower_shared(model_config: ml_collections.ConfigDict, head: bool) -> dict[str, Any]:
@@ -224,14 +235,15 @@ class TwoTower(nn.Module):
         }
 
 
-@MODELS.register("two_tower")
+@MODELS.register("two_tower", schema=TWO_TOWER)
 def build_two_tower(model_config: ml_collections.ConfigDict) -> TwoTower:
-    """config.model -> TwoTower (keys: see IMAGE_DEFAULTS, TEXT_DEFAULTS and the contract)."""
+    """config.model -> TwoTower (keys: TWO_TOWER)."""
+    model_config = resolve("model", model_config, MODEL)
     return TwoTower(
         img=build_vit(model_config),
         txt=build_text(model_config),
-        temperature_init=model_config.get("temperature_init", 10.0),
-        bias_init=model_config.get("bias_init", -10.0),
-        learn_temperature=model_config.get("learn_temperature", True),
-        max_logit_scale=model_config.get("max_logit_scale", 100.0),
+        temperature_init=model_config.temperature_init,
+        bias_init=model_config.bias_init,
+        learn_temperature=model_config.learn_temperature,
+        max_logit_scale=model_config.max_logit_scale,
     )

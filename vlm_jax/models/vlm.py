@@ -16,19 +16,24 @@ Whatever the fusion, the model returns logits aligned with the *text* tokens,
 
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import Callable
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
 
-from vlm_jax.models import MODELS
-from vlm_jax.models.decoder import DecoderLM, KVCache, decoder_from_config
+from vlm_jax.models import MODEL, MODELS
+from vlm_jax.models.decoder import LM, DecoderLM, KVCache, decoder_from_config
 from vlm_jax.models.layers import compute_dtype
-from vlm_jax.models.projectors import build_connector
-from vlm_jax.models.two_tower import build_vit
+from vlm_jax.models.projectors import CONNECTOR, build_connector
+from vlm_jax.models.two_tower import IMAGE, SHARED, build_vit
 from vlm_jax.models.vit import ViT
+from vlm_jax.registry import Registry
+from vlm_jax.schema import REQUIRED, Key, Schema, positive, resolve, resolve_keys
 
-FUSIONS = ("early", "cross_attention", "none")
+FUSIONS = Registry("fusion")  # model.fusion: how the visual tokens reach the LM
 
 
 def splice_visual_tokens(
@@ -76,21 +81,20 @@ class VisionLanguageModel(nn.Module):
     image_token_id: int = 1
     pad_id: int = 0  # the tokenizer's; pad tokens never condition a Q-Former
 
-    def _check(self) -> None:
-        if self.fusion not in FUSIONS:
-            raise ValueError(f"fusion={self.fusion!r} is not one of: {', '.join(FUSIONS)}")
-        if self.fusion != "none" and (self.vision is None or self.connector is None):
+    def setup(self) -> None:
+        """What the fusion needs of the modules (once per bound model, not per call)."""
+        fusion = FUSIONS.get(self.fusion)
+        if fusion.reads_images and (self.vision is None or self.connector is None):
             raise ValueError(f"fusion={self.fusion!r} needs a vision tower and a connector")
-        if (self.fusion == "cross_attention") != bool(self.lm.cross_attention_every):
+        if fusion.cross_attention != bool(self.lm.cross_attention_every):
             raise ValueError(
                 f"fusion={self.fusion!r} needs lm.cross_attention_every "
-                f"{'> 0' if self.fusion == 'cross_attention' else '== 0'}, "
+                f"{'> 0' if fusion.cross_attention else '== 0'}, "
                 f"got {self.lm.cross_attention_every}"
             )
 
     def encode_images(self, images, tokens, prefix_lengths, train: bool = False) -> jax.Array:
         """Visual tokens float[B, K, M, D]; the instruction (prefix text) conditions a Q-Former."""
-        self._check()
         if images.ndim == 4:
             images = images[:, None]
         batch, num_images = images.shape[:2]
@@ -109,22 +113,11 @@ class VisionLanguageModel(nn.Module):
         return visual.reshape(batch, num_images, *visual.shape[1:])
 
     def _inputs(self, images, tokens, prefix_lengths, train):
-        """LM inputs for either fusion: (kwargs for the LM, ends int32[B, L] or None)."""
-        if self.fusion == "none":
-            return dict(tokens=tokens, prefix_lengths=prefix_lengths), None
-        visual = self.encode_images(images, tokens, prefix_lengths, train)
-        if self.fusion == "cross_attention":
-            media = visual.reshape(visual.shape[0], -1, visual.shape[-1])
-            return dict(tokens=tokens, prefix_lengths=prefix_lengths, media=media), None
-        embeds, ends = splice_visual_tokens(
-            self.lm.embed(tokens), tokens == self.image_token_id, visual
-        )
-        prefix = spliced_prefix_lengths(ends, prefix_lengths)
-        return dict(embeds=embeds, prefix_lengths=prefix), ends
+        """LM inputs for the fusion: (kwargs for the LM, ends int32[B, L] or None)."""
+        return FUSIONS.get(self.fusion).inputs(self, images, tokens, prefix_lengths, train)
 
     def __call__(self, images, tokens, prefix_lengths, train: bool = False) -> jax.Array:
         """Next-token logits float32[B, L, V] aligned with the text tokens."""
-        self._check()
         inputs, ends = self._inputs(images, tokens, prefix_lengths, train)
         logits, _ = self.lm(**inputs, deterministic=not train)
         if ends is not None:
@@ -138,7 +131,6 @@ class VisionLanguageModel(nn.Module):
         for the first answer token, the cache positioned after each prompt, media for the
         cross-attention blocks or None).
         """
-        self._check()
         inputs, ends = self._inputs(images, prompt, prompt_lengths, train=False)
         lengths = prompt_lengths if ends is None else inputs["prefix_lengths"]
         prefix_len = inputs.get("embeds", inputs.get("tokens")).shape[1]
@@ -153,8 +145,60 @@ class VisionLanguageModel(nn.Module):
         return logits[:, -1], cache
 
 
+@dataclasses.dataclass(frozen=True)
+class Fusion:
+    """`inputs(vlm, images, tokens, prefix_lengths, train) -> (LM kwargs, ends int32[B, L] or
+    None)`: what the LM reads; `reads_images`: it needs the vision tower and connector;
+    `cross_attention`: the LM has gated cross-attention blocks (model.cross_attention_every)."""
+
+    inputs: Callable[..., tuple[dict, jax.Array | None]]
+    reads_images: bool = True
+    cross_attention: bool = False
+
+
+def _early_inputs(vlm: VisionLanguageModel, images, tokens, prefix_lengths, train):
+    """The visual tokens spliced in place of each `<image>`, prefix lengths moved with them."""
+    visual = vlm.encode_images(images, tokens, prefix_lengths, train)
+    embeds, ends = splice_visual_tokens(vlm.lm.embed(tokens), tokens == vlm.image_token_id, visual)
+    return dict(embeds=embeds, prefix_lengths=spliced_prefix_lengths(ends, prefix_lengths)), ends
+
+
+def _cross_attention_inputs(vlm: VisionLanguageModel, images, tokens, prefix_lengths, train):
+    """The text as it is; the visual tokens of every image, float[B, K*M, D], as `media`."""
+    visual = vlm.encode_images(images, tokens, prefix_lengths, train)
+    media = visual.reshape(visual.shape[0], -1, visual.shape[-1])
+    return dict(tokens=tokens, prefix_lengths=prefix_lengths, media=media), None
+
+
+def _text_only_inputs(vlm: VisionLanguageModel, images, tokens, prefix_lengths, train):
+    return dict(tokens=tokens, prefix_lengths=prefix_lengths), None
+
+
+FUSIONS.register("early")(Fusion(_early_inputs))
+FUSIONS.register("cross_attention")(Fusion(_cross_attention_inputs, cross_attention=True))
+FUSIONS.register("none")(Fusion(_text_only_inputs, reads_images=False))
+
+
 # Keys of model.image that only shape the pooled embedding; the VLM reads the patch tokens.
 POOLED_ONLY_KEYS = ("head", "head_bias")
+
+
+def _reject_pooled_only(section: dict) -> dict:
+    unused = sorted(set(section) & set(POOLED_ONLY_KEYS))
+    if unused:
+        raise ValueError(
+            f"model.image.{unused[0]} is not used by the VLM's vision tower (it returns the "
+            "patch tokens, before pooling and head); remove it"
+        )
+    return section
+
+
+VISION = Schema(
+    {k: v for k, v in IMAGE.keys.items() if k not in POOLED_ONLY_KEYS},
+    doc="the VLM's vision tower: model.image of the two-tower model, without its head",
+    prepare=lambda section: IMAGE.prepare(_reject_pooled_only(section)),
+    check=IMAGE.check,
+)
 
 
 def vision_tower(model_cfg: ml_collections.ConfigDict) -> ViT:
@@ -162,49 +206,64 @@ def vision_tower(model_cfg: ml_collections.ConfigDict) -> ViT:
     exactly as the two-tower's image tower (two_tower.image_settings), under the same param
     names, so a contrastive run's `img` initialises it. `pool="cls"` keeps the cls token in the
     encoder (as in that run) but not in the output; "gap" / "map" change nothing here."""
-    unused = sorted(set(model_cfg.image) & set(POOLED_ONLY_KEYS))
-    if unused:
-        raise ValueError(
-            f"model.image.{unused[0]} is not used by the VLM's vision tower (it returns the "
-            "patch tokens, before pooling and head); remove it"
-        )
+    resolve("model.image", model_cfg.image, VISION)
     return build_vit(model_cfg, patch_tokens=True)
 
 
-def _dtype(model_cfg: ml_collections.ConfigDict):
-    return compute_dtype(model_cfg.get("dtype", "float32"))
+DECODER_LM = Schema({k: SHARED.keys[k] for k in ("dtype", "attention_impl", "remat")}) | Schema(
+    {"lm": LM}, doc="a decoder-only LM (model.lm)"
+)
+VLM = SHARED | Schema(
+    {
+        "fusion": Key(str, "early", "how the visual tokens reach the LM", choices=FUSIONS.names),
+        "cross_attention_every": Key(
+            int,
+            1,
+            "cross_attention: a gated xattn block every k layers",
+            valid=positive,
+            expect="a positive int",
+        ),
+        "image_token_id": Key(int, REQUIRED, "the tokenizer's id of the <image> placeholder"),
+        "pad_id": Key(int, 0, "the tokenizer's pad id (never conditions a Q-Former)"),
+        "image": VISION,
+        "connector": CONNECTOR,
+        "lm": LM,
+    },
+    doc="vision tower -> connector -> decoder LM",
+)
 
 
-@MODELS.register("decoder_lm")
+@MODELS.register("decoder_lm", schema=DECODER_LM)
 def build_decoder_lm(model_cfg: ml_collections.ConfigDict, cross_attention_every: int = 0):
     """The decoder LM of `model_cfg.lm` ("decoder_lm" model, and the VLM's `lm`)."""
+    shared = resolve_keys("model", model_cfg, DECODER_LM)
     return decoder_from_config(
         model_cfg.lm,
-        dtype=_dtype(model_cfg),
-        attention_impl=model_cfg.get("attention_impl", "auto"),
-        remat=model_cfg.get("remat", False),
+        dtype=compute_dtype(shared.dtype),
+        attention_impl=shared.attention_impl,
+        remat=shared.remat,
         cross_attention_every=cross_attention_every,
     )
 
 
-@MODELS.register("vlm")
+@MODELS.register("vlm", schema=VLM)
 def build_vlm(model_cfg: ml_collections.ConfigDict) -> VisionLanguageModel:
-    """The "vlm" model: keys fusion, cross_attention_every, image_token_id, pad_id, image (ViT),
-    connector (projectors.build_connector), lm (decoder.decoder_from_config)."""
-    fusion = model_cfg.get("fusion", "early")
-    if fusion not in FUSIONS:
-        raise ValueError(f"model.fusion={fusion!r} is not one of: {', '.join(FUSIONS)}")
-    every = model_cfg.get("cross_attention_every", 1) if fusion == "cross_attention" else 0
+    """The "vlm" model (keys: VLM): fusion, cross_attention_every, image_token_id, pad_id, image
+    (ViT), connector (projectors.build_connector), lm (decoder.decoder_from_config)."""
+    model_cfg = resolve("model", model_cfg, MODEL)
+    fusion = FUSIONS.get(model_cfg.fusion)
+    every = model_cfg.cross_attention_every if fusion.cross_attention else 0
     lm = build_decoder_lm(model_cfg, every)
-    # pad_id: configs from before it was a key (0, the built-in tokenizers') still load.
-    ids = dict(image_token_id=model_cfg.image_token_id, pad_id=model_cfg.get("pad_id", 0))
-    if fusion == "none":
-        return VisionLanguageModel(lm=lm, fusion=fusion, **ids)
-    dtype, impl = _dtype(model_cfg), model_cfg.get("attention_impl", "auto")
+    ids = dict(image_token_id=model_cfg.image_token_id, pad_id=model_cfg.pad_id)
+    if not fusion.reads_images:
+        return VisionLanguageModel(lm=lm, fusion=model_cfg.fusion, **ids)
+    impl = model_cfg.attention_impl
     return VisionLanguageModel(
         lm=lm,
         vision=vision_tower(model_cfg),
-        connector=build_connector(model_cfg.connector, lm.width, dtype=dtype, attention_impl=impl),
-        fusion=fusion,
+        connector=build_connector(
+            model_cfg.connector, lm.width, dtype=compute_dtype(model_cfg.dtype), attention_impl=impl
+        ),
+        fusion=model_cfg.fusion,
         **ids,
     )

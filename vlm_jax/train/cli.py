@@ -19,9 +19,10 @@ USAGE = (
 def parse_args(argv: Sequence[str], cmd: str, extra: Sequence[str] = ()):
     """-> (config, options) or exit(2) with a message naming what is wrong."""
     from vlm_jax.config import parse_cli
+    from vlm_jax.train.validate import CONFIG
 
     try:
-        config, options = parse_cli(argv)
+        config, options = parse_cli(argv, CONFIG)
     except (UserError, ValueError, FileNotFoundError, TypeError) as e:
         print(f"error: {e}\n{USAGE.format(cmd=cmd)}", file=sys.stderr)
         raise SystemExit(2) from None

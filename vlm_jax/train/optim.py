@@ -17,6 +17,7 @@ import ml_collections
 import optax
 
 SCHEDULES = ("cosine", "linear", "constant")
+OPTIMIZERS = ("adamw",)  # optim.name
 
 
 def param_paths(params) -> object:

@@ -35,7 +35,7 @@ from vlm_jax.train.optim import build_optimizer
 from vlm_jax.train.preemption import StopRequest
 from vlm_jax.train.state import TrainState
 from vlm_jax.train.tasks import TASKS, Task
-from vlm_jax.train.validate import validate_config
+from vlm_jax.train.validate import resolved_sections, validate_config
 
 # Config sections that define the experiment: a workdir holding a run that differs in any of
 # these is another experiment's, and is refused (the others only steer logging and saving).
@@ -58,9 +58,11 @@ PENDING_ROW = "pending_row"
 
 
 def identity(config_json: str) -> dict:
-    """The experiment-defining part of a config (as JSON text); keys added to its task's
-    configs after runs existed read as the value the code used then (`Task.added_keys`)."""
-    full = json.loads(config_json)
+    """The experiment-defining part of a config (as JSON text), its component sections as the
+    code reads them (validate.resolved_sections: declared keys, defaults filled); keys added to
+    its task's configs after runs existed read as the value the code used then
+    (`Task.added_keys`)."""
+    full = resolved_sections(config_json)
     added = TASKS.get(full["task"]).added_keys if full.get("task") in TASKS else {}
     for (section, key), value in added.items():
         if isinstance(full.get(section), dict):

@@ -1,23 +1,56 @@
-"""Up-front config validation: every choice is checked before any device work."""
+"""Up-front config validation: every key and choice is checked before any device work.
+
+The component sections (model, loss, data, tokenizer, init, and their sub-sections such as
+model.connector) are resolved against the schemas their components declare (vlm_jax/schema.py):
+CONFIG selects the task by `config.task`, the task's SCHEMA names the sections it reads and the
+registry that selects each (model.name, model.connector.name, data.source, ...). The trainer's
+own sections (train, optim, mesh) are checked below.
+"""
 
 from __future__ import annotations
 
+import json
+from typing import Any
+
 import ml_collections
 
-from vlm_jax.config import check_choice
-from vlm_jax.data.records import LONG_CAPTION_CHOICES, ON_ERROR_CHOICES
-from vlm_jax.models.layers import COMPUTE_DTYPES
-from vlm_jax.models.two_tower import attention_choices
+from vlm_jax.config import ConfigError, check_choice
+from vlm_jax.schema import Schema, Select, resolve
 from vlm_jax.train.metrics import METRIC_WRITERS, WANDB_MODES
 from vlm_jax.train.numerics import CHOICES as NONFINITE_CHOICES
+from vlm_jax.train.optim import OPTIMIZERS, SCHEDULES
+from vlm_jax.train.tasks import TASKS
+
+# The whole config: the task's sections; the others (train, optim, ...) are left as given.
+CONFIG = Select(TASKS, by="task", base=Schema(open=True))
+
+
+def resolve_config(config: ml_collections.ConfigDict, unknown: str = "error"):
+    """The config with every section its task reads resolved (defaults filled, see
+    schema.resolve); raises a ConfigError naming every bad section key."""
+    return resolve("", config, CONFIG, unknown)
+
+
+def resolved_sections(config_json: str) -> dict[str, Any]:
+    """A config.json's sections as the code reads them: keys the components declare, defaults
+    filled; keys no component declares are dropped (they had no effect: e.g. the other
+    connectors' keys that model.connector held before each connector declared its own). The
+    text as written if it does not resolve (then the sections are compared as they are)."""
+    full = json.loads(config_json)
+    try:
+        resolved = resolve_config(ml_collections.ConfigDict(full), unknown="drop")
+    except (ConfigError, TypeError, ValueError):
+        return full
+    return json.loads(json.dumps(resolved.to_dict(), default=str))
 
 
 def check_image_sizes(config: ml_collections.ConfigDict) -> None:
     """model.image.image_size (what the tower is built for) must be data.image_size (what the
     pipeline feeds it): a learned posemb sized for one would not fit the other's patch grid."""
-    model_size = (config.get("model") or {}).get("image", {}).get("image_size")
-    data_size = (config.get("data") or {}).get("image_size")
-    if model_size is not None and data_size is not None and model_size != data_size:
+    if "image" not in config.model or "data" not in config:
+        return
+    model_size, data_size = config.model.image.image_size, config.data.image_size
+    if model_size != data_size:
         raise ValueError(
             f"model.image.image_size={model_size} != data.image_size={data_size}; "
             "set both to the resolution the tower should see"
@@ -36,24 +69,15 @@ def check_metric_writers(config: ml_collections.ConfigDict) -> None:
 
 def validate_config(config: ml_collections.ConfigDict) -> None:
     """Raise ValueError naming the bad value and the valid choices."""
-    from vlm_jax.train.tasks import TASKS
-
-    check_choice("task", config.task, TASKS.names)
-    model = config.get("model")
-    if model is not None:
-        check_choice("model.dtype", model.get("dtype", "float32"), tuple(COMPUTE_DTYPES))
-        check_choice("model.attention_impl", model.get("attention_impl", "auto"), attention_choices)
-    check_image_sizes(config)
+    resolved = resolve_config(config)
+    check_image_sizes(resolved)
     train = config.train
     for key in ("batch_size", "total_steps", "log_every", "checkpoint_every", "keep_checkpoints"):
         if int(train[key]) <= 0:
             raise ValueError(f"train.{key}={train[key]!r} must be a positive integer")
     if train.eval_every < 0:
         raise ValueError(f"train.eval_every={train.eval_every!r} must be >= 0 (0: only at the end)")
-    check_choice("train.on_nonfinite", train.get("on_nonfinite", "skip"), NONFINITE_CHOICES)
+    check_choice("train.on_nonfinite", train.on_nonfinite, NONFINITE_CHOICES)
     check_metric_writers(config)
-    check_choice("optim.name", config.optim.name, ("adamw",))
-    check_choice("optim.schedule", config.optim.schedule, ("cosine", "linear", "constant"))
-    data = config.get("data") or {}
-    check_choice("data.on_error", data.get("on_error", "skip"), ON_ERROR_CHOICES)
-    check_choice("data.long_captions", data.get("long_captions", "truncate"), LONG_CAPTION_CHOICES)
+    check_choice("optim.name", config.optim.name, OPTIMIZERS)
+    check_choice("optim.schedule", config.optim.schedule, SCHEDULES)

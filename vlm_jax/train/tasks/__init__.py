@@ -4,7 +4,9 @@ A task turns a config into a model, its loss, its data and its evaluators. The t
 everything else (mesh, sharded init, optimizer, jit, checkpoints, logging, signals). One file
 per task in this package; it registers with `@TASKS.register("name")`, and its module name in
 TASKS' `modules` below is the one line to add (imported on the first TASKS lookup). Select a task
-with `config.task = "name"`.
+with `config.task = "name"`. A task's `SCHEMA` names the config sections it reads, each a
+`Select` of the registry whose component it names (model.name, data.source, ...) or a fixed
+`Schema`; `vlm_jax.train.validate` resolves them before anything compiles.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from jax.sharding import Mesh
 
 from vlm_jax.data.records import COUNTERS, SUBSTITUTE
 from vlm_jax.registry import Registry
+from vlm_jax.schema import Key, Schema
 from vlm_jax.train.optim import regex_mask
 
 TASKS = Registry(
@@ -31,6 +34,8 @@ TASKS = Registry(
         "vlm_jax.train.tasks.vlm",
     ),
 )
+# config.init: where a fresh run's params come from (the trainer reads `checkpoint`).
+INIT = Schema({"checkpoint": Key(str, "", "a workdir (or checkpoints dir) to initialise from")})
 
 
 def check_vocab_size(key: str, vocab_size: int, tokenizer) -> None:
@@ -53,6 +58,8 @@ class Task:
     # Config keys added after runs of the task existed: (section, key) -> the value the code
     # used for runs whose config.json lacks the key (they resume; other values are refused).
     added_keys: ClassVar[dict[tuple[str, str], Any]] = {}
+    # The config sections the task reads, beside the trainer's (train, optim, mesh, eval, ...).
+    SCHEMA = Schema({"init": INIT})
 
     def __init__(self, config: ml_collections.ConfigDict, mesh: Mesh):
         self.config = config

@@ -13,9 +13,12 @@ import numpy as np
 from vlm_jax import sharding
 from vlm_jax.config import check_choice
 from vlm_jax.data import build_pipeline, build_source, build_tokenizer, load_split
+from vlm_jax.data.sources import DATA
+from vlm_jax.data.tokenizers import TOKENIZER
 from vlm_jax.evaluate import class_embeddings, recall_at_k, unique_texts, zeroshot_accuracy
-from vlm_jax.losses import build_loss
-from vlm_jax.models import build_model, flops
+from vlm_jax.losses import LOSS, build_loss
+from vlm_jax.models import MODEL, build_model, flops
+from vlm_jax.schema import Schema
 from vlm_jax.train.optim import regex_mask
 from vlm_jax.train.tasks import TASKS, Task, check_vocab_size
 
@@ -44,6 +47,10 @@ def check_text_conventions(config, tokenizer) -> None:
 
 @TASKS.register("contrastive")
 class ContrastiveTask(Task):
+    SCHEMA = Task.SCHEMA | Schema(
+        {"model": MODEL, "loss": LOSS, "data": DATA, "tokenizer": TOKENIZER}
+    )
+
     def __init__(self, config, mesh):
         super().__init__(config, mesh)
         self.tokenizer = build_tokenizer(config.tokenizer)

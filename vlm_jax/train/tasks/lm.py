@@ -10,14 +10,20 @@ import numpy as np
 
 from vlm_jax import sharding
 from vlm_jax.data import build_pipeline, build_tokenizer, load_split
+from vlm_jax.data.sources import DATA
+from vlm_jax.data.tokenizers import TOKENIZER
 from vlm_jax.losses import next_token_loss, next_token_sums
+from vlm_jax.models import MODEL
 from vlm_jax.models.vlm import build_decoder_lm
+from vlm_jax.schema import Schema
 from vlm_jax.train.tasks import TASKS, Task, check_vocab_size
 
 
 @TASKS.register("lm")
 class LMTask(Task):
     """Next-token prediction on the shapes world's captions (all non-pad tokens)."""
+
+    SCHEMA = Task.SCHEMA | Schema({"model": MODEL, "data": DATA, "tokenizer": TOKENIZER})
 
     def __init__(self, config, mesh):
         super().__init__(config, mesh)

@@ -22,15 +22,37 @@ import numpy as np
 
 from vlm_jax.checkpoint import load_params
 from vlm_jax.data import build_tokenizer
+from vlm_jax.data.sources import DATA
+from vlm_jax.data.tokenizers import TOKENIZER
 from vlm_jax.data.vqa import build_vqa_pipeline, image_token_id
 from vlm_jax.evaluate.vqa import evaluate_vqa, load_examples
 from vlm_jax.losses import next_token_loss
+from vlm_jax.models import MODEL
 from vlm_jax.models.vlm import build_vlm
-from vlm_jax.train.tasks import TASKS, Task, check_vocab_size
+from vlm_jax.schema import Key, Schema, resolve
+from vlm_jax.train.tasks import INIT, TASKS, Task, check_vocab_size
 
 
 @TASKS.register("vlm")
 class VLMTask(Task):
+    SCHEMA = Task.SCHEMA | Schema(
+        {
+            "model": MODEL,
+            "data": DATA,
+            "tokenizer": TOKENIZER,
+            "init": INIT
+            | Schema(
+                {
+                    "vision_checkpoint": Key(
+                        str, "", "a contrastive run whose image tower initialises `vision`"
+                    ),
+                    "vision_key": Key(str, "img", "the image tower's name in that run's params"),
+                    "lm_checkpoint": Key(str, "", "an lm run whose decoder initialises `lm`"),
+                }
+            ),
+        }
+    )
+
     def __init__(self, config, mesh):
         super().__init__(config, mesh)
         self.tokenizer = build_tokenizer(config.tokenizer)
@@ -40,7 +62,7 @@ class VLMTask(Task):
                 f"model.image_token_id={config.model.image_token_id} but the tokenizer's "
                 f"<image> id is {image_token_id(self.tokenizer)}"
             )
-        pad_id = config.model.get("pad_id", 0)  # the Q-Former's instruction mask drops it
+        pad_id = resolve("model", config.model, MODEL).pad_id  # the Q-Former's mask drops it
         if pad_id != self.tokenizer.pad_id:
             raise ValueError(
                 f"model.pad_id={pad_id} but the tokenizer's pad id is {self.tokenizer.pad_id}"
@@ -94,11 +116,11 @@ class VLMTask(Task):
 
     def load_pretrained(self, params: Any) -> Any:
         """Replace `vision` / `lm` by the towers of the runs in config.init (fresh runs only)."""
-        init = self.config.init
-        if init.get("vision_checkpoint") and "vision" in params:  # not in text-only models
-            image = load_params(init.vision_checkpoint)[init.get("vision_key", "img")]
+        init = resolve("init", self.config.init, self.SCHEMA.keys["init"])
+        if init.vision_checkpoint and "vision" in params:  # not in text-only models
+            image = load_params(init.vision_checkpoint)[init.vision_key]
             params = dict(params, vision=_like(params["vision"], image, "vision"))
-        if init.get("lm_checkpoint"):
+        if init.lm_checkpoint:
             lm = load_params(init.lm_checkpoint)  # an "lm" run: the decoder's params
             params = dict(params, lm=_like(params["lm"], lm, "lm", allow_missing="xattn_"))
         return params
