@@ -332,8 +332,8 @@ def planted_folder(tmp_path):
 
 
 def folder_config(root, **data) -> ml_collections.ConfigDict:
-    config = default_data_config()
-    config.update(dict(source="folder", path=str(root), image_size=IMAGE_SIZE, **data))
+    config = default_data_config("folder")
+    config.update(dict(path=str(root), image_size=IMAGE_SIZE, **data))
     return ml_collections.ConfigDict({"data": config, "tokenizer": {"max_len": MAX_LEN}})
 
 

@@ -58,8 +58,8 @@ def image_folder(tmp_path):
     return root, images
 
 
-def data_config(**overrides) -> ml_collections.ConfigDict:
-    config = default_data_config()
+def data_config(source="shapes", **overrides) -> ml_collections.ConfigDict:
+    config = default_data_config(source)
     config.update(overrides)
     return config
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import csv
 import json
+from collections.abc import Sequence
 from pathlib import Path
 
 import ml_collections
@@ -63,11 +64,12 @@ def read_lines(path: Path) -> list[str]:
     return [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
-def zeroshot_metadata(root: Path, config: ml_collections.ConfigDict) -> tuple[list, tuple]:
-    """(classnames, templates) from DIR/classnames.txt and DIR/templates.txt or the config."""
+def zeroshot_metadata(root: Path, templates: Sequence[str] | None = None) -> tuple[list, tuple]:
+    """(classnames, templates) from DIR/classnames.txt and DIR/templates.txt or `templates`
+    (data.templates)."""
     classnames = read_lines(root / "classnames.txt") if (root / "classnames.txt").is_file() else []
-    if config.templates:
-        templates = tuple(config.templates)
+    if templates:
+        templates = tuple(templates)
     elif (root / "templates.txt").is_file():
         templates = tuple(read_lines(root / "templates.txt"))
     else:
@@ -133,7 +135,7 @@ class FolderSource:
         rows = read_manifest(manifest)
         self.rows, positions = usable_rows(rows, self.root, self.bad)
         self.drops = drops_before(positions, len(rows))
-        self.classnames, self.templates = zeroshot_metadata(self.root, config)
+        self.classnames, self.templates = zeroshot_metadata(self.root, config.templates)
 
     def __len__(self) -> int:
         return len(self.rows)

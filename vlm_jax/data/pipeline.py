@@ -33,9 +33,9 @@ from vlm_jax.data.records import (
     RecordError,
     counters,
 )
-from vlm_jax.data.sources import DATA, build_source
+from vlm_jax.data.sources import DATA, DATA_SOURCES, build_source
 from vlm_jax.data.tokenizers import Tokenizer
-from vlm_jax.schema import resolve
+from vlm_jax.schema import REQUIRED, resolve
 
 # Record fields that reach the batch (besides "image" and "tokens"), when the source has them.
 BATCH_FIELDS = ("id", "label")
@@ -51,22 +51,18 @@ def record_check_config() -> dict:
     }
 
 
-def default_data_config() -> ml_collections.ConfigDict:
-    """Every `config.data` key the built-in pieces read, with defaults (the shapes world's)."""
-    world = shapes.World()
+def default_data_config(source: str = "shapes") -> ml_collections.ConfigDict:
+    """`config.data` for `source`: every key the pipeline and that source read, at their defaults
+    (the source's from its schema; the shapes world's by default), so each can be set from the
+    CLI. Keys a source requires (a folder's `path`) are the caller's to add."""
+    keys = DATA_SOURCES.schema(source).keys
     return ml_collections.ConfigDict(
         {
-            "source": "shapes",
-            "image_size": world.image_size,
+            "source": source,
+            "image_size": shapes.World().image_size,
             "flip": True,  # random horizontal flip of train records (captions mirrored)
-            "seed": world.seed,
             **record_check_config(),
-            "colours": world.colours,
-            "kinds": world.kinds,
-            "supersample": world.supersample,
-            "relation_prob": world.relation_prob,
-            "caption_variation": world.caption_variation,
-            **{f"{split}_size": size for split, size in world.split_sizes},
+            **{k: key.default for k, key in keys.items() if key.default is not REQUIRED},
         }
     )
 

@@ -9,7 +9,7 @@ every tokenizer feeds the text tower the same layout:
 Register a new one with `@TOKENIZERS.register("name", schema=...)` (its constructor's keyword
 arguments, as config keys) in a module named in TOKENIZERS' `modules` (imported on the first
 lookup); `build_tokenizer(config.tokenizer)` resolves the section and passes every key except
-`name` and `max_len` to the constructor.
+`name` and `max_len` (the pipeline's) to the constructor.
 """
 
 from __future__ import annotations
@@ -133,6 +133,6 @@ class ByteTokenizer(Tokenizer):
 def build_tokenizer(config: ml_collections.ConfigDict) -> Tokenizer:
     """`config.tokenizer` -> Tokenizer; keys other than name/max_len go to the constructor."""
     tokenizer = TOKENIZERS.get(config.name)
-    config = resolve("tokenizer", config, TOKENIZER)
-    options = {key: value for key, value in config.items() if key not in ("name", "max_len")}
-    return tokenizer(**options)
+    given = {key: value for key, value in config.items() if key != "max_len"}  # the pipeline's
+    options = resolve("tokenizer", given, Select(TOKENIZERS))
+    return tokenizer(**{key: value for key, value in options.items() if key != "name"})

@@ -21,7 +21,6 @@ import logging
 from collections.abc import Sequence
 from pathlib import Path
 
-import ml_collections
 from array_record.python.array_record_module import ArrayRecordWriter
 
 from vlm_jax.data import folder
@@ -77,8 +76,7 @@ def write_shards(
     which keeps the counts of splits already in `out` that this call does not rewrite."""
     root, out = Path(src), Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    config = ml_collections.ConfigDict({"path": str(root)})
-    classnames, templates = folder.zeroshot_metadata(root, config)
+    classnames, templates = folder.zeroshot_metadata(root)
     earlier = json.loads((out / "meta.json").read_text()) if (out / "meta.json").is_file() else {}
     meta = {"classnames": classnames, "templates": list(templates)}
     meta["splits"] = earlier.get("splits", {})

@@ -47,8 +47,8 @@ def resolved_sections(config_json: str) -> dict[str, Any]:
 def check_image_sizes(config: ml_collections.ConfigDict) -> None:
     """model.image.image_size (what the tower is built for) must be data.image_size (what the
     pipeline feeds it): a learned posemb sized for one would not fit the other's patch grid."""
-    if "image" not in config.model or "data" not in config:
-        return
+    if "image" not in config.get("model", {}) or "data" not in config:
+        return  # a text-only model, or a config without the sections (checked by its task)
     model_size, data_size = config.model.image.image_size, config.data.image_size
     if model_size != data_size:
         raise ValueError(
