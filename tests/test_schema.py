@@ -3,6 +3,7 @@ config failing before compilation, naming the section, the key and the valid cho
 over every registered component's schema, found by walking the registries)."""
 
 import json
+import logging
 from pathlib import Path
 
 import ml_collections
@@ -187,9 +188,12 @@ def test_a_bad_key_type_or_choice_fails_naming_section_key_and_choices(name, pat
         assert not missing, f"{kind} {key}={value!r}: {missing} not in: {message}"
 
 
-def test_the_cli_selects_a_connector_and_sets_its_keys_before_compiling(tmp_path, monkeypatch):
+def test_the_cli_selects_a_connector_and_sets_its_keys_before_compiling(
+    tmp_path, monkeypatch, caplog
+):
     """The connector section holds the chosen connector's keys; the CLI switches connector in
-    any order of flags, and a key of another connector fails before anything compiles."""
+    any order of flags, and a key of another connector in the config fails before anything
+    compiles (on the command line it is ignored with a warning: the chosen one never reads it)."""
 
     def build_state(*args, **kwargs):
         raise AssertionError("reached build_state: the bad config was not rejected up front")
@@ -216,8 +220,13 @@ def test_the_cli_selects_a_connector_and_sets_its_keys_before_compiling(tmp_path
     with switched.unlocked():
         CONFIG.apply_overrides(switched, [("model.connector.name", "mlp")], apply_override)
     assert switched.model.connector.to_dict() == {"name": "mlp"}  # pool's keys went with it
-    with pytest.raises(ValueError, match=r"model.connector.num_tokens.*\(valid: name\)"):
-        parse_cli([*argv, "--config.model.connector.num_tokens=16"], CONFIG)
+    with pytest.raises(ValueError, match=r"model.connector.num_tokenz.*\(valid: name\)"):
+        parse_cli([*argv, "--config.model.connector.num_tokenz=16"], CONFIG)
+    # a key only other connectors read (old command lines set them on mlp): ignored, said so
+    with caplog.at_level(logging.WARNING):
+        kept, _ = parse_cli([*argv, "--config.model.connector.num_tokens=16"], CONFIG)
+    assert kept.model.connector.to_dict() == {"name": "mlp"}
+    assert "model.connector.num_tokens=16 ignored: connector 'mlp' does not read it" in caplog.text
     bad, _ = parse_cli([*argv, "--config.model.connector.name=qformer"], CONFIG)
     with bad.unlocked():
         bad.model.connector.pool_mode = "avg"

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import logging
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
@@ -313,7 +314,10 @@ def apply_overrides(
     switching a component drops the keys only the previous one declared; a key the selected
     component declares but the section lacks is added (at its default) before it is set. So
     `--config.model.connector.num_tokens=16 --config.model.connector.name=perceiver` works on a
-    config whose connector section is `{name: "mlp"}`. Unknown keys still fail in `apply`."""
+    config whose connector section is `{name: "mlp"}`. A key that only other components of the
+    section's registry declare is ignored with a warning: the selected one never reads it (so
+    command lines from when the section held every connector's keys still run, to the same
+    numbers). Unknown keys still fail in `apply`."""
     selectors = [o for o in overrides if _is_selector(root, config, o[0].split("."))]
     for key, text in sorted(selectors, key=lambda o: o[0].count(".")):
         parts = key.split(".")
@@ -336,7 +340,26 @@ def apply_overrides(
             entry = spec.schema_for(section).keys.get(parts[-1])
             if isinstance(entry, Key):
                 section[parts[-1]] = _placeholder(entry)
+            elif entry is None and (others := _declared_by_others(spec, parts[-1])):
+                logging.warning(
+                    "--config.%s=%s ignored: %s %r does not read it (%s do; select one with "
+                    "--config.%s)",
+                    key,
+                    text,
+                    spec.registry.kind,
+                    section.get(spec.by),
+                    ", ".join(others),
+                    ".".join([*parts[:-1], spec.by]),
+                )
+                continue
         apply(config, key, text)
+
+
+def _declared_by_others(spec: Schema | Select, key: str) -> list[str]:
+    """The components of a Select's registry whose schema declares `key` (none for a Schema)."""
+    if not isinstance(spec, Select):
+        return []
+    return [n for n in spec.registry.names() if key in spec.registry.schema(n).keys]
 
 
 def resolve_keys(path: str, section: Mapping, schema: Schema) -> ConfigDict:
