@@ -33,5 +33,6 @@ def get_config(arg=None):
     c.train.log_every = 50
     c.train.checkpoint_every = 300
     c.optim.warmup_steps = 50
+    c.eval.tasks = ("perplexity",)  # val loss and token accuracy
     c.eval.batch_size = 256
     return c

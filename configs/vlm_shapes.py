@@ -93,6 +93,7 @@ def get_config(arg=None):
         raise ValueError(f"recipe {recipe!r} is not one of: {', '.join(RECIPES)}")
     c.optim.freeze = RECIPES[recipe]
 
+    c.eval.tasks = ("vqa", "caption")  # the vlm task's evaluators (vlm_jax/evaluate/vqa.py)
     c.eval.batch_size = 128
     c.eval.num_examples = 140  # held-out questions, 20 per type
     c.eval.max_new_tokens = 12

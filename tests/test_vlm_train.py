@@ -260,7 +260,8 @@ def test_lm_eval_covers_the_whole_val_split_whatever_the_batch_size():
         task = lm_task(size)
         with jax.set_mesh(task.mesh):
             results[size] = task.evaluate(params)
-        assert task._eval_sums._cache_size() == 1  # one compile, however many chunks
+        perplexity = task.built_evaluators["perplexity"]
+        assert perplexity.token_sums._cache_size() == 1  # one compile, however many chunks
     val = dict(shuffle=False, num_epochs=1, drop_remainder=False)
     batch = next(iter(build_pipeline(task.config, task.tokenizer, "val", batch_size=1000, **val)))
     everything = batch["tokens"]

@@ -75,7 +75,9 @@ def base_config() -> ml_collections.ConfigDict:
 
     c.eval = ml_collections.ConfigDict()
     c.eval.batch_size = 256
-    c.eval.tasks = ("zeroshot", "retrieval")  # evaluators of the task, run in this order
+    # Evaluators (vlm_jax/evaluate EVALUATORS) run in this order: the contrastive task's two
+    # (the vlm and lm configs name their task's); each task says which it accepts.
+    c.eval.tasks = ("zeroshot", "retrieval")
     # Per-split changes to the data section, e.g. {"zeroshot": {"tfds_name": "imagenet2012"}}.
     c.eval.data_overrides = ml_collections.ConfigDict()
     return c

@@ -78,9 +78,17 @@ class Registry:
         return name in self._entries
 
     def _load(self) -> None:
-        """Import the plug-in modules once (each registers its components as it is imported)."""
+        """Import the plug-in modules once (each registers its components as it is imported).
+
+        Marked loaded first: a plug-in that looks the registry up while it is imported sees
+        the components registered so far instead of importing the plug-ins again; a failed
+        import unmarks it (the next lookup raises the import error again)."""
         if self._loaded:
             return
-        for module in self.modules:
-            importlib.import_module(module)
         self._loaded = True
+        try:
+            for module in self.modules:
+                importlib.import_module(module)
+        except BaseException:
+            self._loaded = False
+            raise

@@ -50,7 +50,7 @@ def train_step(task: Task, config, mesh: Mesh) -> Function:
 def eval_steps(task: Task, config, mesh: Mesh) -> list[Function]:
     """The contrastive task's embedding functions at its evaluation chunk size (the zero-shot
     and retrieval evaluators run only these on the devices); none for other tasks."""
-    embed_image = getattr(task, "_embed_image", None)
+    embed_image = getattr(task, "embed_image", None)
     if embed_image is None:
         return []
     _, params, _ = param_layout(task, config, mesh)
@@ -59,7 +59,7 @@ def eval_steps(task: Task, config, mesh: Mesh) -> list[Function]:
     variables = {"params": params}
     return [
         Function("embed_image", embed_image, (variables, batch["image"]), params),
-        Function("embed_text", task._embed_text, (variables, batch["tokens"]), params),
+        Function("embed_text", task.embed_text, (variables, batch["tokens"]), params),
     ]
 
 

@@ -1,15 +1,18 @@
-"""VQA / captioning evaluation with grounding probes.
+"""VQA / captioning evaluation with grounding probes: the "vqa" and "caption" evaluators.
 
-For the first `num_examples` held-out records (types balanced, see data/vqa.py):
+For the first `eval.num_examples` held-out records of `eval.split` (types balanced, see
+data/vqa.py), "vqa" reports
 
 * `acc`, `acc_<type>`: exact match of the greedy answer (KV-cached generation);
-* `caption_token_acc`: teacher-forced next-token accuracy on caption answers;
 * grounding probes: the same questions asked with each example's image swapped for the
   next example's (`swapped_acc...`) and with a blank canvas (`blank_acc...`). A model that
   reads the image loses accuracy on both; one that answers from the text prior does not;
 * `absent_false_yes`: the rate of "yes" to questions about absent objects (hallucination);
 * `visual_tokens`: visual tokens per example; `prefill_gflops`: XLA's FLOP count of the
-  prefill (vision tower + connector + LM over image and prompt) per example.
+  prefill (vision tower + connector + LM over image and prompt) per example;
+
+and "caption" reports `caption_token_acc`: teacher-forced next-token accuracy on the caption
+answers among them. Both read `task.model`, `task.tokenizer` and `task.config`.
 
 The text-only baseline is a model trained with `model.fusion="none"` and evaluated here too.
 """
@@ -28,7 +31,19 @@ import numpy as np
 from vlm_jax.data import preprocess, shapes
 from vlm_jax.data.tokenizers import Tokenizer
 from vlm_jax.data.vqa import QUESTION_TYPES, ShapesVQASource, encode_example
+from vlm_jax.evaluate import EVAL, EVALUATORS, Evaluator
 from vlm_jax.generate import generate
+from vlm_jax.schema import Key, Schema, positive, resolve_keys
+
+# eval.* keys of the examples both evaluators read (load_examples).
+EXAMPLES = Schema(
+    {
+        "num_examples": Key(int, 140, "held-out questions evaluated", valid=positive, expect="> 0"),
+        "split": Key(str, "val", "the held-out split they come from"),
+    }
+)
+# ... and those the "vqa" evaluator reads beside.
+ANSWERS = EXAMPLES | Schema({"max_new_tokens": Key(int, 12, "answer tokens generated")})
 
 
 def load_examples(config: ml_collections.ConfigDict, tokenizer: Tokenizer, num_examples: int):
@@ -120,10 +135,11 @@ def evaluate_vqa(
     tokenizer: Tokenizer,
     examples: dict | None = None,
 ) -> dict[str, float]:
-    """All metrics above. Keys: config.eval.num_examples, batch_size, max_new_tokens."""
+    """The "vqa" metrics above. Keys: config.eval's EVAL and ANSWERS."""
+    settings = resolve_keys("eval", config.eval, EVAL | ANSWERS)
     if examples is None:
-        examples = load_examples(config, tokenizer, config.eval.num_examples)
-    batch = min(config.eval.batch_size, len(examples["answer"]))
+        examples = load_examples(config, tokenizer, settings.num_examples)
+    batch = min(settings.batch_size, len(examples["answer"]))
     types = examples["question_type"]
 
     def answers(images):
@@ -133,7 +149,7 @@ def evaluate_vqa(
             jnp.asarray(i),
             jnp.asarray(t),
             jnp.asarray(n),
-            max_new_tokens=config.eval.max_new_tokens,
+            max_new_tokens=settings.max_new_tokens,
             eos_id=tokenizer.eos_id,
             pad_id=tokenizer.pad_id,
             vocab_size=tokenizer.vocab_size,
@@ -147,13 +163,16 @@ def evaluate_vqa(
         results |= _exact_match(answers(swapped), examples["answer"], types, tokenizer, "swapped_")
         blank = blank_images(images)
         results |= _exact_match(answers(blank), examples["answer"], types, tokenizer, "blank_")
-    results |= _caption_token_accuracy(model, params, examples, batch)
     results["visual_tokens"] = float(visual_tokens_per_example(model, params, examples))
     results["prefill_gflops"] = prefill_flops_per_example(model, params, examples, batch) / 1e9
     return results
 
 
-def _caption_token_accuracy(model, params, examples, batch) -> dict[str, float]:
+def caption_token_accuracy(
+    model: nn.Module, params: Any, examples: dict, batch: int
+) -> dict[str, float]:
+    """caption_token_acc: teacher-forced next-token accuracy on the caption answers ({} with
+    no caption among the examples)."""
     captions = examples["question_type"] == QUESTION_TYPES.index("caption")
     if not captions.any():
         return {}
@@ -165,3 +184,36 @@ def _caption_token_accuracy(model, params, examples, batch) -> dict[str, float]:
     targets = examples["tokens"][captions][:, 1:]
     weights = examples["loss_mask"][captions][:, 1:]
     return {"caption_token_acc": float(((predicted == targets) * weights).sum() / weights.sum())}
+
+
+class ExamplesEvaluator(Evaluator):
+    """Evaluates on the first eval.num_examples held-out records (loaded on first use)."""
+
+    SCHEMA = EXAMPLES
+
+    def __init__(self, task: Any):
+        super().__init__(task)
+        self._examples: dict | None = None
+
+    def examples(self) -> dict:
+        if self._examples is None:
+            task = self.task
+            self._examples = load_examples(task.config, task.tokenizer, self.settings.num_examples)
+        return self._examples
+
+
+@EVALUATORS.register("vqa")
+class VQA(ExamplesEvaluator):
+    SCHEMA = ANSWERS
+
+    def __call__(self, params: Any) -> dict[str, float]:
+        task = self.task
+        return evaluate_vqa(task.model, params, task.config, task.tokenizer, self.examples())
+
+
+@EVALUATORS.register("caption")
+class Caption(ExamplesEvaluator):
+    def __call__(self, params: Any) -> dict[str, float]:
+        examples = self.examples()
+        batch = min(self.settings.batch_size, len(examples["answer"]))
+        return caption_token_accuracy(self.task.model, params, examples, batch)

@@ -24,6 +24,7 @@ from pathlib import Path
 
 from vlm_jax.config import require_package, to_json
 from vlm_jax.registry import Registry
+from vlm_jax.schema import Key, Schema, resolve, resolve_keys
 
 # Dense bf16 peak FLOP/s per device, by jax device_kind prefix.
 PEAK_FLOPS = {
@@ -61,9 +62,42 @@ def truncate_jsonl(path: Path, last_step: int) -> None:
 # Metric writers by name (train.metric_writers). Each is built as
 # `Writer(workdir, config, resume_step)` (resume_step: the last step whose row a resumed run
 # keeps, None for a fresh run) and has `write(row)` and `close()`; a row is `metrics_row`'s.
+# A writer that needs an optional package names it as `package = (module, install command)`:
+# `require_packages` checks it up front, before anything compiles.
 METRIC_WRITERS = Registry("train.metric_writers")
+# The train section's key that picks them (the rest of train is the trainer's).
+OUTPUTS = Schema(
+    {
+        "metric_writers": Key(
+            tuple, ("jsonl", "tensorboard"), "where metrics go: METRIC_WRITERS names, in order"
+        )
+    }
+)
 WANDB_INSTALL = "pip install 'vlm_jax[wandb]'"
 WANDB_MODES = ("", "online", "offline", "disabled")  # "": WANDB_MODE, else online
+# config.wandb: the "wandb" writer's settings.
+WANDB = Schema(
+    {
+        "project": Key(str, "vlm_jax", "the W&B project"),
+        "entity": Key(str, "", 'the W&B entity ("": W&B\'s default)'),
+        "name": Key(str, "", "the run's name (\"\": the workdir's name)"),
+        "mode": Key(str, "", '"": WANDB_MODE, else online', choices=WANDB_MODES),
+    }
+)
+
+
+def writer_names(config) -> tuple[str, ...]:
+    """train.metric_writers (type-checked: a plain string is not a tuple of names)."""
+    return tuple(resolve_keys("train", config.train, OUTPUTS).metric_writers)
+
+
+def require_packages(names) -> None:
+    """MissingPackage naming the writer and its install command if a package it needs is
+    absent (at validation, not when the writer is built after the state's init)."""
+    for name in names:
+        package = getattr(METRIC_WRITERS.get(name), "package", None)
+        if package is not None:
+            require_package(package[0], f"train.metric_writers {name!r}", package[1])
 
 
 def metrics_row(step: int, metrics: dict) -> dict:
@@ -81,7 +115,7 @@ class MetricWriter:
 
     def __init__(self, workdir: Path, config, *, enabled: bool, resume_step: int | None):
         self.enabled = enabled
-        names = config.train.metric_writers if enabled else ()
+        names = writer_names(config) if enabled else ()
         self.writers = [METRIC_WRITERS.get(name)(workdir, config, resume_step) for name in names]
 
     def write(self, step: int, metrics: dict[str, float]) -> None:
@@ -151,9 +185,11 @@ class WandbWriter:
     uploads later with `wandb sync WORKDIR/wandb/offline-run-*`.
     """
 
+    package = ("wandb", WANDB_INSTALL)
+
     def __init__(self, workdir: Path, config, resume_step: int | None):
-        wandb = require_package("wandb", "train.metric_writers 'wandb'", WANDB_INSTALL)
-        settings = config.wandb
+        wandb = require_package(self.package[0], "train.metric_writers 'wandb'", self.package[1])
+        settings = resolve("wandb", config.get("wandb"), WANDB)
         self._run = wandb.init(
             project=settings.project,
             entity=settings.entity or None,

@@ -1,10 +1,12 @@
 """Up-front config validation: every key and choice is checked before any device work.
 
-The component sections (model, loss, data, tokenizer, init, and their sub-sections such as
-model.connector) are resolved against the schemas their components declare (vlm_jax/schema.py):
-CONFIG selects the task by `config.task`, the task's SCHEMA names the sections it reads and the
-registry that selects each (model.name, model.connector.name, data.source, ...). The trainer's
-own sections (train, optim, mesh) are checked below.
+The component sections (model, loss, data, tokenizer, init, eval, and their sub-sections such
+as model.connector) are resolved against the schemas their components declare
+(vlm_jax/schema.py): CONFIG selects the task by `config.task`, the task's SCHEMA names the
+sections it reads and the registry that selects each (model.name, model.connector.name,
+data.source, eval.tasks, ...). eval.tasks must name evaluators the task accepts. The trainer's
+own sections (train, optim, mesh) and the metric writers (train.metric_writers, wandb) are
+checked below.
 """
 
 from __future__ import annotations
@@ -15,8 +17,9 @@ from typing import Any
 import ml_collections
 
 from vlm_jax.config import ConfigError, check_choice
+from vlm_jax.evaluate import EVALUATORS, accepted
 from vlm_jax.schema import Schema, Select, resolve
-from vlm_jax.train.metrics import METRIC_WRITERS, WANDB_MODES
+from vlm_jax.train.metrics import METRIC_WRITERS, WANDB, require_packages, writer_names
 from vlm_jax.train.numerics import CHOICES as NONFINITE_CHOICES
 from vlm_jax.train.optim import OPTIMIZERS, SCHEDULES
 from vlm_jax.train.tasks import TASKS
@@ -57,18 +60,44 @@ def check_image_sizes(config: ml_collections.ConfigDict) -> None:
         )
 
 
+def check_eval_tasks(config: ml_collections.ConfigDict) -> None:
+    """eval.tasks: evaluators the task accepts, each once (checked before anything compiles,
+    not at the first evaluation)."""
+    if config.get("task") not in TASKS:
+        return  # resolve_config names the valid tasks
+    task = TASKS.get(config.task)
+    try:
+        names = task.SCHEMA.keys["eval"].names(config.get("eval"))
+    except ConfigError:
+        return  # not a tuple of names: resolve_config says so, with the section's other problems
+    valid = accepted(config.task, task.evaluators)
+    for name in names:
+        if name not in valid:
+            elsewhere = " (an evaluator of other tasks)" if name in EVALUATORS else ""
+            raise ConfigError(
+                f"eval.tasks={name!r}{elsewhere} is not one of: {', '.join(valid) or '(none)'} "
+                f"(the evaluators task {config.task!r} accepts)"
+            )
+        check_choice("eval.tasks", name, EVALUATORS.names)
+    if len(set(names)) != len(names):
+        raise ConfigError(f"eval.tasks={names!r} names an evaluator twice")
+
+
 def check_metric_writers(config: ml_collections.ConfigDict) -> None:
-    """train.metric_writers: known names, each once; wandb.mode one of WANDB_MODES."""
-    names = config.train.get("metric_writers", ("jsonl", "tensorboard"))
+    """train.metric_writers: a tuple of known names, each once, their packages installed;
+    the wandb section resolves (wandb.mode one of WANDB_MODES)."""
+    names = writer_names(config)
     for name in names:
         check_choice("train.metric_writers", name, METRIC_WRITERS.names)
     if len(set(names)) != len(names):
-        raise ValueError(f"train.metric_writers={tuple(names)!r} names a writer twice")
-    check_choice("wandb.mode", (config.get("wandb") or {}).get("mode", ""), WANDB_MODES)
+        raise ValueError(f"train.metric_writers={names!r} names a writer twice")
+    resolve("wandb", config.get("wandb"), WANDB)
+    require_packages(names)
 
 
 def validate_config(config: ml_collections.ConfigDict) -> None:
     """Raise ValueError naming the bad value and the valid choices."""
+    check_eval_tasks(config)  # first: an evaluator the task lacks, not the keys it would read
     resolved = resolve_config(config)
     check_image_sizes(resolved)
     train = config.train

@@ -1,6 +1,8 @@
 """Task plug-ins for the one trainer.
 
-A task turns a config into a model, its loss, its data and its evaluators. The trainer owns
+A task turns a config into a model, its loss and its data, and names the evaluators it accepts
+(`evaluators`: EVALUATORS names, vlm_jax/evaluate; `config.eval.tasks` picks among them, by
+default all of them in that order). The trainer owns
 everything else (mesh, sharded init, optimizer, jit, checkpoints, logging, signals). One file
 per task in this package; it registers with `@TASKS.register("name")`, and its module name in
 TASKS' `modules` below is the one line to add (imported on the first TASKS lookup). Select a task
@@ -11,6 +13,7 @@ with `config.task = "name"`. A task's `SCHEMA` names the config sections it read
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterable
 from typing import Any, ClassVar
 
@@ -22,6 +25,7 @@ from jax import lax
 from jax.sharding import Mesh
 
 from vlm_jax.data.records import COUNTERS, SUBSTITUTE
+from vlm_jax.evaluate import EVALUATORS, Evaluator, eval_section
 from vlm_jax.registry import Registry
 from vlm_jax.schema import Key, Schema
 from vlm_jax.train.optim import regex_mask
@@ -58,8 +62,12 @@ class Task:
     # Config keys added after runs of the task existed: (section, key) -> the value the code
     # used for runs whose config.json lacks the key (they resume; other values are refused).
     added_keys: ClassVar[dict[tuple[str, str], Any]] = {}
-    # The config sections the task reads, beside the trainer's (train, optim, mesh, eval, ...).
-    SCHEMA = Schema({"init": INIT})
+    # The evaluators it accepts (EVALUATORS names), the default eval.tasks in this order; its
+    # SCHEMA's "eval" is `eval_section(evaluators)`. Plug-in evaluators may add themselves
+    # (`Evaluator.tasks`).
+    evaluators: ClassVar[tuple[str, ...]] = ()
+    # The config sections the task reads, beside the trainer's (train, optim, mesh, ...).
+    SCHEMA = Schema({"init": INIT, "eval": eval_section(evaluators)})
 
     def __init__(self, config: ml_collections.ConfigDict, mesh: Mesh):
         self.config = config
@@ -115,8 +123,19 @@ class Task:
         raise NotImplementedError
 
     def evaluate(self, params: Any) -> dict[str, float]:
-        """Held-out metrics, keys without the "eval/" prefix."""
-        return {}
+        """Held-out metrics of the evaluators config.eval.tasks names, run in that order and
+        merged; keys without the "eval/" prefix."""
+        results = {}
+        for evaluator in self.built_evaluators.values():
+            results |= evaluator(params)
+        return results
+
+    @functools.cached_property
+    def built_evaluators(self) -> dict[str, Evaluator]:
+        """{name: evaluator} of config.eval.tasks, built at the first evaluation (each loads
+        its held-out data on its first call)."""
+        names = self.SCHEMA.keys["eval"].names(self.config.get("eval"))
+        return {name: EVALUATORS.get(name)(self) for name in names}
 
     def load_pretrained(self, params: Any) -> Any:
         """Params of a fresh run after init (not on resume): e.g. towers from other runs."""

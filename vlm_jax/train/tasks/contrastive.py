@@ -1,28 +1,24 @@
-"""The contrastive (CLIP / SigLIP) task: two-tower model, contrastive loss, zero-shot and
-retrieval evaluation on held-out splits."""
+"""The contrastive (CLIP / SigLIP) task: two-tower model, contrastive loss; its embedding
+functions serve the zero-shot and retrieval evaluators (vlm_jax/evaluate/contrastive.py)."""
 
 from __future__ import annotations
 
 import functools
-from typing import Any
 
 import flax.linen as nn
 import jax
 import numpy as np
 
 from vlm_jax import sharding
-from vlm_jax.config import check_choice
-from vlm_jax.data import build_pipeline, build_source, build_tokenizer, load_split
+from vlm_jax.data import build_pipeline, build_tokenizer
 from vlm_jax.data.sources import DATA
 from vlm_jax.data.tokenizers import TOKENIZER
-from vlm_jax.evaluate import class_embeddings, recall_at_k, unique_texts, zeroshot_accuracy
+from vlm_jax.evaluate import eval_section
 from vlm_jax.losses import LOSS, build_loss
 from vlm_jax.models import MODEL, build_model, flops
 from vlm_jax.schema import Schema
 from vlm_jax.train.optim import regex_mask
 from vlm_jax.train.tasks import TASKS, Task, check_vocab_size
-
-EVAL_TASKS = ("zeroshot", "retrieval")
 
 
 def check_text_conventions(config, tokenizer) -> None:
@@ -47,8 +43,15 @@ def check_text_conventions(config, tokenizer) -> None:
 
 @TASKS.register("contrastive")
 class ContrastiveTask(Task):
+    evaluators = ("zeroshot", "retrieval")
     SCHEMA = Task.SCHEMA | Schema(
-        {"model": MODEL, "loss": LOSS, "data": DATA, "tokenizer": TOKENIZER}
+        {
+            "model": MODEL,
+            "loss": LOSS,
+            "data": DATA,
+            "tokenizer": TOKENIZER,
+            "eval": eval_section(evaluators),
+        }
     )
 
     def __init__(self, config, mesh):
@@ -56,15 +59,15 @@ class ContrastiveTask(Task):
         self.tokenizer = build_tokenizer(config.tokenizer)
         check_vocab_size("model.text.vocab_size", config.model.text.vocab_size, self.tokenizer)
         check_text_conventions(config, self.tokenizer)
-        for name in config.eval.tasks:  # before any compute, not at the first evaluation
-            check_choice("eval.tasks", name, EVAL_TASKS)
         self.model = build_model(config.model)
         self.loss_fn = build_loss(config.loss, mesh)
+        # (variables, images float32[B, S, S, 3] | tokens int32[B, L]) -> float32[B, E],
+        # replicated: what the evaluators embed held-out splits with
         replicated = sharding.replicated(mesh)
-        self._embed_image = jax.jit(
+        self.embed_image = jax.jit(
             functools.partial(self.model.apply, method="embed_image"), out_shardings=replicated
         )
-        self._embed_text = jax.jit(
+        self.embed_text = jax.jit(
             functools.partial(self.model.apply, method="embed_text"), out_shardings=replicated
         )
 
@@ -133,71 +136,3 @@ class ContrastiveTask(Task):
         return tuple(
             tower for tower in ("img", "txt") if all(jax.tree.leaves(frozen.get(tower, [False])))
         )
-
-    # -- evaluation -----------------------------------------------------------------------
-    def _embed_all(self, fn, params, inputs: np.ndarray) -> np.ndarray:
-        """Embed `inputs` [N, ...] in fixed-size, batch-sharded chunks: float32[N, E]."""
-        chunk = sharding.eval_chunk_size(self.mesh, self.config.eval.batch_size)
-        outputs = []
-        for start in range(0, len(inputs), chunk):
-            part = inputs[start : start + chunk]
-            padded = np.concatenate([part, np.repeat(part[-1:], chunk - len(part), 0)])
-            global_part = jax.make_array_from_callback(
-                padded.shape,
-                sharding.batch_sharding(self.mesh, padded.ndim),
-                lambda i, a=padded: a[i],
-            )
-            outputs.append(np.asarray(fn({"params": params}, global_part))[: len(part)])
-        return np.concatenate(outputs)
-
-    @functools.cache  # noqa: B019  (one task per run; the eval sets are small and fixed)
-    def _load_split(self, split: str) -> dict[str, np.ndarray]:
-        """A whole held-out split as arrays, every good record once."""
-        return load_split(
-            self.split_config(split), self.tokenizer, split, self.config.eval.batch_size
-        )
-
-    def _embed_texts(self, params, texts: list[str]) -> np.ndarray:
-        tokens = self.tokenizer.batch_encode(texts, self.config.tokenizer.max_len)
-        return self._embed_all(self._embed_text, params, tokens)
-
-    def split_config(self, split: str):
-        """The config with `eval.data_overrides[split]` applied to its data section (e.g. a
-        zero-shot split read from another dataset than the training pairs)."""
-        overrides = self.config.eval.data_overrides.get(split)
-        if not overrides:
-            return self.config
-        config = self.config.copy_and_resolve_references()
-        with config.unlocked():
-            config.data.update(overrides.to_dict())
-        return config
-
-    def evaluate(self, params: Any) -> dict[str, float]:
-        results = {}
-        for name in self.config.eval.tasks:
-            results |= getattr(self, f"_eval_{name}")(params)
-        return results
-
-    def _eval_zeroshot(self, params) -> dict[str, float]:
-        source = build_source(self.split_config("zeroshot").data, "zeroshot")
-        data = self._load_split("zeroshot")
-        image_emb = self._embed_all(self._embed_image, params, data["image"])
-        class_emb = class_embeddings(
-            lambda texts: self._embed_texts(params, texts), source.classnames, source.templates
-        )
-        accuracy = zeroshot_accuracy(image_emb, class_emb, data["label"], ks=(1, 5))
-        return {f"zeroshot_{k}": v for k, v in accuracy.items()}
-
-    def _eval_retrieval(self, params) -> dict[str, float]:
-        data = self._load_split("val")
-        image_emb = self._embed_all(self._embed_image, params, data["image"])
-        image_captions = [str(caption) for caption in data["caption"]]
-        gallery = unique_texts(image_captions)
-        text_emb = self._embed_texts(params, gallery)
-        results = {
-            f"retrieval_{k}": v
-            for k, v in recall_at_k(image_emb, text_emb, image_captions, gallery).items()
-        }
-        results["retrieval_num_images"] = float(len(image_captions))
-        results["retrieval_num_texts"] = float(len(gallery))
-        return results

@@ -25,7 +25,7 @@ from vlm_jax.data import build_tokenizer
 from vlm_jax.data.sources import DATA
 from vlm_jax.data.tokenizers import TOKENIZER
 from vlm_jax.data.vqa import build_vqa_pipeline, image_token_id
-from vlm_jax.evaluate.vqa import evaluate_vqa, load_examples
+from vlm_jax.evaluate import eval_section
 from vlm_jax.losses import next_token_loss
 from vlm_jax.models import MODEL
 from vlm_jax.models.vlm import build_vlm
@@ -35,8 +35,10 @@ from vlm_jax.train.tasks import INIT, TASKS, Task, check_vocab_size
 
 @TASKS.register("vlm")
 class VLMTask(Task):
+    evaluators = ("vqa", "caption")  # vlm_jax/evaluate/vqa.py
     SCHEMA = Task.SCHEMA | Schema(
         {
+            "eval": eval_section(evaluators),
             "model": MODEL,
             "data": DATA,
             "tokenizer": TOKENIZER,
@@ -68,7 +70,6 @@ class VLMTask(Task):
                 f"model.pad_id={pad_id} but the tokenizer's pad id is {self.tokenizer.pad_id}"
             )
         self.model = build_vlm(config.model)
-        self._examples = None
 
     host_keys = (*Task.host_keys, "question_type")  # the question's kind: unused in training
     added_keys: ClassVar[dict] = {("model", "pad_id"): 0}  # runs from before model.pad_id
@@ -106,13 +107,6 @@ class VLMTask(Task):
             seed=seed,
             worker_count=self.config.train.worker_count,
         )
-
-    def evaluate(self, params: Any) -> dict[str, float]:
-        if self._examples is None:
-            self._examples = load_examples(
-                self.config, self.tokenizer, self.config.eval.num_examples
-            )
-        return evaluate_vqa(self.model, params, self.config, self.tokenizer, self._examples)
 
     def load_pretrained(self, params: Any) -> Any:
         """Replace `vision` / `lm` by the towers of the runs in config.init (fresh runs only)."""
