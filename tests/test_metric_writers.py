@@ -98,8 +98,25 @@ def test_unknown_writer_fails_before_training_naming_the_valid_ones(tmp_path):
 
 def test_wandb_without_the_package_names_the_extra(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "wandb", None)
-    with pytest.raises(MissingPackage, match=r"install it with: pip install 'vlm_jax\[wandb\]'"):
+    extra = r"train.metric_writers 'wandb' needs .*install it with: pip install 'vlm_jax\[wandb\]'"
+    with pytest.raises(MissingPackage, match=extra):
         MetricWriter(tmp_path, writers_config("wandb"), enabled=True, resume_step=None)
+    with pytest.raises(MissingPackage, match=extra):  # up front, before anything compiles
+        validate_config(writers_config("jsonl", "wandb"))
+
+
+def test_a_plain_string_of_writers_is_refused_not_read_letter_by_letter(tmp_path):
+    config = writers_config()
+    with config.ignore_type():
+        config.train.metric_writers = "jsonl"
+    with pytest.raises(ConfigError, match=r"train.metric_writers='jsonl' is a str; expected tuple"):
+        validate_config(config)
+    with config.unlocked():
+        del config.train["metric_writers"]  # absent: the default writers
+    validate_config(config)
+    writer = MetricWriter(tmp_path, config, enabled=True, resume_step=None)
+    assert [type(w).__name__ for w in writer.writers] == ["JsonlWriter", "TensorBoardWriter"]
+    writer.close()
 
 
 @pytest.fixture

@@ -4,6 +4,7 @@ over every registered component's schema, found by walking the registries)."""
 
 import json
 import logging
+import sys
 from pathlib import Path
 
 import ml_collections
@@ -245,3 +246,34 @@ def test_an_old_run_with_every_connectors_keys_is_the_same_experiment():
     assert trainer.identity(json.dumps(old)) == trainer.identity(to_json(config))
     apply_override(config, "model.connector.name", "pool")
     assert trainer.identity(json.dumps(old)) != trainer.identity(to_json(config))
+
+
+def test_a_plugin_that_looks_its_registry_up_while_imported_does_not_reimport_the_others(
+    tmp_path, monkeypatch
+):
+    """Registry._load marks itself loaded before importing: a lookup inside a plug-in's import
+    sees what is registered so far (it used to import the next plug-ins from inside the first,
+    and one importing a name the first had not yet defined failed); a failed import is
+    raised again by the next lookup, not forgotten."""
+    files = {
+        "widgets.py": "from vlm_jax.registry import Registry\n"
+        "WIDGETS = Registry('widget', modules=('widget_a', 'widget_b'))\n",
+        "widget_a.py": "from widgets import WIDGETS\nWIDGETS.register('a')('A')\n"
+        "SEEN = WIDGETS.names()\nSIZE = 3\n",
+        "widget_b.py": "from widget_a import SIZE\nfrom widgets import WIDGETS\n"
+        "WIDGETS.register('b')('B' * SIZE)\n",
+    }
+    for name, text in files.items():
+        (tmp_path / name).write_text(text)
+    monkeypatch.setattr(Registry, "instances", list(Registry.instances))  # these are dropped
+    monkeypatch.syspath_prepend(str(tmp_path))
+    for module in ("widgets", "widget_a", "widget_b"):
+        monkeypatch.delitem(sys.modules, module, raising=False)
+    import widgets
+
+    assert widgets.WIDGETS.names() == ["a", "b"] and widgets.WIDGETS.get("b") == "BBB"
+    assert sys.modules["widget_a"].SEEN == ["a"]
+    broken = Registry("gadget", modules=("no_such_gadget_module",))
+    for _ in range(2):
+        with pytest.raises(ModuleNotFoundError, match="no_such_gadget_module"):
+            broken.names()
