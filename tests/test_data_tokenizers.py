@@ -68,3 +68,45 @@ def test_build_tokenizer_from_config():
     assert build_tokenizer(ml_collections.ConfigDict({"name": "bytes"})).vocab_size == 260
     with pytest.raises(ValueError, match="tokenizer='nope' is not one of: .*bytes.*words"):
         build_tokenizer(ml_collections.ConfigDict({"name": "nope"}))
+
+
+def test_added_special_tokens_take_the_vocabularys_id_or_the_next_one():
+    words = WordTokenizer(words=(*shapes.vocabulary(), "<image>"))
+    size = words.vocab_size
+    words.add_special_tokens(["<image>", "<image>"])  # in the vocabulary: its own id, once
+    assert words.special_tokens == {"<image>": size - 1} and words.vocab_size == size
+    plain = WordTokenizer()  # without it: the first id past the vocabulary
+    plain.add_special_tokens(["<image>"])
+    assert plain.special_tokens == {"<image>": size - 1} and plain.vocab_size == size
+    config = ml_collections.ConfigDict({"name": "bytes", "max_len": 8})
+    tokenizer = build_tokenizer(config, special_tokens=("<image>", "<img>"))
+    assert tokenizer.special_tokens == {"<image>": 260, "<img>": 261}
+    assert tokenizer.vocab_size == 262
+
+
+@given(st.lists(st.sampled_from(["<image>", "<img>", "<", "image>", "a b", " ", "é"]), max_size=8))
+@settings(max_examples=100, deadline=None)
+def test_text_with_special_tokens_encodes_each_as_one_id(pieces):
+    tokenizer = ByteTokenizer()
+    tokenizer.add_special_tokens(["<img>", "<image>"])
+    text = "".join(pieces)
+    expected, rest = [], text
+    while rest:  # the longest special token at this point, else one character's bytes
+        token = next((t for t in ("<image>", "<img>") if rest.startswith(t)), None)
+        if token:
+            expected.append(tokenizer.special_tokens[token])
+        else:
+            expected += ByteTokenizer().encode(rest[0])
+        rest = rest[len(token or rest[0]) :]
+    assert tokenizer.encode(text) == expected
+    row = tokenizer.batch_encode([text], max_len=64)[0]
+    assert tokenizer.decode(row).replace(" ", "") == text.replace(" ", "")
+
+
+def test_a_special_token_is_not_split_by_the_word_tokenizer():
+    tokenizer = WordTokenizer(words=(*shapes.vocabulary(), "<image>"))
+    assert tokenizer.detokenize(tokenizer.encode("<image>")) == "<unk> image <unk>"  # split
+    tokenizer.add_special_tokens(["<image>"])
+    ids = tokenizer.encode("a <image> red circle")
+    assert ids.count(tokenizer.special_tokens["<image>"]) == 1 and tokenizer.unk_id not in ids
+    assert tokenizer.detokenize(ids) == "a <image> red circle"

@@ -2,8 +2,13 @@
 
 CLIP BPE is compared with open_clip's tokenizer on the vocabulary file open_clip ships;
 SentencePiece with HuggingFace's SiglipTokenizer and with sentencepiece itself, on a tiny model
-trained here.
+trained here and on Mistral's models, which the mistral-common package ships (found without
+importing it; skipped where it is not installed). Added special tokens (the VLM's `<image>`)
+are one id in each, past the vocabulary or the model's own.
 """
+
+import importlib.util
+from pathlib import Path
 
 import ml_collections
 import numpy as np
@@ -25,8 +30,23 @@ TEXTS = [
 ]
 
 
-def tokenizer(name: str, **options):
-    return build_tokenizer(ml_collections.ConfigDict({"name": name, "max_len": 16, **options}))
+def tokenizer(name: str, special_tokens=(), **options):
+    config = ml_collections.ConfigDict({"name": name, "max_len": 16, **options})
+    return build_tokenizer(config, special_tokens=special_tokens)
+
+
+PROMPT = ("USER: ", "<image>", " What is in the picture?")  # text, special token, text
+
+
+def check_special_token_is_one_id(tok, plain, token_id: int) -> None:
+    """`tok` (with "<image>" added) encodes PROMPT as `plain` (without it) encodes each text
+    piece, with `token_id` for the marker; `plain` cuts the marker into several pieces."""
+    assert tok.special_tokens == {"<image>": token_id}
+    before, _, after = PROMPT
+    ids = tok.encode("".join(PROMPT))
+    assert ids == [*plain.encode(before), token_id, *plain.encode(after)]
+    assert len(plain.encode("<image>")) > 1 and token_id not in plain.encode("".join(PROMPT))
+    assert "<image>" in tok.decode(tok.batch_encode(["".join(PROMPT)], 32)[0])
 
 
 @pytest.fixture(scope="module")
@@ -49,6 +69,16 @@ def test_clip_bpe_conventions_and_decode():
     row = tok.batch_encode(["Hello, World!"], 16)[0]
     assert row[0] == tok.bos_id and list(row).index(tok.eos_id) == 5
     assert tok.decode(row) == "hello , world !"
+
+
+def test_clip_bpe_image_token_is_the_first_id_past_the_vocabulary(open_clip):
+    tok, plain = tokenizer("clip_bpe", special_tokens=("<image>",)), tokenizer("clip_bpe")
+    assert (tok.vocab_size, plain.vocab_size) == (49409, 49408)
+    check_special_token_is_one_id(tok, plain, 49408)
+    before, _, after = PROMPT
+    for text in (before, after):  # the pieces as open_clip encodes them (no sot/eot/pad)
+        reference = open_clip.tokenize([text], context_length=16).numpy()[0]
+        assert plain.encode(text) == [i for i in reference[1:] if i not in (0, 49407)]
 
 
 def train_sentencepiece(tmp_path, **ids) -> str:
@@ -101,3 +131,34 @@ def test_missing_files_are_named(tmp_path):
         tokenizer("sentencepiece", model_path=str(tmp_path / "nope.model"))
     with pytest.raises(FileNotFoundError, match="nope.txt.gz"):
         tokenizer("clip_bpe", vocab_path=str(tmp_path / "nope.txt.gz"))
+
+
+def test_sentencepiece_image_token_is_added_or_the_models_own(tmp_path):
+    model_path = train_sentencepiece(tmp_path, pad_id=0, eos_id=1, bos_id=2, unk_id=3)
+    plain = tokenizer("sentencepiece", model_path=model_path)
+    tok = tokenizer("sentencepiece", special_tokens=("<image>",), model_path=model_path)
+    assert tok.vocab_size == plain.vocab_size + 1
+    check_special_token_is_one_id(tok, plain, plain.vocab_size)
+    (tmp_path / "own").mkdir()
+    own = train_sentencepiece(
+        tmp_path / "own", pad_id=0, eos_id=1, bos_id=2, unk_id=3, user_defined_symbols=["<image>"]
+    )
+    tok = tokenizer("sentencepiece", special_tokens=("<image>",), model_path=own)
+    assert tok.special_tokens["<image>"] == 4 and tok.vocab_size == tok.model.get_piece_size()
+
+
+def mistral_model(name: str) -> Path:
+    spec = importlib.util.find_spec("mistral_common")
+    if spec is None or not spec.submodule_search_locations:
+        pytest.skip("mistral-common (which ships Mistral's SentencePiece models) not installed")
+    return Path(spec.submodule_search_locations[0]) / "data" / name
+
+
+def test_mistral_sentencepiece_image_token():
+    path = str(mistral_model("mistral_instruct_tokenizer_240323.model.v3"))
+    plain = tokenizer("sentencepiece", model_path=path, add_bos=True)
+    tok = tokenizer("sentencepiece", special_tokens=("<image>",), model_path=path, add_bos=True)
+    assert (plain.vocab_size, plain.bos_id, plain.eos_id) == (32768, 1, 2)
+    check_special_token_is_one_id(tok, plain, 32768)
+    own = tokenizer("sentencepiece", special_tokens=("[IMG]",), model_path=path)
+    assert own.special_tokens == {"[IMG]": 10} and own.vocab_size == 32768  # its control piece

@@ -7,11 +7,12 @@ import pytest
 
 from vlm_jax.data import shapes
 from vlm_jax.data.pipeline import default_data_config
-from vlm_jax.data.tokenizers import WordTokenizer
+from vlm_jax.data.sources import build_source
 from vlm_jax.data.vqa import (
     QUESTION_TYPES,
     ShapesVQASource,
     build_vqa_pipeline,
+    build_vqa_tokenizer,
     encode_example,
     image_token_id,
     vocabulary,
@@ -29,7 +30,9 @@ def _config(split_size=400):
     config.data.source = "shapes_vqa"
     config.data.train_size = split_size
     config.data.val_size = split_size
-    config.tokenizer = ml_collections.ConfigDict(dict(name="words", max_len=24))
+    config.tokenizer = ml_collections.ConfigDict(
+        dict(name="words", max_len=24, words=tuple(vocabulary()))
+    )
     return config
 
 
@@ -91,7 +94,8 @@ def test_answers_are_true_of_the_scene(split):
 
 def test_every_word_is_in_the_vocabulary_and_layout_is_prefix_then_answer():
     config = _config()
-    tokenizer = WordTokenizer(words=vocabulary())
+    tokenizer = build_vqa_tokenizer(config.tokenizer)
+    assert image_token_id(tokenizer) == 4 + vocabulary().index("<image>")  # its word id
     source = ShapesVQASource(config.data, "val")
     for index in range(100):
         record = source[index]
@@ -118,14 +122,14 @@ def test_held_out_types_are_balanced():
 
 
 def test_too_short_max_len_names_it():
-    tokenizer = WordTokenizer(words=vocabulary())
+    tokenizer = build_vqa_tokenizer(_config().tokenizer)
     with pytest.raises(ValueError, match="max_len=4"):
         encode_example(tokenizer, "user: <image> how many circles are there? assistant:", "two", 4)
 
 
 def test_pipeline_batches_and_resumes_exactly():
     config = _config()
-    tokenizer = WordTokenizer(words=vocabulary())
+    tokenizer = build_vqa_tokenizer(config.tokenizer)
     loader = build_vqa_pipeline(config, tokenizer, "train", batch_size=4, seed=3)
     iterator = iter(loader)
     first = next(iterator)
@@ -138,6 +142,13 @@ def test_pipeline_batches_and_resumes_exactly():
     got = next(resumed)
     for key in expected:
         np.testing.assert_array_equal(got[key], expected[key])
+
+
+def test_the_shapes_source_is_a_registered_vqa_source():
+    source = build_source(_config().data, "val")
+    assert isinstance(source, ShapesVQASource)
+    assert source.question_types == QUESTION_TYPES and source.images_per_record == 1
+    assert source.blank_colour == shapes.BACKGROUND  # the empty canvas of the blank probe
 
 
 def test_unknown_question_type_names_valid_choices():

@@ -7,12 +7,12 @@ import numpy as np
 import pytest
 from test_vlm_train import tiny_config
 
-from vlm_jax.data import build_tokenizer
-from vlm_jax.data.vqa import QUESTION_TYPES
+from vlm_jax.data import preprocess
+from vlm_jax.data.shapes import BACKGROUND
+from vlm_jax.data.vqa import QUESTION_TYPES, build_vqa_tokenizer
 from vlm_jax.evaluate import vqa
 from vlm_jax.models.vlm import build_vlm
 
-TYPE = {name: index for index, name in enumerate(QUESTION_TYPES)}
 # Seven questions: (type, true answer, the stub model's answer on the question's own image).
 QUESTIONS = [
     ("colour", "red", "red"),
@@ -32,7 +32,7 @@ def config():
 
 @pytest.fixture(scope="module")
 def tokenizer(config):
-    return build_tokenizer(config.tokenizer)
+    return build_vqa_tokenizer(config.tokenizer)
 
 
 def token_rows(tokenizer, words: list[str], width: int) -> np.ndarray:
@@ -45,7 +45,7 @@ def token_rows(tokenizer, words: list[str], width: int) -> np.ndarray:
 
 
 def test_exact_match_per_type_and_false_yes(tokenizer):
-    types = np.asarray([TYPE[t] for t, _, _ in QUESTIONS])
+    types = np.asarray([t for t, _, _ in QUESTIONS])
     answers = [answer for _, answer, _ in QUESTIONS]
     outputs = token_rows(tokenizer, [said for _, _, said in QUESTIONS], width=4)
     assert vqa._exact_match(outputs, answers, types, tokenizer, "p_") == {
@@ -93,7 +93,7 @@ def hand_made_examples(config, tokenizer) -> dict:
     images = np.broadcast_to(codes[:, None, None, None, None], examples["image"].shape)
     return examples | {
         "image": images.copy(),
-        "question_type": np.asarray([TYPE[t] for t, _, _ in QUESTIONS]),
+        "question_type": np.asarray([t for t, _, _ in QUESTIONS]),
         "answer": [answer for _, answer, _ in QUESTIONS],
     }
 
@@ -148,3 +148,12 @@ def test_probes_with_a_model_that_reads_the_image(config, tokenizer, monkeypatch
         "blank_absent_false_yes": 1.0,
         "visual_tokens": 16.0,
     }
+
+
+def test_held_out_examples_name_their_types_and_the_sources_blank_canvas(config, tokenizer):
+    examples = vqa.load_examples(config, tokenizer, 7)
+    assert examples["question_type"].tolist() == list(QUESTION_TYPES)  # held-out: cycled
+    blank = vqa.blank_images(examples["image"], examples["blank_colour"])
+    assert blank.shape == examples["image"].shape == (7, 1, 16, 16, 3)
+    background = preprocess.to_float(np.asarray(BACKGROUND, np.uint8))
+    np.testing.assert_array_equal(blank, np.broadcast_to(background, blank.shape))

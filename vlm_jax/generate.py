@@ -115,12 +115,12 @@ def answer_from_checkpoint(
     from PIL import Image
 
     from vlm_jax.checkpoint import load_params
-    from vlm_jax.data import build_tokenizer, preprocess
-    from vlm_jax.data.vqa import IMAGE_PLACEHOLDER, TEMPLATE, encode_example
+    from vlm_jax.data import preprocess
+    from vlm_jax.data.vqa import IMAGE_PLACEHOLDER, TEMPLATE, build_vqa_tokenizer, encode_example
     from vlm_jax.models.vlm import build_vlm
 
     config = ml_collections.ConfigDict(json.loads((Path(workdir) / "config.json").read_text()))
-    tokenizer = build_tokenizer(config.tokenizer)
+    tokenizer = build_vqa_tokenizer(config.tokenizer)
     if not 0 <= top_k <= tokenizer.vocab_size:
         raise ValueError(f"top_k={top_k}: must be in [0, {tokenizer.vocab_size}] (the vocabulary)")
     model = build_vlm(config.model)

@@ -128,14 +128,18 @@ class ClipBpeTokenizer(Tokenizer):
         self.cache[word] = parts
         return parts
 
-    def encode(self, text: str) -> list[int]:
+    def vocabulary_id(self, token: str) -> int | None:
+        """Only CLIP's own specials: every other symbol is a piece of a word."""
+        return {BOS_TOKEN: self.bos_id, EOS_TOKEN: self.eos_id}.get(token)
+
+    def encode_text(self, text: str) -> list[int]:
         ids = []
         for token in self.pattern.findall(clean_text(text)):
             symbols = "".join(self.byte_encoder[b] for b in token.encode("utf-8"))
             ids.extend(self.encoder[symbol] for symbol in self.bpe(symbols))
         return ids
 
-    def detokenize(self, ids: Sequence[int]) -> str:
+    def detokenize_text(self, ids: Sequence[int]) -> str:
         text = "".join(self.decoder[i] for i in ids)
         data = bytearray(self.byte_decoder[c] for c in text)
         return data.decode("utf-8", errors="replace").replace("</w>", " ").strip()

@@ -43,6 +43,8 @@ REASONS = (
     "long_caption",  # more tokens than tokenizer.max_len (data.long_captions == "bad")
     "tokenizer_error",  # the tokenizer raised on the caption
     "bad_label",  # a labelled split's record without a class index as its label
+    "bad_prompt",  # a VQA record's prompt: not a str, or <image> markers != its images
+    "bad_answer",  # a VQA record's answer: missing, empty or not a str
 )
 COUNTERS = ("bad_records", "truncated_captions")  # int fields every checked record carries
 # 1 where a bad record's slot holds the next good record instead, i.e. a repeat of a record

@@ -10,7 +10,9 @@ replaces it by the next good record and counts it. Register new sources with
 module named in DATA_SOURCES' `modules` (imported on the first lookup); the schema holds the keys
 it reads beside the pipeline's (PIPELINE), and `build_source` hands it the section resolved
 against both. Sources with a zero-shot split expose `classnames` (indexed by the record's
-"label") and `templates`.
+"label") and `templates`. Sources of the "vlm" task give VQA / instruction records instead
+(image(s), prompt, answer, optional question type: the record contract in data/vqa.py), as
+"shapes_vqa" and "vqa_folder" do.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ DATA_SOURCES = Registry(
         "vlm_jax.data.array_record_source",
         "vlm_jax.data.tfds_source",
         "vlm_jax.data.vqa",
+        "vlm_jax.data.vqa_folder",
     ),
 )
 # The config.data keys of the pipeline, whatever the source (the record check and augmentation).

@@ -78,8 +78,14 @@ class SentencePieceTokenizer(Tokenizer):
             text = text.translate(_PUNCTUATION)
         return " ".join(text.split())
 
-    def encode(self, text: str) -> list[int]:
+    def encode_text(self, text: str) -> list[int]:
         return list(self.model.encode(self.canonicalize(text)))
 
-    def detokenize(self, ids: Sequence[int]) -> str:
+    def detokenize_text(self, ids: Sequence[int]) -> str:
         return self.model.decode([int(i) for i in ids])
+
+    def vocabulary_id(self, token: str) -> int | None:
+        """The model's piece `token` (a control or user-defined symbol such as PaliGemma's
+        `<image>`, or any piece spelled exactly so); None if it has none."""
+        token_id = self.model.piece_to_id(token)
+        return token_id if self.model.id_to_piece(token_id) == token else None

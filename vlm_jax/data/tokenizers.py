@@ -1,10 +1,16 @@
 """Tokenizers: text <-> int ids, one interface for word, byte, SentencePiece and BPE models.
 
-A subclass only says how text becomes content ids and back (`encode`, `detokenize`) and which
-ids are special; padding, EOS placement, truncation and decoding up to EOS are shared here, so
-every tokenizer feeds the text tower the same layout:
+A subclass only says how text becomes content ids and back (`encode_text`, `detokenize_text`)
+and which ids are special; padding, EOS placement, truncation and decoding up to EOS are shared
+here, so every tokenizer feeds the text tower the same layout:
 
     [bos]? content... eos pad pad ...      (pad_id == 0; EOS kept when truncating)
+
+Added special tokens (`build_tokenizer(config, special_tokens=("<image>",))`, as the VLM task
+asks for its image placeholder) are strings that encoding never splits: each is one id, the
+tokenizer's own where its vocabulary holds the string as one token (`vocabulary_id`: the word
+tokenizer's `<image>` of `vqa.vocabulary()`), else the next id past the vocabulary, so
+`vocab_size` grows by one (CLIP BPE's `<image>` is 49408, a byte tokenizer's 260).
 
 Register a new one with `@TOKENIZERS.register("name", schema=...)` (its constructor's keyword
 arguments, as config keys) in a module named in TOKENIZERS' `modules` (imported on the first
@@ -55,14 +61,59 @@ class Tokenizer:
 
     def __init__(self, add_bos: bool = False):
         self.add_bos = add_bos
+        self.special_tokens: dict[str, int] = {}  # added special token -> its id
+        self.special_pattern: re.Pattern | None = None  # matches any of them, longest first
 
-    def encode(self, text: str) -> list[int]:
-        """Content ids of `text`, without BOS/EOS/padding."""
+    def encode_text(self, text: str) -> list[int]:
+        """Content ids of text without added special tokens (the subclass's own encoding)."""
         raise NotImplementedError
 
-    def detokenize(self, ids: Sequence[int]) -> str:
+    def detokenize_text(self, ids: Sequence[int]) -> str:
         """Text of content ids (no specials among them)."""
         raise NotImplementedError
+
+    def vocabulary_id(self, token: str) -> int | None:
+        """The id of `token` where the vocabulary holds it as one token, else None."""
+        return None
+
+    def add_special_tokens(self, tokens: Sequence[str]) -> None:
+        """Make each of `tokens` one id that `encode` never splits (see the module docstring)."""
+        for token in tokens:
+            if token in self.special_tokens:
+                continue
+            token_id = self.vocabulary_id(token)
+            if token_id is None:
+                token_id = self.vocab_size
+                self.vocab_size += 1
+            self.special_tokens[token] = token_id
+        longest_first = sorted(self.special_tokens, key=len, reverse=True)
+        self.special_pattern = re.compile("(" + "|".join(map(re.escape, longest_first)) + ")")
+
+    def encode(self, text: str) -> list[int]:
+        """Content ids of `text`, without BOS/EOS/padding; each added special token one id."""
+        if self.special_pattern is None:
+            return self.encode_text(text)
+        ids = []
+        # split() with one group: text, special, text, special, ..., text
+        for position, piece in enumerate(self.special_pattern.split(text)):
+            if position % 2:
+                ids.append(self.special_tokens[piece])
+            elif piece:
+                ids.extend(self.encode_text(piece))
+        return ids
+
+    def detokenize(self, ids: Sequence[int]) -> str:
+        """Text of content ids; an added special token's id reads as the token."""
+        names = {token_id: token for token, token_id in self.special_tokens.items()}
+        pieces, run = [], []
+        for token_id in (int(i) for i in ids):
+            if token_id in names:
+                pieces += [self.detokenize_text(run), names[token_id]]
+                run = []
+            else:
+                run.append(token_id)
+        pieces.append(self.detokenize_text(run))
+        return " ".join(piece for piece in pieces if piece)
 
     def decode(self, ids: Sequence[int]) -> str:
         """Text of a row of `batch_encode`: stops at EOS, skips PAD and BOS."""
@@ -109,11 +160,14 @@ class WordTokenizer(Tokenizer):
         self.ids = {word: i for i, word in enumerate(self.words)}
         self.vocab_size = len(self.words)
 
-    def encode(self, text: str) -> list[int]:
+    def encode_text(self, text: str) -> list[int]:
         return [self.ids.get(word, self.unk_id) for word in _WORD.findall(text.lower())]
 
-    def detokenize(self, ids: Sequence[int]) -> str:
+    def detokenize_text(self, ids: Sequence[int]) -> str:
         return " ".join(self.words[i] for i in ids)
+
+    def vocabulary_id(self, token: str) -> int | None:
+        return self.ids.get(token)
 
 
 @TOKENIZERS.register("bytes", schema=ADD_BOS)
@@ -122,17 +176,23 @@ class ByteTokenizer(Tokenizer):
 
     vocab_size = len(SPECIALS) + 256
 
-    def encode(self, text: str) -> list[int]:
+    def encode_text(self, text: str) -> list[int]:
         return [len(SPECIALS) + b for b in text.encode("utf-8")]
 
-    def detokenize(self, ids: Sequence[int]) -> str:
+    def detokenize_text(self, ids: Sequence[int]) -> str:
         data = bytes(i - len(SPECIALS) for i in ids if i >= len(SPECIALS))
         return data.decode("utf-8", errors="replace")
 
 
-def build_tokenizer(config: ml_collections.ConfigDict) -> Tokenizer:
-    """`config.tokenizer` -> Tokenizer; keys other than name/max_len go to the constructor."""
+def build_tokenizer(
+    config: ml_collections.ConfigDict, special_tokens: Sequence[str] = ()
+) -> Tokenizer:
+    """`config.tokenizer` -> Tokenizer; keys other than name/max_len go to the constructor.
+    `special_tokens`: strings the task needs as single ids (`Tokenizer.add_special_tokens`)."""
     tokenizer = TOKENIZERS.get(config.name)
     given = {key: value for key, value in config.items() if key != "max_len"}  # the pipeline's
     options = resolve("tokenizer", given, Select(TOKENIZERS))
-    return tokenizer(**{key: value for key, value in options.items() if key != "name"})
+    tokenizer = tokenizer(**{key: value for key, value in options.items() if key != "name"})
+    if special_tokens:
+        tokenizer.add_special_tokens(special_tokens)
+    return tokenizer

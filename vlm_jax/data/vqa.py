@@ -1,6 +1,40 @@
-"""VQA and captioning over the embedded shapes world; answers are true by construction.
+"""VQA / instruction data for the "vlm" task: the record contract, its check and encoding, the
+pipeline, and one source of such records, VQA over the embedded shapes world.
 
-Questions are generated from the structured scene (`shapes.Scene`), never from the pixels:
+RECORD CONTRACT. A VQA source is a registered data source (`build_source(config.data, split)`,
+see data/sources.py) whose records are dicts with
+
+    image          uint8[H, W, 3] (or what any source may give: encoded bytes, grey, RGBA), or a
+                   list of K of them; K is the same for every record of a source
+    prompt         str: the text the model reads before the answer, chat template included,
+                   with one `<image>` marker per image where that image's visual tokens go; a
+                   prompt with no marker gets all K at its front ("<image> " * K + prompt)
+    answer         str, not empty: the target (the loss is on its tokens and EOS; evaluation
+                   compares the greedy answer with it)
+    question_type  optional: a str, or an int indexing the source's `question_types`;
+                   evaluation reports `acc_<type>` for each type present (a type named "absent"
+                   also gets `absent_false_yes`, one named "caption" `caption_token_acc`)
+    id             optional int, carried into the batch for the logs
+
+and, optionally, the source attributes `images_per_record` (K, default 1), `question_types`
+(type names) and `blank_colour` (uint8 RGB of the grounding probe's empty canvas; default
+NEUTRAL_GREY). A record that breaks the contract is a bad record (reasons bad_image,
+bad_prompt, bad_answer): replaced, counted and logged, or fatal with data.on_error="fail", as
+every source's. Sources: "shapes_vqa" (below) and "vqa_folder" (data/vqa_folder.py: images with
+a JSONL or CSV manifest of prompts and answers).
+
+`<image>` is an added special token of whichever tokenizer is configured (`build_vqa_tokenizer`):
+one id that encoding never splits, the word tokenizer's own where its vocabulary holds it (as
+`vocabulary()` does, so shapes runs keep `model.image_token_id`), else the first id past the
+vocabulary.
+
+Model inputs (`VQAInputs`): tokens = prompt + answer + EOS + pad, `prefix_len` = prompt
+length (the bidirectional prefix), `loss_mask` = 1 on answer and EOS tokens (the targets), and
+images float32[K, S, S, 3], so a batch carries [b, K, S, S, 3] and multi-image prompts need no
+format change.
+
+THE SHAPES SOURCE. Questions are generated from the structured scene (`shapes.Scene`), never
+from the pixels, so answers are true by construction:
 
     colour   "what colour is the circle?"                      -> "red"
     shape    "what shape is the blue object?"                  -> "square"
@@ -12,16 +46,13 @@ Questions are generated from the structured scene (`shapes.Scene`), never from t
 
 `exists` and `absent` share one template, so only the image tells them apart; the false-"yes"
 rate on `absent` is the hallucination probe. Prompts use a chat template with one `<image>`
-placeholder per image ("user: <image> {question} assistant:"); a batch carries images as
-[b, K, S, S, 3] so multi-image prompts need no format change.
-
-Model inputs (`VQAInputs`): tokens = prompt + answer + EOS + pad, `prefix_len` = prompt
-length (the bidirectional prefix), `loss_mask` = 1 on answer and EOS tokens (the targets).
+placeholder ("user: <image> {question} assistant:").
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import grain
 import ml_collections
@@ -29,13 +60,23 @@ import numpy as np
 
 from vlm_jax.data import preprocess, shapes
 from vlm_jax.data.pipeline import batched
-from vlm_jax.data.records import BadRecords, CheckedSource, check_image, counters
-from vlm_jax.data.sources import DATA, DATA_SOURCES, SHAPES, shapes_world
-from vlm_jax.data.tokenizers import Tokenizer
+from vlm_jax.data.records import (
+    SUBSTITUTE,
+    BadRecordError,
+    BadRecords,
+    CheckedSource,
+    as_rgb,
+    counters,
+)
+from vlm_jax.data.sources import DATA, DATA_SOURCES, SHAPES, build_source, shapes_world
+from vlm_jax.data.tokenizers import Tokenizer, build_tokenizer
 from vlm_jax.schema import Key, Schema, resolve
 
 QUESTION_TYPES = ("colour", "shape", "count", "spatial", "exists", "absent", "caption")
 IMAGE_PLACEHOLDER = "<image>"
+# The empty canvas of a source without `blank_colour`: the middle of the input range (0 after
+# preprocess.to_float), an image with no content and no bias toward any colour.
+NEUTRAL_GREY = (128, 128, 128)
 TEMPLATE = "user: {images} {question} assistant:"
 COUNT_WORDS = {1: "one", 2: "two", 3: "three"}
 _QUESTION_WORDS = ("user", "assistant", "what", "colour", "is", "are", "the", "shape", "object",
@@ -162,8 +203,13 @@ class ShapesVQASource:
     Train records draw a random applicable type; held-out records cycle through the types
     (record i asks type i mod T where it applies), so per-type accuracies are balanced.
     Record: {"image": uint8[S, S, 3], "prompt": str, "answer": str, "question_type": int
-    (index into QUESTION_TYPES), "caption": str, "id": int}.
+    (index into QUESTION_TYPES), "caption": str, "id": int}. The grounding probe's blank
+    canvas is the world's background.
     """
+
+    question_types = QUESTION_TYPES
+    blank_colour = shapes.BACKGROUND
+    images_per_record = 1
 
     def __init__(self, config: ml_collections.ConfigDict, split: str):
         self.world = shapes_world(config)
@@ -193,33 +239,12 @@ class ShapesVQASource:
         return f"ShapesVQASource(split={self.split!r}, types={self.types}, world={self.world})"
 
 
-def image_token_id(tokenizer: Tokenizer) -> int:
-    """The id of `<image>` in a word tokenizer built with `vocabulary()`."""
-    ids = getattr(tokenizer, "ids", {})
-    if IMAGE_PLACEHOLDER not in ids:
-        raise ValueError(
-            f"the tokenizer has no {IMAGE_PLACEHOLDER!r} token; use tokenizer.name='words' with "
-            "words=vlm_jax.data.vqa.vocabulary()"
-        )
-    return ids[IMAGE_PLACEHOLDER]
-
-
-def encode_prompt(tokenizer: Tokenizer, prompt: str) -> list[int]:
-    """Prompt ids with each `<image>` placeholder as one image token (the tokenizer's word
-    splitter would cut it into '<', 'image', '>')."""
-    parts = prompt.split(IMAGE_PLACEHOLDER)
-    ids = tokenizer.encode(parts[0])
-    for part in parts[1:]:
-        ids += [image_token_id(tokenizer), *tokenizer.encode(part)]
-    return ids
-
-
 def encode_example(
     tokenizer: Tokenizer, prompt: str, answer: str | None, max_len: int
 ) -> dict[str, np.ndarray]:
     """{"tokens": int32[L], "prefix_len": int32[], "loss_mask": int32[L]}; answer None: the
     prompt alone (for generation)."""
-    prompt_ids = encode_prompt(tokenizer, prompt)
+    prompt_ids = tokenizer.encode(prompt)  # each <image> one id (build_vqa_tokenizer)
     answer_ids = [] if answer is None else [*tokenizer.encode(answer), tokenizer.eos_id]
     ids = prompt_ids + answer_ids
     if len(ids) > max_len:
@@ -233,9 +258,113 @@ def encode_example(
     return {"tokens": tokens, "prefix_len": np.int32(len(prompt_ids)), "loss_mask": loss_mask}
 
 
+def build_vqa_tokenizer(config: ml_collections.ConfigDict) -> Tokenizer:
+    """`config.tokenizer` -> its tokenizer with `<image>` as an added special token."""
+    return build_tokenizer(config, special_tokens=(IMAGE_PLACEHOLDER,))
+
+
+def image_token_id(tokenizer: Tokenizer) -> int:
+    """The id of `<image>` in a tokenizer made by `build_vqa_tokenizer`."""
+    if IMAGE_PLACEHOLDER not in tokenizer.special_tokens:
+        raise ValueError(
+            f"the tokenizer has no {IMAGE_PLACEHOLDER!r} special token; build it with "
+            "vlm_jax.data.vqa.build_vqa_tokenizer(config.tokenizer)"
+        )
+    return tokenizer.special_tokens[IMAGE_PLACEHOLDER]
+
+
+def images_per_record(source: Any) -> int:
+    """K, the images of each record of a VQA source (its `images_per_record`, default 1)."""
+    return int(getattr(source, "images_per_record", 1))
+
+
+def blank_colour(source: Any) -> tuple[int, int, int]:
+    """The grounding probe's empty canvas for a VQA source (its `blank_colour`, or grey)."""
+    return tuple(getattr(source, "blank_colour", NEUTRAL_GREY))
+
+
+def question_type_name(source: Any, record: dict) -> str:
+    """A record's question type as a name ("" when it has none): a str as it is, an int
+    through the source's `question_types`."""
+    kind = record.get("question_type")
+    if kind is None or isinstance(kind, str):
+        return kind or ""
+    return source.question_types[int(kind)]
+
+
+def with_image_markers(prompt: str, num_images: int) -> str:
+    """`prompt` with one `<image>` per image: as it is when it has `num_images` of them, all in
+    front when it has none; BadRecordError("bad_prompt") for any other count."""
+    count = prompt.count(IMAGE_PLACEHOLDER)
+    if count == 0:
+        return " ".join([IMAGE_PLACEHOLDER] * num_images + [prompt]).strip()
+    if count != num_images:
+        raise BadRecordError(
+            "bad_prompt", f"{count} {IMAGE_PLACEHOLDER} markers for {num_images} images: {prompt!r}"
+        )
+    return prompt
+
+
+class VQARecordCheck:
+    """A record of the contract -> {"image": K arrays uint8[H, W, 3], "prompt" with its K
+    markers, "answer" stripped, the rest as it is}; BadRecordError (bad_image, bad_prompt,
+    bad_answer) when it breaks the contract."""
+
+    def __init__(self, images_per_record: int, max_aspect_ratio: float):
+        self.images_per_record = images_per_record
+        self.max_aspect_ratio = max_aspect_ratio
+
+    def __call__(self, record: dict) -> dict:
+        images = record.get("image")
+        images = list(images) if isinstance(images, list | tuple) else [images]
+        if len(images) != self.images_per_record:
+            detail = f"{len(images)} images; the source has {self.images_per_record} per record"
+            raise BadRecordError("bad_image", detail)
+        prompt, answer = record.get("prompt"), record.get("answer")
+        if not isinstance(prompt, str):
+            raise BadRecordError("bad_prompt", f"prompt is a {type(prompt).__name__}, not a str")
+        if not isinstance(answer, str) or not answer.strip():
+            raise BadRecordError("bad_answer", f"answer {answer!r} is not a non-empty str")
+        return {
+            **record,
+            "image": [as_rgb(image, self.max_aspect_ratio) for image in images],
+            "prompt": with_image_markers(prompt, self.images_per_record),
+            "answer": answer.strip(),
+        }
+
+
+def checked_vqa_source(config: ml_collections.ConfigDict, split: str) -> CheckedSource:
+    """The VQA source `config.data` names, for `split`, its records checked (`VQARecordCheck`:
+    bad ones replaced, counted and logged, or raising, per data.on_error)."""
+    data = resolve("data", config.data, DATA)
+    source = build_source(data, split)
+    check = VQARecordCheck(images_per_record(source), data.max_aspect_ratio)
+    return CheckedSource(source, check, BadRecords(data.on_error, vqa_where(config, split)))
+
+
+def vqa_where(config: ml_collections.ConfigDict, split: str) -> str:
+    return f"data.source={config.data.source!r} split={split!r}"
+
+
+def held_out_records(
+    config: ml_collections.ConfigDict, split: str, count: int
+) -> tuple[Any, list[dict]]:
+    """(the source of `split`, its first `count` good records, checked): evaluation data, each
+    record once (a bad record's slot, refilled by the next good record, is left out)."""
+    checked = checked_vqa_source(config, split)
+    records = []
+    for index in range(len(checked)):
+        if len(records) == count:
+            break
+        record = checked[index]
+        if not record[SUBSTITUTE]:
+            records.append(record)
+    return checked.source, records
+
+
 class VQAInputs(grain.transforms.Map):
-    """Record -> {"image": float32[1, S, S, 3], "tokens", "prefix_len", "loss_mask",
-    "question_type", "id", and the `records.COUNTERS` the record has}."""
+    """Checked record -> {"image": float32[K, S, S, 3], "tokens", "prefix_len", "loss_mask",
+    "id" (when the record has one), and the `records.COUNTERS` the record has}."""
 
     def __init__(self, tokenizer: Tokenizer, max_len: int, image_size: int):
         self.tokenizer = tokenizer
@@ -243,11 +372,11 @@ class VQAInputs(grain.transforms.Map):
         self.image_size = image_size
 
     def map(self, record: dict) -> dict:
-        image = preprocess.to_float(preprocess.fit_image(record["image"], self.image_size))
+        images = [preprocess.fit_image(image, self.image_size) for image in record["image"]]
         example = encode_example(self.tokenizer, record["prompt"], record["answer"], self.max_len)
-        example["image"] = image[None]
-        example["question_type"] = np.int32(record["question_type"])
-        example["id"] = np.int64(record["id"])
+        example["image"] = preprocess.to_float(np.stack(images))
+        if "id" in record:
+            example["id"] = np.int64(record["id"])
         return example | counters(record)
 
 
@@ -264,12 +393,10 @@ def build_vqa_pipeline(
     num_epochs: int | None = None,
     worker_count: int = 0,
 ) -> grain.IterDataset:
-    """Per-process VQA batches; the iterator supports get_state/set_state (Grain). Records are
-    checked as in `build_pipeline` (images only: prompts and answers are made here)."""
-    where = f"data.source={config.data.source!r} split={split!r}"
-    bad = BadRecords(resolve("data", config.data, DATA).on_error, where)
+    """Per-process VQA batches of the source `config.data` names; the iterator supports
+    get_state/set_state (Grain). Records are checked against the contract (`VQARecordCheck`)."""
     return batched(
-        CheckedSource(ShapesVQASource(config.data, split), check_image, bad),
+        checked_vqa_source(config, split),
         [VQAInputs(tokenizer, config.tokenizer.max_len, config.data.image_size)],
         batch_size=batch_size,
         process_index=process_index,
@@ -278,5 +405,5 @@ def build_vqa_pipeline(
         seed=seed,
         num_epochs=num_epochs,
         worker_count=worker_count,
-        name=where,
+        name=vqa_where(config, split),
     )

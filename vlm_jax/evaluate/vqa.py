@@ -1,13 +1,17 @@
 """VQA / captioning evaluation with grounding probes: the "vqa" and "caption" evaluators.
 
-For the first `eval.num_examples` held-out records of `eval.split` (types balanced, see
-data/vqa.py), "vqa" reports
+For the first `eval.num_examples` good held-out records of `eval.split` from the configured
+VQA source (the record contract of data/vqa.py; the shapes world's balance the question
+types), "vqa" reports
 
-* `acc`, `acc_<type>`: exact match of the greedy answer (KV-cached generation);
+* `acc`, `acc_<type>`: exact match of the greedy answer (KV-cached generation), per question
+  type the records name;
 * grounding probes: the same questions asked with each example's image swapped for the
-  next example's (`swapped_acc...`) and with a blank canvas (`blank_acc...`). A model that
-  reads the image loses accuracy on both; one that answers from the text prior does not;
-* `absent_false_yes`: the rate of "yes" to questions about absent objects (hallucination);
+  next example's (`swapped_acc...`) and with a blank canvas of the source's `blank_colour`
+  (`blank_acc...`). A model that reads the image loses accuracy on both; one that answers from
+  the text prior does not;
+* `absent_false_yes`: the rate of "yes" to questions of type "absent" (about absent objects:
+  hallucination);
 * `visual_tokens`: visual tokens per example; `prefill_gflops`: XLA's FLOP count of the
   prefill (vision tower + connector + LM over image and prompt) per example;
 
@@ -28,9 +32,15 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from vlm_jax.data import preprocess, shapes
+from vlm_jax.data import preprocess
 from vlm_jax.data.tokenizers import Tokenizer
-from vlm_jax.data.vqa import QUESTION_TYPES, ShapesVQASource, encode_example
+from vlm_jax.data.vqa import (
+    VQAInputs,
+    blank_colour,
+    encode_example,
+    held_out_records,
+    question_type_name,
+)
 from vlm_jax.evaluate import EVAL, EVALUATORS, Evaluator
 from vlm_jax.generate import generate
 from vlm_jax.schema import Key, Schema, positive, resolve_keys
@@ -47,27 +57,27 @@ ANSWERS = EXAMPLES | Schema({"max_new_tokens": Key(int, 12, "answer tokens gener
 
 
 def load_examples(config: ml_collections.ConfigDict, tokenizer: Tokenizer, num_examples: int):
-    """The first `num_examples` held-out records as model inputs (numpy) and answers (str)."""
-    source = ShapesVQASource(config.data, config.eval.get("split", "val"))
-    records = [source[i] for i in range(min(num_examples, len(source)))]
-    size, max_len = config.data.image_size, config.tokenizer.max_len
-    full = [encode_example(tokenizer, r["prompt"], r["answer"], max_len) for r in records]
+    """The first `num_examples` good held-out records as model inputs (numpy), answers (str),
+    question type names (str, "" for none) and the source's blank canvas colour."""
+    source, records = held_out_records(config, config.eval.get("split", "val"), num_examples)
+    max_len = config.tokenizer.max_len
+    full = [VQAInputs(tokenizer, max_len, config.data.image_size).map(r) for r in records]
     prompts = [encode_example(tokenizer, r["prompt"], None, max_len) for r in records]
-    images = [preprocess.to_float(preprocess.fit_image(r["image"], size)) for r in records]
     return {
-        "image": np.stack(images)[:, None],  # float32[n, 1, S, S, 3]
+        "image": np.stack([e["image"] for e in full]),  # float32[n, K, S, S, 3]
         "tokens": np.stack([e["tokens"] for e in full]),
         "loss_mask": np.stack([e["loss_mask"] for e in full]),
         "prompt": np.stack([p["tokens"] for p in prompts]),
         "prefix_len": np.stack([p["prefix_len"] for p in prompts]),
-        "question_type": np.asarray([r["question_type"] for r in records]),
+        "question_type": np.asarray([question_type_name(source, r) for r in records]),  # str[n]
         "answer": [tokenizer.detokenize(tokenizer.encode(r["answer"])) for r in records],
+        "blank_colour": np.asarray(blank_colour(source), np.uint8),  # uint8[3], not per example
     }
 
 
-def blank_images(like: np.ndarray) -> np.ndarray:
-    """An empty canvas (the world's background colour) in the model's [-1, 1] range."""
-    background = np.broadcast_to(np.asarray(shapes.BACKGROUND, np.uint8), like.shape[-3:])
+def blank_images(like: np.ndarray, colour: np.ndarray) -> np.ndarray:
+    """An empty canvas of `colour` (uint8 RGB) shaped `like`, in the model's [-1, 1] range."""
+    background = np.broadcast_to(np.asarray(colour, np.uint8), like.shape[-3:])
     return np.broadcast_to(preprocess.to_float(background), like.shape).copy()
 
 
@@ -87,11 +97,9 @@ def _exact_match(outputs, answers, types, tokenizer, prefix: str) -> dict[str, f
     predictions = [tokenizer.decode(row) for row in outputs]
     correct = np.asarray([p == a for p, a in zip(predictions, answers)])
     results = {f"{prefix}acc": float(correct.mean())}
-    for index, name in enumerate(QUESTION_TYPES):
-        chosen = types == index
-        if chosen.any():
-            results[f"{prefix}acc_{name}"] = float(correct[chosen].mean())
-    absent = types == QUESTION_TYPES.index("absent")
+    for name in filter(None, dict.fromkeys(types.tolist())):  # the types present, in order
+        results[f"{prefix}acc_{name}"] = float(correct[types == name].mean())
+    absent = types == "absent"
     if absent.any():
         results[f"{prefix}absent_false_yes"] = float(
             np.mean([predictions[i] == "yes" for i in np.flatnonzero(absent)])
@@ -161,7 +169,7 @@ def evaluate_vqa(
     if model.fusion != "none":
         swapped = np.roll(images, 1, axis=0)
         results |= _exact_match(answers(swapped), examples["answer"], types, tokenizer, "swapped_")
-        blank = blank_images(images)
+        blank = blank_images(images, examples["blank_colour"])
         results |= _exact_match(answers(blank), examples["answer"], types, tokenizer, "blank_")
     results["visual_tokens"] = float(visual_tokens_per_example(model, params, examples))
     results["prefill_gflops"] = prefill_flops_per_example(model, params, examples, batch) / 1e9
@@ -173,7 +181,7 @@ def caption_token_accuracy(
 ) -> dict[str, float]:
     """caption_token_acc: teacher-forced next-token accuracy on the caption answers ({} with
     no caption among the examples)."""
-    captions = examples["question_type"] == QUESTION_TYPES.index("caption")
+    captions = examples["question_type"] == "caption"
     if not captions.any():
         return {}
     fn = jax.jit(

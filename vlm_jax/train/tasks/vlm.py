@@ -1,5 +1,7 @@
-"""The "vlm" task: VQA / captioning on the shapes world (the "lm" task, lm.py, pretrains the
-decoder that `init.lm_checkpoint` loads).
+"""The "vlm" task: VQA / captioning / instruction following on any source of VQA records
+(data.source "shapes_vqa", "vqa_folder", ...: the record contract in data/vqa.py), with
+`<image>` an added special token of the configured tokenizer (the "lm" task, lm.py, pretrains
+the decoder that `init.lm_checkpoint` loads).
 
 Training recipes are config only (configs/vlm_shapes.py RECIPES):
   stage 1: optim.freeze = ("vision/.*", "lm/(?!xattn_).*")   connector (and, with
@@ -14,6 +16,7 @@ activation gradients still flow through a frozen LM to a trained connector).
 
 from __future__ import annotations
 
+import functools
 from typing import Any, ClassVar
 
 import jax
@@ -21,10 +24,14 @@ import jax.numpy as jnp
 import numpy as np
 
 from vlm_jax.checkpoint import load_params
-from vlm_jax.data import build_tokenizer
-from vlm_jax.data.sources import DATA
+from vlm_jax.data.sources import DATA, build_source
 from vlm_jax.data.tokenizers import TOKENIZER
-from vlm_jax.data.vqa import build_vqa_pipeline, image_token_id
+from vlm_jax.data.vqa import (
+    build_vqa_pipeline,
+    build_vqa_tokenizer,
+    image_token_id,
+    images_per_record,
+)
 from vlm_jax.evaluate import eval_section
 from vlm_jax.losses import next_token_loss
 from vlm_jax.models import MODEL
@@ -57,7 +64,7 @@ class VLMTask(Task):
 
     def __init__(self, config, mesh):
         super().__init__(config, mesh)
-        self.tokenizer = build_tokenizer(config.tokenizer)
+        self.tokenizer = build_vqa_tokenizer(config.tokenizer)
         check_vocab_size("model.lm.vocab_size", config.model.lm.vocab_size, self.tokenizer)
         if config.model.image_token_id != image_token_id(self.tokenizer):
             raise ValueError(
@@ -71,13 +78,18 @@ class VLMTask(Task):
             )
         self.model = build_vlm(config.model)
 
-    host_keys = (*Task.host_keys, "question_type")  # the question's kind: unused in training
     added_keys: ClassVar[dict] = {("model", "pad_id"): 0}  # runs from before model.pad_id
+
+    @functools.cached_property
+    def images_per_record(self) -> int:
+        """K, the images of each training record (the source's; 1 for most)."""
+        return images_per_record(build_source(self.config.data, "train"))
 
     def batch_spec(self, batch_size: int) -> dict[str, jax.ShapeDtypeStruct]:
         size, length = self.config.data.image_size, self.config.tokenizer.max_len
+        images = (batch_size, self.images_per_record, size, size, 3)
         return {
-            "image": jax.ShapeDtypeStruct((batch_size, 1, size, size, 3), np.float32),
+            "image": jax.ShapeDtypeStruct(images, np.float32),
             "tokens": jax.ShapeDtypeStruct((batch_size, length), np.int32),
             "prefix_len": jax.ShapeDtypeStruct((batch_size,), np.int32),
             "loss_mask": jax.ShapeDtypeStruct((batch_size, length), np.int32),
