@@ -3,8 +3,7 @@
 import jax
 import numpy as np
 import pytest
-from test_train import tiny_config
-from test_vlm_train import tiny_config as tiny_vlm_config
+from conftest import tiny_contrastive_config, tiny_lm_config, tiny_vlm_config
 
 from vlm_jax import sharding
 from vlm_jax.config import ConfigError
@@ -79,9 +78,9 @@ def test_every_problem_is_named_at_once():
 
 
 CONFIGS = {
-    "contrastive": lambda: tiny_config(**{"train.worker_count": "0"}),
+    "contrastive": lambda: tiny_contrastive_config(**{"train.worker_count": "0"}),
     "vlm": lambda: tiny_vlm_config(**{"train.worker_count": "0"}),
-    "lm": lambda: tiny_vlm_config("lm_shapes", **{"train.worker_count": "0"}),
+    "lm": lambda: tiny_lm_config(**{"train.worker_count": "0"}),
 }
 
 
@@ -122,7 +121,7 @@ def test_the_trainer_refuses_a_first_batch_off_the_contract(tmp_path, monkeypatc
         }
 
     with_first_batch_edited(monkeypatch, edit)
-    config = tiny_config(**{"train.worker_count": "0", "train.total_steps": "1"})
+    config = tiny_contrastive_config(**{"train.worker_count": "0", "train.total_steps": "1"})
     with pytest.raises(ConfigError) as error:
         train(config, tmp_path)
     assert "key 'tokens': expected int32[16, 16], got int64[16, 16]" in str(error.value)

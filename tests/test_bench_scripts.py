@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import TINY_CONTRASTIVE
 
 REPO = Path(__file__).parent.parent
 
@@ -51,13 +52,14 @@ def test_attention_bench_rejects_unknown_names(flag, value):
 def test_train_step_bench_reports_per_device_flops_consistently():
     """On 8 devices XLA's count is one device's; the analytic column must be too (16 examples
     per device, so the replicated optimizer update, which XLA also counts, stays small)."""
-    from test_train import TINY
-
     bench = load_script("bench_train_step")
     sizes = {"model.image.width": "128", "model.image.mlp_dim": "512"}
     sizes |= {"model.text.width": "128", "model.text.mlp_dim": "512", "train.batch_size": "128"}
     argv = ["--config", "configs/siglip_shapes.py", "--steps", "1", "--warmup", "1"]
-    argv += [f"--config.{k}={v}" for k, v in (TINY | sizes | {"mesh.shape": "(8,1,1)"}).items()]
+    argv += [
+        f"--config.{k}={v}"
+        for k, v in (TINY_CONTRASTIVE | sizes | {"mesh.shape": "(8,1,1)"}).items()
+    ]
     row = bench.main(argv)
     assert row["devices"] == 8 and row["trained_params"] > 0 and row["frozen_params"] == 0
     assert row["xla_gflops"] == pytest.approx(row["model_gflops"], rel=0.15)

@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 import pytest
-from test_train import TINY
+from conftest import TINY_CONTRASTIVE
 
 pytestmark = pytest.mark.slow
 
@@ -39,10 +39,11 @@ runpy.run_module("vlm_jax.train", run_name="__main__")
 def launch(
     workdir: Path, cache: Path, *, program=("-m", "vlm_jax.train"), **overrides: str
 ) -> subprocess.Popen:
-    """The training CLI on configs/siglip_shapes.py (train.worker_count=1) with TINY sizes, in
-    its own process group; the runs share a compilation cache (the second compiles nothing)."""
+    """The training CLI on configs/siglip_shapes.py (train.worker_count=1) at TINY_CONTRASTIVE
+    sizes, in its own process group; the runs share a compilation cache (the second compiles
+    nothing)."""
     # A constant learning rate keeps train.total_steps out of the compiled step (cache hits).
-    run = {**TINY, "train.worker_count": "1", "optim.schedule": "constant", **overrides}
+    run = {**TINY_CONTRASTIVE, "train.worker_count": "1", "optim.schedule": "constant", **overrides}
     argv = [sys.executable, *program, "--config", "configs/siglip_shapes.py"]
     argv += ["--workdir", str(workdir)] + [f"--config.{k}={v}" for k, v in run.items()]
     env = dict(

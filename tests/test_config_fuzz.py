@@ -9,7 +9,7 @@ import flax.linen as nn
 import jax
 import numpy as np
 import pytest
-from test_train import tiny_config
+from conftest import tiny_contrastive_config
 
 from vlm_jax import sharding
 from vlm_jax.config import parse_cli
@@ -57,7 +57,7 @@ def test_invalid_config_fails_before_compile(overrides, pattern, tmp_path, monke
 
 def test_workdir_of_another_experiment_is_refused(tmp_path, monkeypatch):
     no_compile(monkeypatch)
-    config = tiny_config()
+    config = tiny_contrastive_config()
     other = json.loads(trainer.to_json(config))
     other["seed"], other["model"]["embed_dim"] = 7, 64
     tmp_path.mkdir(exist_ok=True)
@@ -120,7 +120,7 @@ def compile_fast(fn):
 @functools.cache
 def one_step(change: tuple[tuple[str, str], ...]) -> tuple[float, dict[str, float]]:
     """BASE with `change` applied: tiny init + one loss/grad step -> (loss, {path: max |grad|})."""
-    config = tiny_config(**(BASE | dict(change)))
+    config = tiny_contrastive_config(**(BASE | dict(change)))
     mesh = sharding.build_mesh((1, 1, 1), jax.devices()[:1])
     task = TASKS.get(config.task)(config, mesh)
     rng = np.random.default_rng(0)

@@ -6,6 +6,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from vlm_jax.config import load_config
+from vlm_jax.models import build_model
 from vlm_jax.models.decoder import DecoderLM, RMSNorm, apply_rope
 
 VOCAB = 40
@@ -173,3 +175,17 @@ def test_remat_gives_identical_outputs_and_gradients():
     jax.tree.map(
         lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), g_plain, g_remat
     )
+
+
+@pytest.mark.parametrize(
+    "lm, message",
+    [
+        (dict(width=96, num_heads=5, head_dim=None), r"model.lm: width=96 .* num_heads=5"),
+        (dict(num_kv_heads=3), r"num_heads=4 is not a multiple of num_kv_heads=3"),
+    ],
+)
+def test_lm_head_counts_are_checked_when_the_model_is_built(lm, message):
+    config = load_config("configs/vlm_shapes.py")
+    config.model.lm.update(lm)
+    with pytest.raises(ValueError, match=message):
+        build_model(config.model)

@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import tiny_contrastive_config
 from test_bad_input import (
     IMAGE_SIZE,
     TOKENIZER,
@@ -29,7 +30,6 @@ from test_bad_input import (
 from test_checkpoint_integrity import DAMAGE, resume, save_steps, state_at
 from test_config_fuzz import INVALID, no_compile
 from test_numerics import guarded_step
-from test_train import tiny_config
 
 from vlm_jax.checkpoint import Checkpointer
 from vlm_jax.config import parse_cli
@@ -146,7 +146,7 @@ def bad_config(overrides: dict, pattern: str) -> Callable:
 
 def workdir_of_another_experiment(tmp_path, monkeypatch):
     no_compile(monkeypatch)
-    config = tiny_config()
+    config = tiny_contrastive_config()
     other = json.loads(trainer.to_json(config))
     other["seed"] = 7
     (tmp_path / "config.json").write_text(json.dumps(other))

@@ -5,7 +5,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import pytest
-from test_models import tiny_config
+from conftest import tiny_two_tower_config
 
 from vlm_jax.models import build_model
 from vlm_jax.models.flops import (
@@ -46,7 +46,7 @@ def test_forward_flops_match_xla_cost_analysis(image):
     # Wide enough that matmuls dominate the elementwise work XLA also counts.
     sizes = {"image.width": 128, "image.mlp_dim": 512, "text.width": 128, "text.mlp_dim": 512}
     sizes |= {f"image.{key}": value for key, value in image.items()}
-    config = tiny_config(embed_dim=64, **sizes)
+    config = tiny_two_tower_config(embed_dim=64, **sizes)
     batch = 2
     analytic = batch * forward_flops_per_example(config)
     measured = xla_forward_flops(config, batch)
@@ -58,7 +58,7 @@ def test_training_flops_match_xla_with_frozen_towers(frozen):
     """3 x forward per trained tower, 1 x for a tower whose params are all stop_gradient'ed
     (what Task.stop_frozen does for optim.freeze), against XLA's count of the gradient."""
     sizes = {"image.width": 128, "image.mlp_dim": 512, "text.width": 128, "text.mlp_dim": 512}
-    config = tiny_config(embed_dim=64, **sizes)
+    config = tiny_two_tower_config(embed_dim=64, **sizes)
     model, batch = build_model(config), 2
     size = config.image.image_size
     images = jnp.zeros((batch, size, size, 3), jnp.float32)
@@ -78,6 +78,8 @@ def test_training_flops_match_xla_with_frozen_towers(frozen):
 
 
 def test_text_flops_use_the_tokenized_length():
-    config, half = tiny_config(), tiny_config().text.max_len // 2
+    config, half = tiny_two_tower_config(), tiny_two_tower_config().text.max_len // 2
     short = text_flops(config, text_len=half)
-    assert short < text_flops(config) and short == text_flops(tiny_config(**{"text.max_len": half}))
+    assert short < text_flops(config) and short == text_flops(
+        tiny_two_tower_config(**{"text.max_len": half})
+    )

@@ -10,8 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from test_train import tiny_config as tiny_contrastive_config
-from test_vlm_train import tiny_config as tiny_vlm_config
+from conftest import tiny_contrastive_config, tiny_vlm_config
 
 from vlm_jax import sharding
 from vlm_jax.models.flops import image_flops, text_flops

@@ -6,6 +6,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import pytest
+from conftest import tiny_two_tower_config
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -14,25 +15,19 @@ from vlm_jax.losses import build_loss
 from vlm_jax.models import build_model
 from vlm_jax.train.gradcache import gradcache_value_and_grad
 
-
-def tiny_two_tower_config() -> ml_collections.ConfigDict:
-    tower = dict(width=16, depth=1, num_heads=2, mlp_dim=32, dropout=0.0)
-    return ml_collections.ConfigDict(
-        dict(
-            name="two_tower",
-            embed_dim=8,
-            dtype="float32",
-            attention_impl="xla",
-            remat=False,
-            scan=False,
-            image=dict(tower, patch_size=4, image_size=8, posemb="learn", pool="map"),
-            text=dict(tower, vocab_size=32, max_len=6, causal=False, pool="last", eos_id=1),
-            temperature_init=10.0,
-            bias_init=-10.0,
-            learn_temperature=True,
-            max_logit_scale=100.0,
-        )
-    )
+# conftest's tiny two-tower model, smaller still: 8-pixel images of 4 patches, 6 tokens.
+TOWER_SIZES = {
+    "embed_dim": 8,
+    "image.width": 16,
+    "image.depth": 1,
+    "image.mlp_dim": 32,
+    "image.image_size": 8,
+    "text.width": 16,
+    "text.depth": 1,
+    "text.mlp_dim": 32,
+    "text.vocab_size": 32,
+    "text.max_len": 6,
+}
 
 
 class TinyTwoTower(nn.Module):
@@ -93,7 +88,7 @@ def assert_trees_close(got, want, rtol=1e-5, atol=1e-6):
 @pytest.mark.parametrize(
     "name,num_chunks,model",
     [
-        ("sigmoid", 4, build_model(tiny_two_tower_config())),  # the real two-tower
+        ("sigmoid", 4, build_model(tiny_two_tower_config(**TOWER_SIZES))),  # the real two-tower
         ("softmax", 3, TinyTwoTower()),
     ],
     ids=["sigmoid-two_tower", "softmax-tiny"],

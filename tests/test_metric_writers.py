@@ -8,9 +8,10 @@ import time
 
 import numpy as np
 import pytest
+from conftest import tiny_contrastive_config
 from tensorboardX.proto.event_pb2 import Event
 from test_bench_scripts import load_script
-from test_train import read_rows, tiny_config
+from test_train import read_rows
 
 from vlm_jax.config import ConfigError, MissingPackage
 from vlm_jax.defaults import base_config
@@ -92,7 +93,7 @@ def test_unknown_writer_fails_before_training_naming_the_valid_ones(tmp_path):
     with pytest.raises(ValueError, match=r"wandb.mode='offlin' is not one of"):
         validate_config(writers_config("wandb", mode="offlin"))
     with pytest.raises(ConfigError, match=r"train.metric_writers='tb'"):
-        train(tiny_config(**{"train.metric_writers": "jsonl,tb"}), tmp_path / "run")
+        train(tiny_contrastive_config(**{"train.metric_writers": "jsonl,tb"}), tmp_path / "run")
     assert not (tmp_path / "run").exists()  # refused before the workdir was made
 
 
@@ -173,7 +174,9 @@ def test_wandb_resume_logs_on_to_the_same_run(tmp_path, offline_wandb):
 
 @pytest.mark.slow
 def test_wandb_offline_training_run_logs_what_metrics_jsonl_holds(tmp_path, offline_wandb):
-    config = tiny_config(**{"train.metric_writers": "jsonl,wandb", "wandb.mode": "offline"})
+    config = tiny_contrastive_config(
+        **{"train.metric_writers": "jsonl,wandb", "wandb.mode": "offline"}
+    )
     train(config, tmp_path)
     (run_dir,) = (tmp_path / "wandb").glob("offline-run-*")
     run_id, history = wandb_history(run_dir)

@@ -9,10 +9,10 @@ import jax
 import numpy as np
 import optax
 import pytest
+from conftest import shipped_config
 from jax.sharding import PartitionSpec as P
 
 from vlm_jax import sharding
-from vlm_jax.config import apply_override, load_config
 from vlm_jax.train import trainer
 from vlm_jax.train.distributed import ConcatShards, data_shard_plan, train_iterator
 from vlm_jax.train.tasks import TASKS
@@ -43,11 +43,8 @@ MESHES = [(8, 1, 1), (2, 2, 2), (1, 8, 1), (1, 1, 8)]
 
 
 def tiny_config(mesh_shape, **overrides):
-    config = load_config("configs/siglip_shapes.py")
-    for key, value in {**TINY, "mesh.shape": str(tuple(mesh_shape)), **overrides}.items():
-        apply_override(config, key, value)
-    config.lock()
-    return config
+    overrides = {**TINY, "mesh.shape": str(tuple(mesh_shape)), **overrides}
+    return shipped_config("configs/siglip_shapes.py", overrides)
 
 
 def make_mesh(mesh_shape):

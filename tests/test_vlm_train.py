@@ -9,55 +9,18 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from conftest import TINY_VLM, tiny_lm_config, tiny_vlm_config
 from PIL import Image
 
 from vlm_jax import sharding
 from vlm_jax.checkpoint import Checkpointer, load_params
-from vlm_jax.config import apply_override, load_config
+from vlm_jax.config import load_config
 from vlm_jax.data import build_pipeline, shapes
 from vlm_jax.losses import next_token_loss
 from vlm_jax.train.optim import build_optimizer, param_paths
 from vlm_jax.train.tasks.lm import LMTask
 from vlm_jax.train.tasks.vlm import VLMTask
 from vlm_jax.train.trainer import init_params, train
-
-TINY = {
-    "data.image_size": "16",
-    "data.val_size": "64",
-    "data.zeroshot_size": "8",
-    "model.image.image_size": "16",
-    "model.image.width": "32",
-    "model.image.depth": "1",
-    "model.image.num_heads": "2",
-    "model.image.mlp_dim": "32",
-    "model.lm.width": "32",
-    "model.lm.depth": "2",
-    "model.lm.num_heads": "2",
-    "model.lm.num_kv_heads": "1",
-    "model.lm.head_dim": "16",
-    "model.lm.mlp_dim": "64",
-    "train.batch_size": "16",
-    "train.total_steps": "4",
-    "train.log_every": "2",
-    "train.checkpoint_every": "4",
-    "train.async_checkpoint": "false",
-    "eval.batch_size": "16",
-    "eval.num_examples": "21",
-    "eval.max_new_tokens": "3",
-    "optim.warmup_steps": "1",
-}
-
-
-def tiny_config(name="vlm_shapes", arg="", **overrides):
-    config = load_config(f"configs/{name}.py" + (f":{arg}" if arg else ""))
-    for key, value in {**TINY, **overrides}.items():
-        if name == "lm_shapes" and key.split(".")[1] in ("image", "connector"):
-            continue
-        if name == "lm_shapes" and key.startswith("eval.") and key != "eval.batch_size":
-            continue
-        apply_override(config, key, value)
-    config.lock()
-    return config
 
 
 def test_next_token_loss_matches_numpy():
@@ -80,7 +43,7 @@ def test_next_token_loss_matches_numpy():
 
 @pytest.mark.parametrize("fusion", ["early", "cross_attention"])
 def test_stage1_freezing_leaves_frozen_params_bit_identical(fusion):
-    config = tiny_config(arg="stage1", **{"model.fusion": fusion})
+    config = tiny_vlm_config(arg="stage1", **{"model.fusion": fusion})
     mesh = sharding.build_mesh((1, 1, 1), devices=jax.devices()[:1])
     task = VLMTask(config, mesh)
     with jax.set_mesh(mesh):
@@ -118,8 +81,8 @@ def test_stage1_freezing_leaves_frozen_params_bit_identical(fusion):
 @pytest.mark.slow
 def test_lm_pretraining_initialises_the_vlm_and_eval_and_cli_run(tmp_path, capsys):
     lm_dir, vlm_dir = tmp_path / "lm", tmp_path / "vlm"
-    train(tiny_config("lm_shapes"), lm_dir)
-    config = tiny_config(arg="stage1", **{"init.lm_checkpoint": str(lm_dir)})
+    train(tiny_lm_config(), lm_dir)
+    config = tiny_vlm_config(arg="stage1", **{"init.lm_checkpoint": str(lm_dir)})
     final = train(config, vlm_dir)
     for key in ("eval/acc", "eval/swapped_acc", "eval/blank_acc", "eval/absent_false_yes"):
         assert 0.0 <= final[key] <= 1.0
@@ -150,7 +113,7 @@ def test_vision_tower_initialises_from_a_contrastive_checkpoint(tmp_path):
 
     clip = load_config("configs/siglip_shapes.py")
     for key in ("width", "depth", "num_heads", "mlp_dim", "image_size"):
-        clip.model.image[key] = int(TINY[f"model.image.{key}"])
+        clip.model.image[key] = int(TINY_VLM[f"model.image.{key}"])
     clip.model.image.patch_size = load_config("configs/vlm_shapes.py").model.image.patch_size
     two_tower = build_model(clip.model)
     images, tokens = jnp.zeros((1, 16, 16, 3)), jnp.zeros((1, 16), jnp.int32)
@@ -160,10 +123,10 @@ def test_vision_tower_initialises_from_a_contrastive_checkpoint(tmp_path):
     ckpt.close()
 
     assert clip.model.image.stem == "conv"
-    mismatched = tiny_config(**{"init.vision_checkpoint": str(tmp_path / "clip")})
+    mismatched = tiny_vlm_config(**{"init.vision_checkpoint": str(tmp_path / "clip")})
     with pytest.raises(ValueError, match=r"init checkpoint has no vision/embedding.*'stem'"):
         load_vision(mismatched)
-    config = tiny_config(
+    config = tiny_vlm_config(
         **{"init.vision_checkpoint": str(tmp_path / "clip"), "model.image.stem": "conv"}
     )
     params, loaded = load_vision(config)
@@ -202,7 +165,7 @@ def flip_byte_of_largest_array(step_dir) -> None:
 
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
 def test_lm_checkpoint_with_a_damaged_newest_step_initialises_from_the_intact_one(tmp_path, caplog):
-    config = tiny_config(arg="stage1", **{"init.lm_checkpoint": str(tmp_path / "lm")})
+    config = tiny_vlm_config(arg="stage1", **{"init.lm_checkpoint": str(tmp_path / "lm")})
     mesh = sharding.build_mesh((1, 1, 1), devices=jax.devices()[:1])
     task = VLMTask(config, mesh)
     with jax.set_mesh(mesh):
@@ -222,7 +185,7 @@ def tiny_vlm_run(workdir) -> list[str]:
     `workdir` -> the generate CLI's --workdir, --image and --prompt arguments."""
     from vlm_jax.train.trainer import to_json
 
-    config = tiny_config()
+    config = tiny_vlm_config()
     mesh = sharding.build_mesh((1, 1, 1), devices=jax.devices()[:1])
     with jax.set_mesh(mesh):
         params, _ = init_params(VLMTask(config, mesh), config, mesh)
@@ -244,9 +207,7 @@ def test_generate_from_a_damaged_checkpoint_fails_naming_the_damage(tmp_path):
 
 
 def lm_task(eval_batch_size: int) -> LMTask:
-    config = tiny_config(
-        "lm_shapes", **{"data.val_size": "40", "eval.batch_size": str(eval_batch_size)}
-    )
+    config = tiny_lm_config(**{"data.val_size": "40", "eval.batch_size": str(eval_batch_size)})
     return LMTask(config, sharding.build_mesh((8, 1, 1)))  # 8 data-parallel devices
 
 
@@ -347,7 +308,7 @@ def test_documented_recipes_are_the_configs():
 def test_pad_id_must_match_the_tokenizer():
     """The Q-Former masks instruction tokens equal to model.pad_id: a wrong id would attend
     to padding and ignore real tokens, so it is refused when the task is built."""
-    config = tiny_config(**{"model.pad_id": "5"})
+    config = tiny_vlm_config(**{"model.pad_id": "5"})
     mesh = sharding.build_mesh((1, 1, 1), devices=jax.devices()[:1])
     with pytest.raises(ValueError, match=r"model.pad_id=5 but the tokenizer's pad id is 0"):
         VLMTask(config, mesh)
@@ -358,7 +319,7 @@ def test_runs_from_before_model_pad_id_existed_still_resume(tmp_path):
     read as the 0 the code used then, so the run resumes; another value is still refused."""
     from vlm_jax.train.trainer import prepare_workdir, to_json
 
-    config = tiny_config()
+    config = tiny_vlm_config()
     old = json.loads(to_json(config))
     del old["model"]["pad_id"]
     (tmp_path / "config.json").write_text(json.dumps(old))

@@ -5,7 +5,7 @@ import flax.linen as nn
 import jax
 import numpy as np
 import pytest
-from test_vlm_train import tiny_config
+from conftest import tiny_vlm_config
 
 from vlm_jax.data import preprocess
 from vlm_jax.data.shapes import BACKGROUND
@@ -27,7 +27,7 @@ QUESTIONS = [
 
 @pytest.fixture(scope="module")
 def config():
-    return tiny_config()
+    return tiny_vlm_config()
 
 
 @pytest.fixture(scope="module")
