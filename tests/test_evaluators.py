@@ -7,7 +7,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from test_train import read_rows, tiny_config
+from conftest import tiny_contrastive_config, tiny_lm_config, tiny_vlm_config
+from test_train import read_rows
 
 from vlm_jax.config import ConfigError, load_config
 from vlm_jax.evaluate import EVALUATORS, Evaluator
@@ -49,7 +50,7 @@ def with_eval(config, **eval_keys):
 @pytest.mark.slow
 def test_an_evaluator_registered_in_a_test_trains_and_evaluates_with_its_keys(tmp_path):
     config = with_eval(
-        tiny_config(**{"train.total_steps": "2", "train.eval_every": "0"}),
+        tiny_contrastive_config(**{"train.total_steps": "2", "train.eval_every": "0"}),
         tasks=("prompt_norm", "retrieval"),
         scale=2.0,
     )
@@ -67,10 +68,10 @@ def test_an_evaluator_registered_in_a_test_trains_and_evaluates_with_its_keys(tm
 
 
 def test_a_plugin_evaluators_keys_are_checked_by_its_schema():
-    config = with_eval(tiny_config(), tasks=("prompt_norm",), scael=2.0)
+    config = with_eval(tiny_contrastive_config(), tasks=("prompt_norm",), scael=2.0)
     with pytest.raises(ConfigError, match=r"eval.scael is not a known key.*did you mean 'scale'"):
         validate_config(config)
-    config = with_eval(tiny_config(), tasks=("prompt_norm",), prompts="a red circle")
+    config = with_eval(tiny_contrastive_config(), tasks=("prompt_norm",), prompts="a red circle")
     with pytest.raises(ConfigError, match=r"eval.prompts='a red circle' is a str; expected tuple"):
         validate_config(config)
 
@@ -111,9 +112,12 @@ def no_compile(monkeypatch):
 def test_an_unknown_or_unsupported_evaluator_fails_before_compiling(
     tmp_path, no_compile, config, tasks, message
 ):
-    from test_vlm_train import tiny_config as tiny_vlm_config
-
-    config = tiny_config() if config == "siglip_shapes" else tiny_vlm_config(config)
+    tiny = {
+        "siglip_shapes": tiny_contrastive_config,
+        "vlm_shapes": tiny_vlm_config,
+        "lm_shapes": tiny_lm_config,
+    }
+    config = tiny[config]()
     with config.unlocked(), config.ignore_type():
         config.eval.tasks = tasks
     with pytest.raises(ConfigError, match=message):
