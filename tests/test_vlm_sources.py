@@ -7,9 +7,9 @@ import json
 import ml_collections
 import numpy as np
 import pytest
+from conftest import tiny_vlm_config
 from PIL import Image
 from skimage import data as photos
-from test_vlm_train import tiny_config
 
 from vlm_jax.data.pipeline import default_data_config
 from vlm_jax.data.sources import build_source
@@ -67,8 +67,8 @@ def folder(tmp_path_factory):
 
 
 def photo_config(path: str) -> ml_collections.ConfigDict:
-    """The tiny VLM of test_vlm_train, on the photo folder, with the byte tokenizer."""
-    config = tiny_config(
+    """The tiny VLM of tests/conftest.py, on the photo folder, with the byte tokenizer."""
+    config = tiny_vlm_config(
         **{"eval.num_examples": "10", "train.batch_size": "8", "eval.batch_size": "8"}
     )
     with config.unlocked():
