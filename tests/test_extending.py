@@ -1,6 +1,6 @@
 """docs/extending.md runs: each section's code blocks execute here, in order, registering a
-connector, a loss and a data source from this file alone (no library edit), and train a tiny
-config with it through the trainer; each test then checks what its section claims."""
+connector, a loss, a data source and an evaluator from this file alone (no library edit), and
+train a tiny config with it through the trainer; each test then checks what its section claims."""
 
 import json
 import re
@@ -10,13 +10,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import tiny_contrastive_config, tiny_vlm_config
+from conftest import tiny_contrastive_config, tiny_lm_config, tiny_vlm_config
 from test_chunked_losses import ARGNUMS, loss_config, sharded_inputs
 
 from vlm_jax import sharding
 from vlm_jax.checkpoint import load_params
 from vlm_jax.config import ConfigError
+from vlm_jax.data import build_tokenizer, load_split
 from vlm_jax.losses import build_loss
+from vlm_jax.models import build_model
 from vlm_jax.registry import Registry
 from vlm_jax.train.trainer import train
 
@@ -125,5 +127,34 @@ def test_a_data_source(tmp_path):
     bad.data.val_size = 64
     message = r"data.val_size is not a known key of data \(source='colours'\) \(valid: colours, "
     with pytest.raises(ConfigError, match=message + ".*split_size"):
+        train(bad, tmp_path / "bad")
+    assert not (tmp_path / "bad").exists()
+
+
+@pytest.mark.slow
+def test_an_evaluator(tmp_path):
+    config = tiny_contrastive_config()
+    run_section("An evaluator", config, tmp_path / "run")
+    last = metric_rows(tmp_path / "run")[-1]  # the final evaluation: both evaluators ran
+    assert "eval/zeroshot_top1" in last and "eval/retrieval_i2t_r1" not in last
+
+    # The same number from the checkpoint without the evaluator's code: unsharded, in numpy.
+    params = load_params(tmp_path / "run")
+    model, tokenizer = build_model(config.model), build_tokenizer(config.tokenizer)
+    data = load_split(config, tokenizer, "val", config.eval.batch_size)
+    image = np.asarray(model.apply({"params": params}, data["image"], method="embed_image"))
+    text = np.asarray(model.apply({"params": params}, data["tokens"], method="embed_text"))
+    image = image / np.linalg.norm(image, axis=-1, keepdims=True)
+    text = text / np.linalg.norm(text, axis=-1, keepdims=True)
+    cosine = image.astype(np.float64) @ text.T.astype(np.float64)
+    mismatched = ~np.eye(len(cosine), dtype=bool)
+    expected = np.diagonal(cosine).mean() - cosine[mismatched].mean()
+    np.testing.assert_allclose(last["eval/alignment_gap"], expected, atol=1e-5)
+
+    bad = tiny_lm_config()
+    bad.unlock()
+    bad.eval.tasks = ("alignment",)
+    message = "eval.tasks='alignment' (an evaluator of other tasks) is not one of: perplexity"
+    with pytest.raises(ConfigError, match=re.escape(message)):
         train(bad, tmp_path / "bad")
     assert not (tmp_path / "bad").exists()
