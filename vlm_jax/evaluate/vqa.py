@@ -59,7 +59,8 @@ ANSWERS = EXAMPLES | Schema({"max_new_tokens": Key(int, 12, "answer tokens gener
 def load_examples(config: ml_collections.ConfigDict, tokenizer: Tokenizer, num_examples: int):
     """The first `num_examples` good held-out records as model inputs (numpy), answers (str),
     question type names (str, "" for none) and the source's blank canvas colour."""
-    source, records = held_out_records(config, config.eval.get("split", "val"), num_examples)
+    split = resolve_keys("eval", config.eval, EXAMPLES).split
+    source, records = held_out_records(config, split, num_examples)
     max_len = config.tokenizer.max_len
     full = [VQAInputs(tokenizer, max_len, config.data.image_size).map(r) for r in records]
     prompts = [encode_example(tokenizer, r["prompt"], None, max_len) for r in records]
