@@ -10,6 +10,7 @@ import json
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from compile_cache import compilation_cache  # noqa: F401 (autouse: compiles go through the cache)
 
 from vlm_jax.convert import __main__ as convert_cli
 from vlm_jax.convert import common, hf

@@ -12,6 +12,7 @@ import threading
 import time
 from pathlib import Path
 
+import compile_cache
 import jax
 import numpy as np
 import pytest
@@ -42,11 +43,14 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_process(process_id: int, port: int, workdir: Path) -> subprocess.Popen:
+def start_process(process_id: int, port: int, workdir: Path, cache: Path) -> subprocess.Popen:
+    """Process `process_id` of a 2-process run; the relaunch loads the executables the first
+    launch compiled from `cache` (process 0 writes them, both read)."""
     env = os.environ | {
         "XLA_FLAGS": "--xla_force_host_platform_device_count=4",
         "JAX_PLATFORMS": "cpu",
         "JAX_DEFAULT_MATMUL_PRECISION": "highest",
+        **compile_cache.subprocess_env(cache),
     }
     overrides = RUN | {
         "distributed.coordinator_address": f"localhost:{port}",
@@ -93,10 +97,10 @@ def final_params(workdir: Path):
 
 
 @pytest.mark.slow
-def test_two_processes_match_one_process_through_a_preemption(tmp_path):
-    two = tmp_path / "two_processes"
+def test_two_processes_match_one_process_through_a_preemption(tmp_path, tmp_path_factory):
+    two, cache = tmp_path / "two_processes", compile_cache.session_dir(tmp_path_factory)
     port = free_port()
-    processes = [start_process(i, port, two) for i in range(2)]
+    processes = [start_process(i, port, two, cache) for i in range(2)]
     preempt = threading.Thread(target=preempt_after, args=(processes[1], two, 3))
     preempt.start()
     try:
@@ -114,7 +118,7 @@ def test_two_processes_match_one_process_through_a_preemption(tmp_path):
     assert 3 <= stopped_at < STEPS
     assert_both_processes_saved(two, stopped_at)
     port = free_port()
-    wait_all([start_process(i, port, two) for i in range(2)])  # resumes, runs to the end
+    wait_all([start_process(i, port, two, cache) for i in range(2)])  # resumes, to the end
 
     expected = losses(one)
     assert [step for step, _ in expected] == list(range(1, STEPS + 1))

@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from compile_cache import compilation_cache  # noqa: F401 (autouse: compiles go through the cache)
 from test_train import final_params, numeric, read_rows, tiny_config
 
 from vlm_jax import sharding

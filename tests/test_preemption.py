@@ -12,6 +12,7 @@ import sys
 import time
 from pathlib import Path
 
+import compile_cache
 import jax
 import numpy as np
 import pytest
@@ -34,12 +35,14 @@ RUN = {
 
 class Run:
     """One launch of the training CLI, in its own process group (its data workers go with it),
-    logging to `<workdir>.<name>.log`."""
+    logging to `<workdir>.<name>.log`; launches share the compilation cache in `cache` (one
+    compiles, the others load its executables)."""
 
-    def __init__(self, workdir: Path, name: str):
+    def __init__(self, workdir: Path, name: str, cache: Path):
         argv = [sys.executable, "-m", "vlm_jax.train", "--config", "configs/siglip_shapes.py"]
         argv += ["--workdir", str(workdir)] + [f"--config.{k}={v}" for k, v in RUN.items()]
         env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="")
+        env |= compile_cache.subprocess_env(cache)
         self.log_path = workdir.with_name(f"{workdir.name}.{name}.log")
         with self.log_path.open("w") as log:
             self.proc = subprocess.Popen(
@@ -128,12 +131,13 @@ def assert_same_run(workdir: Path, reference: Path) -> None:
 
 
 @pytest.fixture
-def launch():
+def launch(tmp_path_factory):
     """Run(...) that cannot outlive the test (a failed assertion may leave one frozen)."""
     runs = []
+    cache = compile_cache.session_dir(tmp_path_factory)
 
     def start(workdir: Path, name: str) -> Run:
-        runs.append(Run(workdir, name))
+        runs.append(Run(workdir, name, cache))
         return runs[-1]
 
     yield start

@@ -3,6 +3,7 @@
 import io
 import json
 
+import compile_cache
 import ml_collections
 import numpy as np
 import pytest
@@ -279,10 +280,11 @@ def test_tfds_source_reads_a_prepared_dataset(tmp_path):
 
 
 @pytest.mark.slow
-def test_digits_folder_trains_and_zero_shot_classifies(tmp_path):
+def test_digits_folder_trains_and_zero_shot_classifies(tmp_path, tmp_path_factory):
     """Real images end to end through the CLI: scikit-learn's digits written as a folder +
     JSONL, trained and evaluated; zero-shot accuracy on held-out digits far above chance (0.1).
-    One training image is corrupted on disk: it is stepped over and counted in metrics.jsonl."""
+    One training image is corrupted on disk: it is stepped over and counted in metrics.jsonl.
+    `evaluate` loads the evaluators train compiled for its last step from the cache."""
     import os
     import subprocess
     import sys
@@ -290,6 +292,7 @@ def test_digits_folder_trains_and_zero_shot_classifies(tmp_path):
 
     repo = Path(__file__).resolve().parents[1]
     env = dict(os.environ, PYTHONPATH=str(repo))
+    env |= compile_cache.subprocess_env(compile_cache.session_dir(tmp_path_factory))
     data, workdir = tmp_path / "digits", tmp_path / "run"
     config = str(repo / "configs" / "digits_folder.py")
     subprocess.run([sys.executable, config, str(data)], check=True, env=env)

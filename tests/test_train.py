@@ -6,6 +6,7 @@ import shutil
 import jax
 import numpy as np
 import pytest
+from compile_cache import compilation_cache  # noqa: F401 (autouse: compiles go through the cache)
 
 from vlm_jax.checkpoint import Checkpointer
 from vlm_jax.config import apply_override, load_config, to_json

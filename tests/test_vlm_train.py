@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from compile_cache import compilation_cache  # noqa: F401 (autouse: compiles go through the cache)
 from conftest import TINY_VLM, tiny_lm_config, tiny_vlm_config
 from PIL import Image
 
