@@ -8,7 +8,8 @@ import numpy as np
 import optax
 import pytest
 from compile_cache import compilation_cache  # noqa: F401 (autouse: compiles go through the cache)
-from test_train import final_params, numeric, read_rows, tiny_config
+from conftest import tiny_contrastive_config as tiny_config
+from test_train import final_params, numeric, read_rows
 
 from vlm_jax import sharding
 from vlm_jax.checkpoint import Checkpointer

@@ -16,8 +16,9 @@ import compile_cache
 import jax
 import numpy as np
 import pytest
+from conftest import TINY_CONTRASTIVE as TINY
 from test_checkpoint_integrity import largest_file, truncate
-from test_train import TINY, numeric
+from test_train import numeric
 
 from vlm_jax.checkpoint import TMP_SUFFIX, Checkpointer
 

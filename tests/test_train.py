@@ -7,43 +7,12 @@ import jax
 import numpy as np
 import pytest
 from compile_cache import compilation_cache  # noqa: F401 (autouse: compiles go through the cache)
+from conftest import tiny_contrastive_config as tiny_config
 
 from vlm_jax.checkpoint import Checkpointer
-from vlm_jax.config import apply_override, load_config, to_json
+from vlm_jax.config import to_json
 from vlm_jax.train.tasks.contrastive import ContrastiveTask
 from vlm_jax.train.trainer import evaluate_checkpoint, train
-
-TINY = {
-    "data.image_size": "16",
-    "data.val_size": "64",
-    "data.zeroshot_size": "80",
-    "model.image.image_size": "16",
-    "model.image.width": "32",
-    "model.image.depth": "1",
-    "model.image.num_heads": "2",
-    "model.image.mlp_dim": "64",
-    "model.text.width": "32",
-    "model.text.depth": "1",
-    "model.text.num_heads": "2",
-    "model.text.mlp_dim": "64",
-    "model.embed_dim": "32",
-    "train.batch_size": "16",
-    "train.total_steps": "6",
-    "train.log_every": "2",
-    "train.eval_every": "3",
-    "train.checkpoint_every": "3",
-    "train.async_checkpoint": "false",
-    "eval.batch_size": "64",
-    "optim.warmup_steps": "2",
-}
-
-
-def tiny_config(name="siglip_shapes", **overrides):
-    config = load_config(f"configs/{name}.py")
-    for key, value in {**TINY, **overrides}.items():
-        apply_override(config, key, value)
-    config.lock()
-    return config
 
 
 def read_rows(workdir):
