@@ -7,6 +7,9 @@ from setuptools import find_packages, setup
 CONVERT = ["safetensors>=0.4"]
 # train.metric_writers=("wandb", ...) logs to Weights & Biases (offline mode needs no network).
 WANDB = ["wandb>=0.31.0"]
+# libtpu: runs on TPU VMs, and compiles for any TPU topology on a CPU host
+# (python -m vlm_jax.compile); nothing executes on the CPU through it.
+TPU = ["jax[tpu]>=0.10.2"]
 
 setup(
     name="vlm_jax",
@@ -51,9 +54,10 @@ setup(
             "scikit-learn>=1.5",
             "scikit-image>=0.24",
             "pandas>=2.0",  # the notebooks' analysis cells (tests/test_notebooks.py)
+            *TPU,  # compiling for TPU topologies on this CPU (tests/test_compile_tpu.py)
         ],
         "notebooks": ["jupyter", "matplotlib>=3.8", "pandas>=2.0"],
         "gpu": ["jax[cuda12]>=0.10.2"],
-        "tpu": ["jax[tpu]>=0.10.2"],
+        "tpu": TPU,
     },
 )

@@ -37,11 +37,16 @@ runpy.run_module("vlm_jax.train", run_name="__main__")
 
 
 def launch(
-    workdir: Path, cache: Path, *, program=("-m", "vlm_jax.train"), **overrides: str
+    workdir: Path,
+    cache: Path,
+    *,
+    program=("-m", "vlm_jax.train"),
+    platforms: str | None = "cpu",
+    **overrides: str,
 ) -> subprocess.Popen:
     """The training CLI on configs/siglip_shapes.py (train.worker_count=1) at TINY_CONTRASTIVE
     sizes, in its own process group; the runs share a compilation cache (the second compiles
-    nothing)."""
+    nothing). `platforms`: JAX_PLATFORMS, None to leave it unset (the CLI chooses)."""
     # A constant learning rate keeps train.total_steps out of the compiled step (cache hits).
     run = {**TINY_CONTRASTIVE, "train.worker_count": "1", "optim.schedule": "constant", **overrides}
     argv = [sys.executable, *program, "--config", "configs/siglip_shapes.py"]
@@ -53,6 +58,8 @@ def launch(
         JAX_COMPILATION_CACHE_DIR=str(cache),
         JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
     )
+    if platforms is None:
+        env.pop("JAX_PLATFORMS")
     return subprocess.Popen(
         argv, env=env, stderr=subprocess.PIPE, text=True, start_new_session=True
     )
@@ -86,6 +93,17 @@ def cache(tmp_path_factory) -> Path:
 def test_a_run_to_its_last_step_exits_without_warnings(tmp_path, cache):
     stderr = finish(launch(tmp_path / "run", cache, **{"train.total_steps": "4"}))
     assert_clean(stderr)
+
+
+def test_with_libtpu_installed_and_no_tpu_a_run_is_as_clean_as_without_it(tmp_path, cache):
+    """libtpu (the [tpu] extra; [test] has it) on a machine with no TPU chip, JAX_PLATFORMS
+    unset: the CLI keeps jax off libtpu (vlm_jax/platforms.py), so none of its warnings about
+    TPU hosts reach stderr, and the run trains on the CPU."""
+    pytest.importorskip("libtpu")
+    workdir = tmp_path / "run"
+    stderr = finish(launch(workdir, cache, platforms=None, **{"train.total_steps": "4"}))
+    assert_clean(stderr)
+    assert re.search(r"devices?.*cpu", stderr, re.IGNORECASE), stderr[-3000:]
 
 
 def test_a_failed_evaluation_leaves_its_traceback_and_nothing_after_it(tmp_path, cache):

@@ -27,6 +27,7 @@ import jax
 import jax.numpy as jnp
 
 from vlm_jax.config import MissingInput, parse_float, parse_int, split_flags
+from vlm_jax.platforms import choose_backend
 
 
 def pick_tokens(
@@ -165,6 +166,7 @@ USAGE = "usage: python -m vlm_jax.generate " + " ".join(
 
 def main(argv: Sequence[str] | None = None) -> None:
     """Print the answer of the run in --workdir; a bad flag exits 2 naming the valid ones."""
+    choose_backend()
     try:
         args = parse_args(sys.argv[1:] if argv is None else argv)
     except ValueError as error:

@@ -5,10 +5,12 @@ import json
 import sys
 
 from vlm_jax.config import exit_on_user_error
+from vlm_jax.platforms import choose_backend
 from vlm_jax.train.cli import parse_args, setup_logging
 
 
 def main() -> None:
+    choose_backend()
     setup_logging()
     config, options = parse_args(sys.argv[1:], "evaluate")
     from vlm_jax.train.trainer import evaluate_checkpoint

@@ -9,6 +9,7 @@ import sys
 from collections.abc import Sequence
 
 from vlm_jax.config import UserError, exit_on_user_error
+from vlm_jax.platforms import choose_backend
 
 USAGE = (
     "usage: python -m vlm_jax.{cmd} --config configs/NAME.py[:arg] --workdir DIR "
@@ -64,6 +65,7 @@ def setup_logging() -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
+    choose_backend()
     setup_logging()
     config, options = parse_args(sys.argv[1:] if argv is None else argv, "train")
     from vlm_jax.train.distributed import maybe_initialize_distributed
