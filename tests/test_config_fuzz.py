@@ -39,10 +39,10 @@ INVALID = [
 def no_compile(monkeypatch):
     """Fail the test if the trainer gets as far as building (compiling) the train state."""
 
-    def build_state(*args, **kwargs):
-        raise AssertionError("reached build_state: the bad config was not rejected up front")
+    def state_layout(*args, **kwargs):
+        raise AssertionError("reached state_layout: the bad config was not rejected up front")
 
-    monkeypatch.setattr(trainer, "build_state", build_state)
+    monkeypatch.setattr(trainer, "state_layout", state_layout)
 
 
 @pytest.mark.parametrize(("overrides", "pattern"), INVALID, ids=[str(o) for o, _ in INVALID])

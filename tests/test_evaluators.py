@@ -78,10 +78,10 @@ def test_a_plugin_evaluators_keys_are_checked_by_its_schema():
 
 @pytest.fixture
 def no_compile(monkeypatch):
-    def build_state(*args, **kwargs):
-        raise AssertionError("reached build_state: the bad eval.tasks was not rejected up front")
+    def state_layout(*args, **kwargs):
+        raise AssertionError("reached state_layout: the bad eval.tasks was not rejected up front")
 
-    monkeypatch.setattr(trainer, "build_state", build_state)
+    monkeypatch.setattr(trainer, "state_layout", state_layout)
 
 
 @pytest.mark.parametrize(

@@ -196,10 +196,10 @@ def test_the_cli_selects_a_connector_and_sets_its_keys_before_compiling(
     any order of flags, and a key of another connector in the config fails before anything
     compiles (on the command line it is ignored with a warning: the chosen one never reads it)."""
 
-    def build_state(*args, **kwargs):
-        raise AssertionError("reached build_state: the bad config was not rejected up front")
+    def state_layout(*args, **kwargs):
+        raise AssertionError("reached state_layout: the bad config was not rejected up front")
 
-    monkeypatch.setattr(trainer, "build_state", build_state)
+    monkeypatch.setattr(trainer, "state_layout", state_layout)
     argv = ["--config", "configs/vlm_shapes.py", "--workdir", str(tmp_path)]
     config, _ = parse_cli(
         [

@@ -11,6 +11,7 @@ from conftest import tiny_contrastive_config as tiny_config
 
 from vlm_jax.checkpoint import Checkpointer
 from vlm_jax.config import to_json
+from vlm_jax.train import trainer
 from vlm_jax.train.tasks.contrastive import ContrastiveTask
 from vlm_jax.train.trainer import evaluate_checkpoint, train
 
@@ -46,7 +47,7 @@ def uninterrupted(tmp_path_factory):
 
 
 @pytest.mark.slow
-def test_run_writes_outputs_and_resumes_exactly(tmp_path, uninterrupted):
+def test_run_writes_outputs_and_resumes_exactly(tmp_path, uninterrupted, monkeypatch):
     config = tiny_config()
     full = uninterrupted
     assert json.loads((full / "config.json").read_text())["model"]["name"] == "two_tower"
@@ -60,7 +61,13 @@ def test_run_writes_outputs_and_resumes_exactly(tmp_path, uninterrupted):
     stopped = tmp_path / "stopped"
     shutil.copytree(full, stopped)
     shutil.rmtree(stopped / "checkpoints" / "6")
+    fresh_states = []  # a resume restores into the abstract layout: no random init is made
+    initial_state = trainer.initial_state
+    monkeypatch.setattr(
+        trainer, "initial_state", lambda *a: fresh_states.append(a) or initial_state(*a)
+    )
     train(config, stopped)  # resumes from step 3, drops rows past 3, redoes 4..6
+    assert fresh_states == []
 
     resumed_rows = read_rows(stopped)
     assert [numeric(r) for r in resumed_rows] == [numeric(r) for r in rows]

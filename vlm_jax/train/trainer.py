@@ -8,6 +8,7 @@ task registry (`config.task`). See DESIGN.md for the data flow.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import logging
 import time
@@ -162,15 +163,19 @@ def state_layout(task: Task, config, mesh: Mesh):
     return abstract, shardings, tx, schedule
 
 
-def build_state(task: Task, config, mesh: Mesh):
-    """TrainState, its shardings, the optimizer and the LR schedule."""
-    _, state_shardings, tx, schedule = state_layout(task, config, mesh)
+def initial_state(task: Task, config, mesh: Mesh, state_shardings, tx) -> TrainState:
+    """A fresh TrainState at step 0 (the config's random init), laid out in `state_shardings`."""
     params, _ = init_params(task, config, mesh)
     opt_state = jax.jit(tx.init, out_shardings=state_shardings.opt_state)(params)
     rng = jax.random.key_data(jax.random.key(config.seed + 1))
     state = TrainState(step=jnp.int32(0), params=params, opt_state=opt_state, rng=rng)
-    state = jax.device_put(state, state_shardings)
-    return state, state_shardings, tx, schedule
+    return jax.device_put(state, state_shardings)
+
+
+def build_state(task: Task, config, mesh: Mesh):
+    """A fresh TrainState, its shardings, the optimizer and the LR schedule."""
+    _, state_shardings, tx, schedule = state_layout(task, config, mesh)
+    return initial_state(task, config, mesh, state_shardings, tx), state_shardings, tx, schedule
 
 
 def log_state_memory(state) -> None:
@@ -247,14 +252,18 @@ class PerfMeter:
         return out
 
 
-def restore_or_init(ckpt: Checkpointer, state, state_shardings, data_iter, config, mesh):
-    """Resume from the newest intact checkpoint, else optionally load init params.
+def restore_or_init(
+    ckpt: Checkpointer, abstract, state_shardings, data_iter, config, fresh: Callable
+):
+    """Resume from the newest intact checkpoint into the `abstract` state's layout, else start
+    from `fresh()` (the random init, made only then) and optionally load init params.
 
     -> (state, step or None, the checkpoint's meta dict).
     """
-    restored = ckpt.restore_newest_intact(abstract_like(state, state_shardings), data_iter)
+    restored = ckpt.restore_newest_intact(abstract, data_iter)
     if restored is not None:  # damaged newer steps were logged and moved aside
         return restored
+    state = fresh()
     if config.init.checkpoint:
         state = state.replace(
             params=load_init_params(config.init.checkpoint, state, state_shardings)
@@ -323,8 +332,7 @@ def start_run(config, workdir: Path, mesh: Mesh, task: Task, is_primary: bool, d
     checkpoint in `workdir` or initialised (config.init, the task's pretrained towers)."""
     with config_errors():  # sizes and shapes the config got wrong surface while building
         contract = batch_contract(task, config, mesh)
-        state, state_shardings, tx, schedule = build_state(task, config, mesh)
-        log_state_memory(state)
+        abstract, state_shardings, tx, schedule = state_layout(task, config, mesh)
         shardings = contract.shardings(mesh)
         step_fn = make_train_step(task, tx, schedule, state_shardings, shardings, mesh)
         ckpt = Checkpointer(
@@ -332,11 +340,14 @@ def start_run(config, workdir: Path, mesh: Mesh, task: Task, is_primary: bool, d
             keep=config.train.keep_checkpoints,
             async_save=config.train.async_checkpoint,
         )
+        fresh = functools.partial(initial_state, task, config, mesh, state_shardings, tx)
+        # A resumed run restores into the abstract layout: no random init is made for it.
         state, resumed, meta = restore_or_init(
-            ckpt, state, state_shardings, data_iter, config, mesh
+            ckpt, abstract, state_shardings, data_iter, config, fresh
         )
         if resumed is None:  # init checkpoints that don't fit the config are the config's
             state = state.replace(params=task.load_pretrained(state.params))
+        log_state_memory(state)
     start = resumed or 0
     pending = meta.get(PENDING_ROW)  # the saved step's row, whose evaluation failed
     kept_rows = resumed if pending is None else resumed - 1  # a retry's row is rewritten
