@@ -37,9 +37,16 @@ TEXTS = [
 
 
 def bpe_release(directory):
-    """A byte-level BPE tokenizer.json (Llama-3 style: BOS from the post-processor), trained here."""
-    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
-    from tokenizers import trainers
+    """A byte-level BPE tokenizer.json (Llama-3 style: BOS by the post-processor), trained here."""
+    from tokenizers import (
+        Tokenizer,
+        decoders,
+        models,
+        normalizers,
+        pre_tokenizers,
+        processors,
+        trainers,
+    )
 
     tokenizer = Tokenizer(models.BPE())
     tokenizer.normalizer = normalizers.NFC()
