@@ -34,9 +34,13 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from vlm_jax.config import MissingInput, parse_bool, parse_float, parse_int, split_flags
+from vlm_jax.config import MissingInput, UserError, parse_bool, parse_float, parse_int, split_flags
 
 GENERATING_MODELS = ("decoder_lm", "vlm")  # the model.name of runs the CLI continues
+
+
+class BadPrompt(UserError, ValueError):
+    """Prompt ids that the run's vocabulary does not hold (the CLI exits 2 on it)."""
 
 
 def pick_tokens(
@@ -233,7 +237,7 @@ def generate_from_run(
         prompt_ids = prompt_token_ids(config, tokenizer, prompt, chat)
     bad = [i for i in prompt_ids if not 0 <= i < tokenizer.vocab_size]
     if bad or not prompt_ids:
-        raise ValueError(
+        raise BadPrompt(
             f"--prompt_ids: {bad or 'none'}: need at least one id, each in "
             f"[0, {tokenizer.vocab_size}) (the run's vocabulary)"
         )
@@ -306,7 +310,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         raise SystemExit(2) from None
     from vlm_jax.config import exit_on_user_error
 
-    with exit_on_user_error(also=(ValueError,)):
+    with exit_on_user_error():
         check_paths(args["workdir"], args["image"])
         print_ids = args.pop("print_ids")
         ids, tokenizer = generate_from_run(args.pop("workdir"), **args)

@@ -20,13 +20,13 @@ import json
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from vlm_jax.config import require_package
+from vlm_jax.config import UserError, require_package
 
 NEEDED_BY = "a chat template (tokenizer.chat_template, --chat)"
 
 
-class ChatTemplateError(ValueError):
-    """The template raised (`raise_exception`) or failed to render."""
+class ChatTemplateError(UserError, ValueError):
+    """The template raised (`raise_exception`) or failed to render (a CLI exits 2 on it)."""
 
 
 def _raise_exception(message: str):
