@@ -239,9 +239,12 @@ def test_lm_eval_covers_the_whole_val_split_whatever_the_batch_size():
 @pytest.mark.parametrize(
     "argv, problem",
     [
-        (["--temp", "0.7"], "unknown flag(s) --temp; flags: --workdir, --image, --prompt, "),
+        (
+            ["--temp", "0.7"],
+            "unknown flag(s) --temp; flags: --workdir, --prompt, --prompt_ids, --image, ",
+        ),
         (["--top_p=5", "--seed", "1"], "unknown flag(s) --seed, --top_p; flags: "),
-        ([], "missing --workdir, --image, --prompt"),
+        ([], "missing --workdir, exactly one of --prompt, --prompt_ids"),
         (["stray"], "unexpected argument 'stray'"),
         (["--top_k"], "flag --top_k needs a value"),
         (["--max_new_tokens", "1.5"], "--max_new_tokens='1.5': expected an int, got a float"),
@@ -268,7 +271,15 @@ def test_generate_cli_parses_typed_values_and_defaults():
 
     args = parse_args(["--workdir=w", "--image", "i.png", "--prompt", "q", "--top_k", "5"])
     assert args == dict(
-        workdir="w", image="i.png", prompt="q", max_new_tokens=16, temperature=0.0, top_k=5
+        workdir="w",
+        image="i.png",
+        prompt="q",
+        prompt_ids=None,
+        chat=False,
+        print_ids=False,
+        max_new_tokens=16,
+        temperature=0.0,
+        top_k=5,
     )
 
 

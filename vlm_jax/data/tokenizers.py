@@ -21,7 +21,8 @@ lookup); `build_tokenizer(config.tokenizer)` resolves the section and passes eve
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from types import MappingProxyType
 
 import ml_collections
 import numpy as np
@@ -30,7 +31,9 @@ from vlm_jax.data import shapes
 from vlm_jax.registry import Registry
 from vlm_jax.schema import REQUIRED, Key, Schema, Select, positive, resolve
 
-TOKENIZERS = Registry("tokenizer", modules=("vlm_jax.data.bpe", "vlm_jax.data.spm"))
+TOKENIZERS = Registry(
+    "tokenizer", modules=("vlm_jax.data.bpe", "vlm_jax.data.spm", "vlm_jax.data.release")
+)
 TOKENIZER = Select(  # config.tokenizer: name, max_len and the named tokenizer's options
     TOKENIZERS,
     base=Schema(
@@ -58,11 +61,23 @@ class Tokenizer:
     eos_id: int = 1
     bos_id: int = 2
     unk_id: int = 3
+    special_separator: str = " "  # between an added special token and the text beside it
+    extra_stop_ids: tuple[int, ...] = ()  # ids beside EOS that end a generation
+    chat_template: str | None = None  # Jinja source (vlm_jax.data.chat_template), if any
+    template_tokens: Mapping[str, str] = MappingProxyType({})  # its bos_token, eos_token, ...
 
     def __init__(self, add_bos: bool = False):
         self.add_bos = add_bos
         self.special_tokens: dict[str, int] = {}  # added special token -> its id
         self.special_pattern: re.Pattern | None = None  # matches any of them, longest first
+
+    def stop_ids(self) -> tuple[int, ...]:
+        """The ids that end a generation: EOS first."""
+        return tuple(dict.fromkeys((self.eos_id, *self.extra_stop_ids)))
+
+    def prompt_ids(self, text: str) -> list[int]:
+        """A prompt to continue: [bos]? content (no EOS, no padding)."""
+        return [self.bos_id] * self.add_bos + self.encode(text)
 
     def encode_text(self, text: str) -> list[int]:
         """Content ids of text without added special tokens (the subclass's own encoding)."""
@@ -113,7 +128,7 @@ class Tokenizer:
             else:
                 run.append(token_id)
         pieces.append(self.detokenize_text(run))
-        return " ".join(piece for piece in pieces if piece)
+        return self.special_separator.join(piece for piece in pieces if piece)
 
     def decode(self, ids: Sequence[int]) -> str:
         """Text of a row of `batch_encode`: stops at EOS, skips PAD and BOS."""
