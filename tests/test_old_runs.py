@@ -36,6 +36,7 @@ REPO = Path(__file__).resolve().parents[1]
 FIXTURES = REPO / "tests" / "fixtures" / "old_runs"
 FIXTURE = json.loads((FIXTURES / "runs.json").read_text())
 RTOL = 1e-4  # only where the machine does not reproduce the fixture's floats (see above)
+PARAMS_RTOL = 1e-2  # there, ||resumed - uninterrupted|| / ||uninterrupted|| of the params
 
 
 def fixture_machine_matches() -> bool:
@@ -64,6 +65,16 @@ def numeric_rows(workdir: Path) -> list[dict]:
     """metrics.jsonl without the wall-time perf/ keys."""
     lines = (workdir / "metrics.jsonl").read_text().splitlines()
     return [{k: v for k, v in json.loads(x).items() if not k.startswith("perf/")} for x in lines]
+
+
+def relative_distance(a, b) -> float:
+    """||a - b|| / ||b|| over all leaves of two params trees of one structure."""
+    pairs = [
+        (np.asarray(x, np.float64), np.asarray(y, np.float64))
+        for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True)
+    ]
+    diff = sum(float(np.sum((x - y) ** 2)) for x, y in pairs)
+    return (diff / sum(float(np.sum(y**2)) for _, y in pairs)) ** 0.5
 
 
 def rows_up_to(rows: list[dict], step: int) -> list[dict]:
@@ -114,8 +125,12 @@ def test_old_run_resumes_like_an_uninterrupted_run(tmp_path, name):
     assert_rows(fresh_rows, old_rows, exact, f"today's rows vs commit {FIXTURE['commit']}'s")
     a, b = load_params(resumed), load_params(fresh)
     assert jax.tree.structure(a) == jax.tree.structure(b)
-    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
-        if exact:
+    if exact:
+        for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
             np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
-        else:
-            np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=RTOL, atol=1e-6)
+    else:
+        # Elementwise closeness is no test across machines: where a weight's gradient is
+        # float noise, Adam still moves it by ~lr a step, in a direction the noise picks. The
+        # params as a whole must agree (the rows above already agree within RTOL); measured
+        # on an Intel Xeon against the AMD EPYC fixture: 7e-6 (contrastive), 2.5e-3 (vlm).
+        assert relative_distance(a, b) < PARAMS_RTOL, f"params: {relative_distance(a, b):.2e}"
