@@ -360,3 +360,30 @@ def test_flash_kernel_compiles_fwd_and_bwd_for_every_mask_and_head_dim(topology)
     }
     assert all(r["compiled"] and set(r["kernels"]) == set(KERNELS) for r in rows)
     assert {r["device_kind"] for r in rows} == {parse_topology(topology).generation.device_kind}
+
+
+def test_lm_prefill_and_decode_step_continue_the_full_forward_pass():
+    """The LM task's compiled generation functions (run here on CPU) give the logits of the
+    uncached forward pass: prefill at the prompt's last token, decode_step at the next."""
+    import flax.linen as nn
+    from conftest import tiny_lm_config
+
+    from vlm_jax.compile import steps
+    from vlm_jax.train.tasks import TASKS
+    from vlm_jax.train.trainer import init_params
+
+    config = tiny_lm_config()
+    mesh = sharding.build_mesh(config.mesh.shape)
+    task = TASKS.get(config.task)(config, mesh)
+    with jax.set_mesh(mesh), nn.logical_axis_rules(tuple(config.sharding.rules)):
+        prefill, decode = steps.functions(task, config, mesh, ["prefill", "decode_step"])
+        params, _ = init_params(task, config, mesh)
+        rows, length = prefill.args[1].shape
+        prompt = np.random.default_rng(0).integers(2, 20, (rows, length), np.int32)
+        variables = {"params": params}
+        logits, cache, _ = prefill.jitted(variables, prompt)
+        token = np.argmax(np.asarray(logits), -1)[:, None].astype(np.int32)
+        next_logits, _ = decode.jitted(variables, token, cache, None)
+        full, _ = task.model.apply(variables, np.concatenate([prompt, token], 1))
+    np.testing.assert_allclose(logits, full[:, length - 1], atol=2e-4)
+    np.testing.assert_allclose(next_logits, full[:, length], atol=2e-4)
