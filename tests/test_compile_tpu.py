@@ -299,6 +299,10 @@ def test_tiny_vlm_compiles_train_prefill_and_decode_with_mosaic_attention(tmp_pa
     assert all(r["fits"] and r["attention"] == "mosaic" for r in rows)
     assert set(step["tpu_kernels"]) == set(KERNELS)  # fwd, dkv, dq
     assert set(prefill["tpu_kernels"]) == set(decode["tpu_kernels"]) == {"flash_fwd"}
+    # analytic FLOPs: 3 x forward for the step; prefill encodes image + prompt, decode 1 token
+    per_example = {r["function"]: r["flops"] / r["batch_size"] for r in rows}
+    assert per_example["train_step"] > per_example["prefill"] > per_example["decode_step"] > 0
+    assert prefill["flops_per_chip"] == pytest.approx(prefill["flops"] / 4)
     # decode_step takes the cache prefill returns (beside the params) and returns it updated
     # with the next logits: its outputs are prefill's (logits f32[B, V] and the same cache)
     assert decode["memory_per_chip"]["arguments"] > decode["params_per_chip"]
@@ -387,3 +391,22 @@ def test_lm_prefill_and_decode_step_continue_the_full_forward_pass():
         full, _ = task.model.apply(variables, np.concatenate([prompt, token], 1))
     np.testing.assert_allclose(logits, full[:, length - 1], atol=2e-4)
     np.testing.assert_allclose(next_logits, full[:, length], atol=2e-4)
+
+
+def test_decoder_flop_count_matches_xla_for_a_forward_pass():
+    import ml_collections
+
+    from vlm_jax.models.decoder import LM, decoder_from_config
+    from vlm_jax.schema import resolve
+
+    lm_config = ml_collections.ConfigDict(
+        dict(vocab_size=1000, width=256, depth=2, num_heads=4, num_kv_heads=2, head_dim=64,
+             mlp_dim=512)
+    )  # fmt: skip
+    lm = decoder_from_config(lm_config, attention_impl="xla")
+    tokens = jax.ShapeDtypeStruct((2, 128), np.int32)
+    params = jax.eval_shape(lm.init, jax.random.key(0), tokens)
+    cost = jax.jit(lambda p, t: lm.apply(p, t)[0]).lower(params, tokens).compile().cost_analysis()
+    cost = cost[0] if isinstance(cost, list | tuple) else cost
+    counted = flops.decoder_flops(resolve("model.lm", lm_config, LM), 128)
+    assert counted == pytest.approx(cost["flops"] / 2, rel=0.03)  # XLA adds the elementwise ops

@@ -98,7 +98,6 @@ def compile_functions(
         "chips": len(devices),
         "device_kind": devices[0].device_kind,
         "mesh": dict(mesh.shape),
-        "batch_size": config.train.batch_size,
         "attention_impl": config.model.get("attention_impl"),
     }
     peak = peak_flops_per_device(context["device_kind"])
@@ -106,7 +105,8 @@ def compile_functions(
     with jax.set_mesh(mesh), nn.logical_axis_rules(tuple(config.sharding.rules)):
         for fn in steps.functions(task, config, mesh, names):
             row = compile_one(fn, topology.hbm_bytes)
-            rows.append(context | row | report.flops_report(fn, len(devices), peak, step_time_s))
+            counts = report.flops_report(fn, len(devices), peak, step_time_s)
+            rows.append(context | {"batch_size": fn.batch_size} | row | counts)
     return rows
 
 

@@ -11,6 +11,11 @@ over), so what is compiled is what runs.
     embed_text    the evaluation chunk (eval.batch_size rounded to the data-parallel size)
     prefill,      vlm, lm: KV-cached generation at the evaluation chunk: the image + prompt
     decode_step   (tokenizer.max_len) into a cache with room for the answer, then one token
+
+Each carries its analytic model FLOPs (`vlm_jax.models.flops`): the task's own count for the
+train step where it has one (contrastive), else 3 x the forward count of the decoder LM and the
+VLM's vision tower (connector and cross-attention blocks not counted; frozen parts counted at
+3 x, an upper bound); the forward count for the others.
 """
 
 from __future__ import annotations
@@ -33,13 +38,14 @@ from vlm_jax.train.trainer import make_train_step, param_layout, state_layout
 
 @dataclasses.dataclass
 class Function:
-    """One jitted function, the abstract arguments it is compiled for, and its analytic
-    model FLOPs per call (None where the model has no count)."""
+    """One jitted function, the abstract arguments it is compiled for, the rows (examples) of
+    one call, and its analytic model FLOPs per call (None where the model has no count)."""
 
     name: str
     jitted: Callable
     args: tuple
     params: Any  # the abstract params among `args` (their per-chip bytes are reported)
+    batch_size: int
     flops: float | None = None
 
 
@@ -62,14 +68,61 @@ def _times(per_example: float | None, examples: int) -> float | None:
     return None if per_example is None else per_example * examples
 
 
+def lm_positions(task: Task, config, params) -> int:
+    """Positions the decoder LM runs over per example: the text (tokenizer.max_len), with
+    each `<image>` replaced by its M visual tokens under early fusion."""
+    length = config.tokenizer.max_len
+    model = task.model
+    if not isinstance(model, VisionLanguageModel) or model.fusion != "early":
+        return length
+    spec = task.batch_spec(1)
+    visual = jax.eval_shape(  # float[1, K, M, D]
+        lambda p: model.apply(
+            {"params": p},
+            *(jnp.zeros(spec[k].shape, spec[k].dtype) for k in ("image", "tokens", "prefix_len")),
+            method="encode_images",
+        ),
+        params,
+    )
+    return length + visual.shape[1] * (visual.shape[2] - 1)
+
+
+def decoder_forward_flops(
+    task: Task, config, tokens: int, context: int | None = None, images: bool = True
+) -> float:
+    """Forward FLOPs of one example through a decoder-based model (vlm, lm): with `images`,
+    the VLM's vision tower over its images (when its fusion reads them); the LM over `tokens`
+    new tokens attending to `context` keys."""
+    from vlm_jax.models.decoder import LM
+    from vlm_jax.schema import resolve
+
+    count = flops.decoder_flops(resolve("model.lm", config.model.lm, LM), tokens, context)
+    model = task.model
+    if images and isinstance(model, VisionLanguageModel) and model.vision is not None:
+        images = task.batch_spec(1)["image"].shape[1]
+        count += images * flops.vision_flops(config.model)
+    return count
+
+
+def train_flops_per_example(task: Task, config, params) -> float | None:
+    """The task's count, else 3 x the decoder-based forward count, else None."""
+    count = task.train_flops_per_example()
+    if count is None and isinstance(task.model, VisionLanguageModel | DecoderLM):
+        count = 3 * decoder_forward_flops(task, config, lm_positions(task, config, params))
+    return count
+
+
 def train_step(task: Task, config, mesh: Mesh) -> Function:
     """The trainer's jitted step at the config's global batch."""
     state, state_shardings, tx, schedule = state_layout(task, config, mesh)  # the trainer's
     batch = abstract_batch(task, config.train.batch_size, mesh)
     batch_shardings = {k: v.sharding for k, v in batch.items()}
     step = make_train_step(task, tx, schedule, state_shardings, batch_shardings, mesh)
-    count = _times(task.train_flops_per_example(), config.train.batch_size)
-    return Function("train_step", step, (state, batch), state.params, count)
+    per_example = train_flops_per_example(task, config, state.params)
+    count = _times(per_example, config.train.batch_size)
+    return Function(
+        "train_step", step, (state, batch), state.params, config.train.batch_size, count
+    )
 
 
 def eval_steps(task: Task, config, mesh: Mesh) -> list[Function]:
@@ -89,6 +142,7 @@ def eval_steps(task: Task, config, mesh: Mesh) -> list[Function]:
             embed_image,
             (variables, batch["image"]),
             params,
+            chunk,
             flops.image_flops(config.model) * chunk,
         ),
         Function(
@@ -96,6 +150,7 @@ def eval_steps(task: Task, config, mesh: Mesh) -> list[Function]:
             task.embed_text,
             (variables, batch["tokens"]),
             params,
+            chunk,
             flops.text_flops(config.model, text_len) * chunk,
         ),
     ]
@@ -165,9 +220,14 @@ def generation_steps(task: Task, config, mesh: Mesh) -> list[Function]:
     _, cache, media = jax.eval_shape(lambda *a: prefill(*a), variables, *inputs)
     token = jax.ShapeDtypeStruct((rows, 1), jnp.int32)
     step_args = (variables, *batch_sharded((token, cache, media), mesh))
+    cache_len = cache.max_len  # the prompt's LM positions + new_tokens
+    prefill_flops = decoder_forward_flops(task, config, cache_len - new_tokens, cache_len)
+    decode_flops = decoder_forward_flops(task, config, 1, cache_len, images=False)
     return [
-        Function("prefill", jax.jit(prefill), (variables, *inputs), params),
-        Function("decode_step", jax.jit(decode_step), step_args, params),
+        Function(
+            "prefill", jax.jit(prefill), (variables, *inputs), params, rows, prefill_flops * rows
+        ),
+        Function("decode_step", jax.jit(decode_step), step_args, params, rows, decode_flops * rows),
     ]
 
 
