@@ -1,26 +1,34 @@
 """Ahead-of-time compilation for TPU topologies (python -m vlm_jax.compile).
 
-Tests marked by `needs_libtpu()` compile for a real topology with libtpu (not in the [test]
-extra yet: they skip without it) and take about a minute each on 2 cores; the others check
-the names, errors, HLO parsing and backend choice on CPU alone.
+Tests marked by `needs_libtpu()` compile for real topologies with libtpu (they skip without
+it). They run the CLIs as a user does, in a subprocess, so libtpu never loads into the pytest
+process (it installs its own SIGTERM handler there); the others check the names, errors, HLO
+parsing and backend choice on CPU alone, in this process.
 """
 
 import json
+import os
+import subprocess
 import sys
+from pathlib import Path
 
 import jax
 import numpy as np
 import pytest
+from conftest import shipped_config
 from jax.sharding import AbstractDevice, AbstractMesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from vlm_jax import sharding
-from vlm_jax.compile import hlo
+from vlm_jax.compile import hlo, report
 from vlm_jax.compile.__main__ import main
+from vlm_jax.compile.kernel_coverage import KERNELS, MASKS
 from vlm_jax.compile.topology import parse_topology
 from vlm_jax.kernels import autotune, flash
-from vlm_jax.kernels.attention import resolve_impl
+from vlm_jax.kernels.attention import attention, record_impls, resolve_impl
+from vlm_jax.models import flops
 
+REPO = Path(__file__).resolve().parents[1]
 # Small enough to compile in well under a minute; heads of width 32, chunked ring loss.
 TINY_CONTRASTIVE = [
     "--config",
@@ -45,6 +53,8 @@ TPU_MESH = AbstractMesh(
     ("data",),
     abstract_device=AbstractDevice(device_kind="TPU v5 lite", num_cores=1, platform="tpu"),
 )
+# What libtpu prints on a host that is not a TPU VM unless the tool sets its environment
+LIBTPU_NOISE = ("TPU_ACCELERATOR_TYPE", "TPU_WORKER_HOSTNAMES", "E0000", "lockfile")
 
 
 def needs_libtpu():
@@ -52,7 +62,8 @@ def needs_libtpu():
 
 
 def run_cli(argv, capsys) -> tuple[int, str, str]:
-    """(exit status, stdout, stderr) of the compile CLI run in this process."""
+    """(exit status, stdout, stderr) of the compile CLI run in this process (only for runs
+    that stop before libtpu loads)."""
     try:
         main(argv)
         code = 0
@@ -62,11 +73,39 @@ def run_cli(argv, capsys) -> tuple[int, str, str]:
     return code, out, err
 
 
-def compile_rows(argv, tmp_path, capsys) -> tuple[list[dict], str]:
+def run_module(module: str, argv) -> subprocess.CompletedProcess:
+    """`python -m module argv` from the repo root, in an environment without the TPU-VM
+    variables (the tool sets them itself)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("TPU_", "ALLOW_MULTIPLE"))}
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    return subprocess.run(
+        [sys.executable, "-m", module, *argv],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+
+
+def assert_quiet(stderr: str) -> None:
+    noisy = [line for line in stderr.splitlines() if any(n in line for n in LIBTPU_NOISE)]
+    assert not noisy, noisy
+
+
+def compile_rows(argv, tmp_path) -> tuple[list[dict], str]:
+    """The JSON rows and the table of `python -m vlm_jax.compile argv --out FILE`."""
     out = tmp_path / "report.jsonl"
-    code, stdout, stderr = run_cli([*argv, "--out", str(out)], capsys)
-    assert code == 0, stderr
-    return [json.loads(line) for line in out.read_text().splitlines()], stdout
+    done = run_module("vlm_jax.compile", [*argv, "--out", str(out)])
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert_quiet(done.stderr)
+    return [json.loads(line) for line in out.read_text().splitlines()], done.stdout
+
+
+def overrides(argv) -> dict[str, str]:
+    """The --config.KEY=VALUE flags of a CLI argv as {KEY: VALUE}."""
+    pairs = [a[len("--config.") :].split("=", 1) for a in argv if a.startswith("--config.")]
+    return dict(pairs)
 
 
 # -- no libtpu needed ---------------------------------------------------------------------
@@ -156,20 +195,92 @@ def test_flash_lowers_for_the_platform_of_the_mesh(monkeypatch):
     assert [(s.backend, s.interpret) for s in seen] == [("cpu", True), ("tpu", False)]
 
 
-# -- with libtpu: real compiles for v5p:2x2x1 (4 chips) -----------------------------------
-def test_tiny_contrastive_compiles_with_mosaic_attention_and_fsdp_halves_params(tmp_path, capsys):
+def test_kernel_names_and_largest_buffers_from_hlo_text():
+    text = "\n".join(
+        [
+            "%fused_computation.3 (param_0: f32[64,64]) -> f32[64,64] {",
+            "  %big = f32[1024,1024]{1,0} multiply(%param_0, %param_0)",  # inside a fusion
+            "}",
+            "ENTRY %main (p: bf16[8,128]) -> f32[4] {",
+            "  %p = bf16[8,128]{1,0:T(8,128)} parameter(0)",
+            "  %k = (bf16[1,2,256,64]{3,2,1,0}, f32[1,2,256,1]) custom-call(%p), "
+            'custom_call_target="tpu_custom_call", metadata={op_name="jit(f)/jvp(flash_fwd)/'
+            'pallas_call"}',
+            '  %d = bf16[1,2,256,64]{3,2,1,0} custom-call(%k), custom_call_target="tpu_custom_'
+            'call", metadata={op_name="jit(f)/transpose(jvp(flash_bwd_dq))/pallas_call"}',
+            "  %f = f32[64,64]{1,0} fusion(%p), kind=kLoop, calls=%fused_computation.3",
+            "  %v = f32[64,64]{1,0} bitcast(%f)",
+            "  ROOT %r = f32[4]{0} reduce(%f), dimensions={0}",
+            "}",
+        ]
+    )
+    assert hlo.tpu_kernels(text) == {"flash_fwd": 1, "flash_bwd_dq": 1}
+    top = hlo.largest_buffers(text, top=3)
+    assert [(b["name"], b["op"], b["shape"], b["bytes"]) for b in top] == [
+        ("d", "custom-call", "bf16[1,2,256,64]", 2 * 256 * 64 * 2),
+        ("f", "fusion", "f32[64,64]", 64 * 64 * 4),
+        ("p", "parameter", "bf16[8,128]", 8 * 128 * 2),
+    ]
+
+
+def test_attention_kind_is_what_the_calls_dispatched_to():
+    q = jax.ShapeDtypeStruct((2, 16, 2, 16), np.float32)
+    with record_impls() as names:
+        jax.eval_shape(lambda q: attention(q, q, q, impl="xla"), q)
+        jax.eval_shape(lambda q: attention(q, q, q, impl="pallas"), q)
+    assert names == ["xla", "pallas"]
+    mosaic = {"flash_fwd": 1}
+    assert report.attention_kind(["pallas", "pallas"], mosaic) == "mosaic"
+    assert report.attention_kind(["pallas"], {}) == "pallas-interpret"  # not lowered for TPU
+    assert report.attention_kind(["xla", "pallas"], mosaic) == "mosaic+xla"
+    assert report.attention_kind([], {}) is None
+
+
+def test_flops_report_per_chip_and_mfu_estimate():
+    fn = type("Fn", (), {"flops": 8e12})()
+    row = report.flops_report(fn, chips=4, peak=459e12, step_time_s=0.01)
+    assert row["flops_per_chip"] == 2e12
+    assert row["mfu_at_step_time"] == pytest.approx(2e12 / (0.01 * 459e12))
+    assert report.flops_report(fn, 4, 459e12, None)["mfu_at_step_time"] is None
+
+
+def test_compile_only_environment_names_the_slice_as_gcloud_does(monkeypatch):
+    from vlm_jax.compile.topology import compile_only_environment
+
+    names = {"v5p-8": "v5p-8", "v4:4x4x4": "v4-128", "v5e:2x2": "v5litepod-4", "v6e-256": "v6e-256"}
+    for name, accelerator in names.items():
+        assert parse_topology(name).accelerator_type == accelerator
+    for key in ("TPU_ACCELERATOR_TYPE", "TPU_WORKER_HOSTNAMES", "ALLOW_MULTIPLE_LIBTPU_LOAD"):
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.setenv("TPU_WORKER_HOSTNAMES", "mine")  # the user's value stays
+    compile_only_environment(parse_topology("v5e:2x2"))
+    assert os.environ["TPU_ACCELERATOR_TYPE"] == "v5litepod-4"
+    assert os.environ["TPU_WORKER_HOSTNAMES"] == "mine"
+
+
+# -- with libtpu: real compiles for v5p:2x2x1 (4 chips), each CLI run in a subprocess --------
+def test_tiny_contrastive_compiles_with_mosaic_attention_and_fsdp_halves_params(tmp_path):
     needs_libtpu()
-    base = [*TINY_CONTRASTIVE, "--topology", "v5p:2x2x1"]
-    rows, table = compile_rows([*base, "--config.mesh.shape=(2,2,1)"], tmp_path, capsys)
+    base = [*TINY_CONTRASTIVE, "--topology", "v5p:2x2x1", "--step_time_s", "0.01"]
+    rows, table = compile_rows([*base, "--config.mesh.shape=(2,2,1)"], tmp_path)
     assert [r["function"] for r in rows] == ["train_step", "embed_image", "embed_text"]
     assert all(r["attention"] == "mosaic" and r["fits"] for r in rows)
+    assert all(r["attention_calls"] == {"pallas": 1} for r in rows[1:])  # one layer each
     assert "train_step" in table and "mosaic" in table
     step = rows[0]
     assert step["chips"] == 4 and step["device_kind"] == "TPU v5"
+    assert set(step["tpu_kernels"]) == set(KERNELS)
     assert step["collectives"]["all-reduce"]["count"] > 0
     assert step["collectives"]["collective-permute"]["count"] > 0  # the chunked loss's ring
+    assert step["largest_buffers"][0]["bytes"] >= step["largest_buffers"][-1]["bytes"] > 0
+    # FLOPs: the model's own count, split over the 4 chips; MFU at the stated 10 ms
+    config = shipped_config("configs/siglip_shapes.py", overrides(TINY_CONTRASTIVE))
+    embed = flops.image_flops(config.model) * 16
+    assert rows[1]["flops"] == pytest.approx(embed) and step["flops"] > 3 * embed
+    assert step["peak_flops_per_chip"] == 459e12  # v5p's, by jax's device_kind "TPU v5"
+    assert step["mfu_at_step_time"] == pytest.approx(step["flops"] / 4 / (0.01 * 459e12))
     (wider,), _ = compile_rows(
-        [*base, "--config.mesh.shape=(1,4,1)", "--functions", "train_step"], tmp_path, capsys
+        [*base, "--config.mesh.shape=(1,4,1)", "--functions", "train_step"], tmp_path
     )
     ratio = wider["params_per_chip"] / step["params_per_chip"]
     assert 0.5 <= ratio < 0.52  # fsdp 2 -> 4: halved, but for a few replicated scalars
@@ -179,33 +290,123 @@ def test_tiny_contrastive_compiles_with_mosaic_attention_and_fsdp_halves_params(
     assert abs(measured - predicted) < 0.1 * predicted
 
 
-def test_tiny_vlm_compiles_with_mosaic_attention(tmp_path, capsys):
+def test_tiny_vlm_compiles_train_prefill_and_decode_with_mosaic_attention(tmp_path):
     needs_libtpu()
     argv = [*TINY_VLM, "--topology", "v5p:2x2x1", "--config.mesh.shape=(2,2,1)"]
-    (step,), _ = compile_rows(argv, tmp_path, capsys)
-    assert step["function"] == "train_step" and step["fits"]
-    assert step["attention"] == "mosaic" and step["tpu_custom_calls"] >= 3  # fwd, dkv, dq
+    rows, _ = compile_rows(argv, tmp_path)
+    step, prefill, decode = rows
+    assert [r["function"] for r in rows] == ["train_step", "prefill", "decode_step"]
+    assert all(r["fits"] and r["attention"] == "mosaic" for r in rows)
+    assert set(step["tpu_kernels"]) == set(KERNELS)  # fwd, dkv, dq
+    assert set(prefill["tpu_kernels"]) == set(decode["tpu_kernels"]) == {"flash_fwd"}
+    # analytic FLOPs: 3 x forward for the step; prefill encodes image + prompt, decode 1 token
+    per_example = {r["function"]: r["flops"] / r["batch_size"] for r in rows}
+    assert per_example["train_step"] > per_example["prefill"] > per_example["decode_step"] > 0
+    assert prefill["flops_per_chip"] == pytest.approx(prefill["flops"] / 4)
+    # decode_step takes the cache prefill returns (beside the params) and returns it updated
+    # with the next logits: its outputs are prefill's (logits f32[B, V] and the same cache)
+    assert decode["memory_per_chip"]["arguments"] > decode["params_per_chip"]
+    made, updated = prefill["memory_per_chip"]["outputs"], decode["memory_per_chip"]["outputs"]
+    assert abs(updated - made) < 0.05 * made
 
 
-def test_oversized_config_fails_naming_need_capacity_and_knobs(capsys):
+def test_oversized_config_fails_naming_need_capacity_and_knobs():
     needs_libtpu()
     argv = [*TINY_CONTRASTIVE, "--topology", "v5e:2x2", "--functions", "train_step"]
-    code, out, err = run_cli([*argv, "--config.train.batch_size=1048576"], capsys)
-    assert code == 1
+    done = run_module("vlm_jax.compile", [*argv, "--config.train.batch_size=1048576"])
+    assert done.returncode == 1, done.stderr[-3000:]
+    err = done.stderr
     assert "train_step does not fit" in err and "GiB per chip" in err and "16 GiB HBM" in err
     for knob in ("fsdp", "model.remat", "train.grad_cache_chunks", "loss.chunked", "batch_size"):
         assert knob in err
-    assert "NO" in out
+    assert "NO" in done.stdout
+    assert_quiet(err)
+
+
+MULTI_SLICE = """
+import json, numpy as np
+from vlm_jax import sharding
+from vlm_jax.compile.topology import parse_topology, topology_devices
+devices = topology_devices(parse_topology("v5e:2x2"), num_slices=2)
+mesh = sharding.build_mesh((-1, 2, 1), devices)
+slices = np.vectorize(lambda d: d.slice_index)(mesh.devices)  # int[data, fsdp, tensor]
+try:
+    sharding.build_mesh((1, 8, 1), devices)
+    error = None
+except ValueError as e:
+    error = str(e)
+print(json.dumps({"shape": dict(mesh.shape), "slices": slices.tolist(), "error": error}))
+"""
 
 
 def test_multi_slice_mesh_puts_the_data_axis_across_slices():
     needs_libtpu()
-    from vlm_jax.compile.topology import topology_devices
-
-    devices = topology_devices(parse_topology("v5e:2x2"), num_slices=2)
-    mesh = sharding.build_mesh((-1, 2, 1), devices)
-    assert dict(mesh.shape) == {"data": 4, "fsdp": 2, "tensor": 1}
-    slice_of = np.vectorize(lambda d: d.slice_index)(mesh.devices)  # int[data, fsdp, tensor]
+    done = subprocess.run(
+        [sys.executable, "-c", MULTI_SLICE], cwd=REPO, capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    found = json.loads(done.stdout.splitlines()[-1])
+    assert found["shape"] == {"data": 4, "fsdp": 2, "tensor": 1}
+    slice_of = np.asarray(found["slices"])
     assert (slice_of[:2] == slice_of[0, 0, 0]).all() and (slice_of[2:] != slice_of[0, 0, 0]).all()
-    with pytest.raises(ValueError, match="multiple of the 2 slices"):
-        sharding.build_mesh((1, 8, 1), devices)
+    assert "multiple of the 2 slices" in found["error"]
+
+
+@pytest.mark.parametrize("topology", ["v4:2x2x1", "v5e:2x2", "v5p:2x2x1", "v6e:2x2"])
+def test_flash_kernel_compiles_fwd_and_bwd_for_every_mask_and_head_dim(topology):
+    needs_libtpu()
+    done = run_module("vlm_jax.compile.kernel_coverage", ["--topology", topology])
+    assert done.returncode == 0, done.stdout + done.stderr[-3000:]
+    assert_quiet(done.stderr)
+    rows = [json.loads(line) for line in done.stdout.splitlines()]
+    assert {(r["mask"], r["head_dim"]) for r in rows} == {
+        (m, d) for m in MASKS for d in (64, 128, 256)
+    }
+    assert all(r["compiled"] and set(r["kernels"]) == set(KERNELS) for r in rows)
+    assert {r["device_kind"] for r in rows} == {parse_topology(topology).generation.device_kind}
+
+
+def test_lm_prefill_and_decode_step_continue_the_full_forward_pass():
+    """The LM task's compiled generation functions (run here on CPU) give the logits of the
+    uncached forward pass: prefill at the prompt's last token, decode_step at the next."""
+    import flax.linen as nn
+    from conftest import tiny_lm_config
+
+    from vlm_jax.compile import steps
+    from vlm_jax.train.tasks import TASKS
+    from vlm_jax.train.trainer import init_params
+
+    config = tiny_lm_config()
+    mesh = sharding.build_mesh(config.mesh.shape)
+    task = TASKS.get(config.task)(config, mesh)
+    with jax.set_mesh(mesh), nn.logical_axis_rules(tuple(config.sharding.rules)):
+        prefill, decode = steps.functions(task, config, mesh, ["prefill", "decode_step"])
+        params, _ = init_params(task, config, mesh)
+        rows, length = prefill.args[1].shape
+        prompt = np.random.default_rng(0).integers(2, 20, (rows, length), np.int32)
+        variables = {"params": params}
+        logits, cache, _ = prefill.jitted(variables, prompt)
+        token = np.argmax(np.asarray(logits), -1)[:, None].astype(np.int32)
+        next_logits, _ = decode.jitted(variables, token, cache, None)
+        full, _ = task.model.apply(variables, np.concatenate([prompt, token], 1))
+    np.testing.assert_allclose(logits, full[:, length - 1], atol=2e-4)
+    np.testing.assert_allclose(next_logits, full[:, length], atol=2e-4)
+
+
+def test_decoder_flop_count_matches_xla_for_a_forward_pass():
+    import ml_collections
+
+    from vlm_jax.models.decoder import LM, decoder_from_config
+    from vlm_jax.schema import resolve
+
+    lm_config = ml_collections.ConfigDict(
+        dict(vocab_size=1000, width=256, depth=2, num_heads=4, num_kv_heads=2, head_dim=64,
+             mlp_dim=512)
+    )  # fmt: skip
+    lm = decoder_from_config(lm_config, attention_impl="xla")
+    tokens = jax.ShapeDtypeStruct((2, 128), np.int32)
+    params = jax.eval_shape(lm.init, jax.random.key(0), tokens)
+    cost = jax.jit(lambda p, t: lm.apply(p, t)[0]).lower(params, tokens).compile().cost_analysis()
+    cost = cost[0] if isinstance(cost, list | tuple) else cost
+    counted = flops.decoder_flops(resolve("model.lm", lm_config, LM), 128)
+    assert counted == pytest.approx(cost["flops"] / 2, rel=0.03)  # XLA adds the elementwise ops

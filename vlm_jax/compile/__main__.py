@@ -1,7 +1,11 @@
 """CLI: compile a config's functions for a TPU topology; exit 1 naming what does not fit.
 
     python -m vlm_jax.compile --config configs/siglip_b16.py --topology v5p-64 \
-        [--num_slices 2] [--out report.jsonl] [--config.train.batch_size=32768]
+        [--num_slices 2] [--functions train_step,prefill] [--step_time_s 1.5] \
+        [--out report.jsonl] [--config.train.batch_size=32768]
+
+--step_time_s T: report the MFU each function would reach if one call took T seconds (an
+estimate from the analytic FLOP count, not a measurement; without it the field is null).
 
 Exit status: 0 all fit, 1 a function does not fit in the chips' HBM, 2 a user error (bad
 flag, topology, mesh, config, or libtpu missing).
@@ -18,10 +22,10 @@ from pathlib import Path
 
 USAGE = (
     "usage: python -m vlm_jax.compile --config configs/NAME.py[:arg] --topology NAME "
-    "[--num_slices N] [--functions train_step,embed_image,...] [--out FILE.jsonl] "
-    "[--config.key=value ...]"
+    "[--num_slices N] [--functions train_step,embed_image,prefill,...] [--step_time_s T] "
+    "[--out FILE.jsonl] [--config.key=value ...]"
 )
-FLAGS = ("config", "topology", "num_slices", "functions", "out")
+FLAGS = ("config", "topology", "num_slices", "functions", "step_time_s", "out")
 
 
 def parse_args(argv: Sequence[str]):
@@ -68,15 +72,18 @@ def check_mesh_matches(shape, topology, slices: int) -> None:
         ) from None
 
 
-def compile_functions(config, topology, slices: int, names: Sequence[str] = ()) -> list[dict]:
+def compile_functions(
+    config, topology, slices: int, names: Sequence[str] = (), step_time_s: float | None = None
+) -> list[dict]:
     """Compile the config's functions (`names`, default all) for the topology; one report
-    per function."""
+    per function (`step_time_s`: the call time its MFU estimate assumes)."""
     import flax.linen as nn
     import jax
 
     from vlm_jax import sharding
-    from vlm_jax.compile import steps
+    from vlm_jax.compile import report, steps
     from vlm_jax.compile.topology import topology_devices
+    from vlm_jax.train.metrics import peak_flops_per_device
     from vlm_jax.train.tasks import TASKS
     from vlm_jax.train.validate import validate_config
 
@@ -91,36 +98,41 @@ def compile_functions(config, topology, slices: int, names: Sequence[str] = ()) 
         "chips": len(devices),
         "device_kind": devices[0].device_kind,
         "mesh": dict(mesh.shape),
-        "batch_size": config.train.batch_size,
         "attention_impl": config.model.get("attention_impl"),
     }
+    peak = peak_flops_per_device(context["device_kind"])
     rows = []
     with jax.set_mesh(mesh), nn.logical_axis_rules(tuple(config.sharding.rules)):
         for fn in steps.functions(task, config, mesh, names):
-            rows.append(context | compile_one(fn, topology.hbm_bytes))
+            row = compile_one(fn, topology.hbm_bytes)
+            counts = report.flops_report(fn, len(devices), peak, step_time_s)
+            rows.append(context | {"batch_size": fn.batch_size} | row | counts)
     return rows
 
 
 def compile_one(fn, hbm_bytes: int) -> dict:
     """Compile one function; its report, also when the compiler rejects it for want of HBM."""
     from vlm_jax.compile import report
+    from vlm_jax.kernels.attention import record_impls
 
     start = time.perf_counter()
     try:
-        compiled = fn.jitted.lower(*fn.args).compile()
+        with record_impls() as impls:  # tracing happens in lower()
+            lowered = fn.jitted.lower(*fn.args)
+        compiled = lowered.compile()
     except Exception as e:  # libtpu: JaxRuntimeError RESOURCE_EXHAUSTED when it cannot fit
         row = report.out_of_memory_report(fn, e, time.perf_counter() - start, hbm_bytes)
         if row is None:
             raise
         return row
-    return report.function_report(fn, compiled, time.perf_counter() - start, hbm_bytes)
+    return report.function_report(fn, compiled, time.perf_counter() - start, hbm_bytes, impls)
 
 
 def main(argv: Sequence[str] | None = None) -> None:
     host_cpu_only()  # before anything initialises a jax backend
     from vlm_jax.compile import report
-    from vlm_jax.compile.topology import parse_topology, require_libtpu
-    from vlm_jax.config import exit_on_user_error, parse_int
+    from vlm_jax.compile.topology import compile_only_environment, parse_topology, require_libtpu
+    from vlm_jax.config import exit_on_user_error, parse_float, parse_int
 
     config, options = parse_args(sys.argv[1:] if argv is None else argv)
     with exit_on_user_error(also=(ValueError,)):
@@ -128,10 +140,16 @@ def main(argv: Sequence[str] | None = None) -> None:
         slices = parse_int("--num_slices", options.get("num_slices", "1"))
         if slices < 1:
             raise ValueError(f"--num_slices={slices} must be >= 1")
+        step_time_s = None
+        if "step_time_s" in options:
+            step_time_s = parse_float("--step_time_s", options["step_time_s"])
+            if not step_time_s > 0:
+                raise ValueError(f"--step_time_s={step_time_s} must be > 0 (seconds per call)")
         check_mesh_matches(config.mesh.shape, topology, slices)
         require_libtpu()
+        compile_only_environment(topology)  # before libtpu loads: no TPU-VM warnings
         names = [n for n in options.get("functions", "").split(",") if n]
-        rows = compile_functions(config, topology, slices, names)
+        rows = compile_functions(config, topology, slices, names, step_time_s)
     for row in rows:
         row["config"] = options["config"]
     print(report.table(rows))

@@ -2,6 +2,8 @@
 
     collectives(hlo_text) -> {"all-gather": {"count": 37, "bytes": 123456}, ...}
     tpu_custom_calls(hlo_text) -> 6   # Pallas kernels lowered through Mosaic
+    tpu_kernels(hlo_text) -> {"flash_fwd": 2, "flash_bwd_dkv": 2, "flash_bwd_dq": 2}
+    largest_buffers(hlo_text, 5) -> [{"name", "op", "shape", "bytes"}, ...]
 
 Bytes are each op's result per chip (the SPMD program is one chip's view), e.g. an
 all-gather's gathered array. Ops are counted as they appear in the program text: an op
@@ -57,7 +59,51 @@ def tpu_custom_calls(hlo_text: str) -> int:
     return hlo_text.count('custom_call_target="tpu_custom_call"')
 
 
-def attention_kind(hlo_text: str) -> str:
-    """Which attention the program holds: "mosaic" when it has Pallas TPU kernels, else
-    "xla" (plain HLO: the XLA implementation, or a kernel that was interpreted)."""
-    return "mosaic" if tpu_custom_calls(hlo_text) else "xla"
+# a Mosaic kernel's pallas_call name, from its metadata: op_name=".../jvp(flash_fwd)/pallas_call"
+_KERNEL = re.compile(r'op_name="[^"]*?(?P<kernel>\w+)\)*/pallas_call"')
+
+
+def tpu_kernels(hlo_text: str) -> dict[str, int]:
+    """{pallas_call name: count} of the Mosaic kernels in the program ("?" where the
+    metadata names none)."""
+    found: dict[str, int] = {}
+    for line in hlo_text.splitlines():
+        if 'custom_call_target="tpu_custom_call"' in line:
+            match = _KERNEL.search(line)
+            name = match["kernel"] if match else "?"
+            found[name] = found.get(name, 0) + 1
+    return found
+
+
+# `%name = f32[8,128]{1,0:T(8,128)} op(`: an instruction with an array result
+_INSTRUCTION = re.compile(
+    r"^\s*(?:ROOT\s+)?%(?P<name>[\w.\-]+)\s*=\s*(?P<dtype>pred|[a-z]+\d+[a-z0-9]*)"
+    r"\[(?P<dims>[\d,]*)\]\S*\s+(?P<op>[\w\-]+)\("
+)
+_COMPUTATION = re.compile(r"^(?:ENTRY\s+)?%?(?P<name>[\w.\-]+)\s.*\{\s*$")
+_NO_BUFFER = ("bitcast", "get-tuple-element", "tuple", "constant")  # views, not new buffers
+
+
+def largest_buffers(hlo_text: str, top: int = 5) -> list[dict]:
+    """The `top` largest array results of the program's instructions, by bytes per chip:
+    [{"name", "op", "shape": "bf16[4,128]", "bytes"}, ...]. Instructions inside fused
+    computations are skipped (a fusion materialises only its result); tuples, views and
+    constants too. Tile padding (the layout's T(8,128)) is not counted."""
+    found, fused = [], False
+    for line in hlo_text.splitlines():
+        header = _COMPUTATION.match(line)
+        if header:
+            fused = "fused" in header["name"] or "fusion" in header["name"]
+            continue
+        match = _INSTRUCTION.match(line)
+        if fused or not match or match["op"] in _NO_BUFFER:
+            continue
+        found.append(
+            {
+                "name": match["name"],
+                "op": match["op"],
+                "shape": f"{match['dtype']}[{match['dims']}]",
+                "bytes": _array_bytes(match["dtype"], match["dims"]),
+            }
+        )
+    return sorted(found, key=lambda b: -b["bytes"])[:top]

@@ -1,8 +1,17 @@
-"""One compiled function's report: per-chip HBM against the chip's capacity, collectives,
-attention kind, compile time; the table the CLI prints and the advice when it does not fit."""
+"""One compiled function's report: per-chip HBM against the chip's capacity, the largest
+buffers, collectives, attention, analytic FLOPs, compile time; the table the CLI prints and the
+advice when it does not fit.
+
+FLOPs are the models' own analytic matmul count (`vlm_jax.models.flops`: 3 x forward for a
+train step, forward for the others; null where the model has none), per call and per chip
+(divided evenly over the chips). `mfu_at_step_time` is an ESTIMATE, not a measurement: the MFU
+a call would reach if it took `--step_time_s` seconds (flops_per_chip / (step_time_s x the
+chip's dense bf16 peak, vlm_jax.train.metrics.PEAK_FLOPS)); null without that flag.
+"""
 
 from __future__ import annotations
 
+import collections
 import math
 import re
 
@@ -38,18 +47,47 @@ def shard_bytes(abstract_tree) -> int:
     )
 
 
-def function_report(fn, compiled, compile_s: float, hbm_bytes: int) -> dict:
-    """The JSON object for one `steps.Function` (merged with the run's context by the caller)."""
+def attention_kind(impls: list[str], kernels: dict[str, int]) -> str | None:
+    """What attention a program holds: the implementations its attention calls dispatched
+    to (traced), "pallas" shown as "mosaic" when the HLO holds the flash kernels (else
+    "pallas-interpret": lowered to plain HLO, not for the TPU); "+"-joined; None for none."""
+    mosaic = any(k.startswith("flash_") for k in kernels)
+    names = {("mosaic" if mosaic else "pallas-interpret") if n == "pallas" else n for n in impls}
+    return "+".join(sorted(names)) or None
+
+
+def flops_report(fn, chips: int, peak: float | None, step_time_s: float | None) -> dict:
+    """Analytic FLOPs per call and per chip, the chip's peak, and the MFU estimate."""
+    per_chip = None if fn.flops is None else fn.flops / chips
+    mfu = None
+    if per_chip is not None and peak and step_time_s:
+        mfu = per_chip / (step_time_s * peak)
+    return {
+        "flops": fn.flops,
+        "flops_per_chip": per_chip,
+        "peak_flops_per_chip": peak,
+        "step_time_s": step_time_s,
+        "mfu_at_step_time": mfu,
+    }
+
+
+def function_report(fn, compiled, compile_s: float, hbm_bytes: int, impls: list[str]) -> dict:
+    """The JSON object for one `steps.Function` (merged with the run's context and
+    `flops_report` by the caller); `impls`: its traced attention calls' implementations."""
     text = compiled.as_text()
     memory = memory_per_chip(compiled)
+    kernels = hlo.tpu_kernels(text)
     return {
         "function": fn.name,
         "memory_per_chip": memory,
         "params_per_chip": shard_bytes(fn.params),
         "hbm_per_chip": hbm_bytes,
         "fits": memory["total"] <= hbm_bytes,
+        "largest_buffers": hlo.largest_buffers(text),
         "collectives": hlo.collectives(text),
-        "attention": hlo.attention_kind(text),
+        "attention": attention_kind(impls, kernels),
+        "attention_calls": dict(collections.Counter(impls)),
+        "tpu_kernels": kernels,
         "tpu_custom_calls": hlo.tpu_custom_calls(text),
         "compile_s": round(compile_s, 2),
     }
@@ -78,8 +116,11 @@ def out_of_memory_report(fn, error: Exception, compile_s: float, hbm_bytes: int)
         "hbm_per_chip": hbm_bytes,
         "fits": False,
         "compiler_error": text.strip().splitlines()[0][:500],
+        "largest_buffers": [],
         "collectives": {},
         "attention": None,
+        "attention_calls": {},
+        "tpu_kernels": {},
         "tpu_custom_calls": None,
         "compile_s": round(compile_s, 2),
     }
@@ -91,12 +132,27 @@ def _gib(n: int | None) -> str:
     return f"{n / GIB:.2f}" if n >= GIB / 100 else f"{n / 2**20:.1f}M"
 
 
+def _tflops(n: float | None) -> str:
+    return "-" if n is None else f"{n / 1e12:.3g}"
+
+
+def _mfu(r: dict) -> str:
+    return "-" if r.get("mfu_at_step_time") is None else f"{100 * r['mfu_at_step_time']:.1f}%"
+
+
+def _largest(r: dict) -> str:
+    top = r["largest_buffers"][:1]
+    return "-" if not top else f"{top[0]['shape']} {top[0]['op']} {_gib(top[0]['bytes'])}"
+
+
 def table(rows: list[dict]) -> str:
     """A fixed-width table: one line per function; memory in GiB (M: MiB), collective bytes
-    in MiB per chip as the program text holds them."""
+    in MiB per chip as the program text holds them, analytic TFLOP per chip, the MFU estimate
+    at --step_time_s, and the largest buffer (shape, op, GiB)."""
     head = (
         f"{'function':<12} {'args':>7} {'temp':>7} {'out':>7} {'code':>7} {'total':>7} "
-        f"{'/ HBM':>6} {'fits':>4} {'attention':>9} {'AR/AG/RS/A2A/CP MiB':>26} {'compile':>8}"
+        f"{'/ HBM':>6} {'fits':>4} {'attention':>10} {'AR/AG/RS/A2A/CP MiB':>26} "
+        f"{'TFLOP/chip':>10} {'MFU@t':>6} {'compile':>8}  largest buffer"
     )
     lines = [head]
     for r in rows:
@@ -105,8 +161,9 @@ def table(rows: list[dict]) -> str:
         sizes = " ".join(f"{_gib(m.get(k)):>7}" for k in (*MEMORY_FIELDS, "total"))
         lines.append(
             f"{r['function']:<12} {sizes} {r['hbm_per_chip'] // GIB:>5}G "
-            f"{'yes' if r['fits'] else 'NO':>4} {r['attention'] or '-':>9} {moved:>26} "
-            f"{r['compile_s']:>7.1f}s"
+            f"{'yes' if r['fits'] else 'NO':>4} {r['attention'] or '-':>10} {moved:>26} "
+            f"{_tflops(r.get('flops_per_chip')):>10} {_mfu(r):>6} {r['compile_s']:>7.1f}s  "
+            f"{_largest(r)}"
         )
     return "\n".join(lines)
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import re
 
 from vlm_jax.config import UserError
@@ -27,15 +28,16 @@ class Generation:
     cores_in_name: int  # what one chip counts for in "NAME-N": TensorCores (2) or chips (1)
     hbm_gib: int  # HBM per chip, GiB (Cloud TPU docs, "system architecture" of each version)
     device_kind: str  # jax's device_kind of its chips
+    accelerator_prefix: str  # gcloud's accelerator type: "v5litepod" in "v5litepod-16"
 
 
 GENERATIONS = {
     g.name: g
     for g in (
-        Generation("v4", 3, 2, 32, "TPU v4"),
-        Generation("v5p", 3, 2, 95, "TPU v5"),
-        Generation("v5e", 2, 1, 16, "TPU v5 lite"),
-        Generation("v6e", 2, 1, 32, "TPU v6 lite"),
+        Generation("v4", 3, 2, 32, "TPU v4", "v4"),
+        Generation("v5p", 3, 2, 95, "TPU v5", "v5p"),
+        Generation("v5e", 2, 1, 16, "TPU v5 lite", "v5litepod"),
+        Generation("v6e", 2, 1, 32, "TPU v6 lite", "v6e"),
     )
 }
 ALIASES = {"v5litepod": "v5e"}  # gcloud's accelerator type for v5e
@@ -65,6 +67,12 @@ class Topology:
     @property
     def hbm_bytes(self) -> int:
         return self.generation.hbm_gib * 2**30
+
+    @property
+    def accelerator_type(self) -> str:
+        """gcloud's name of one slice, as a TPU VM's TPU_ACCELERATOR_TYPE holds it: "v5p-8"."""
+        gen = self.generation
+        return f"{gen.accelerator_prefix}-{self.chips * gen.cores_in_name}"
 
 
 def _invalid(name: str, why: str) -> UserError:
@@ -118,10 +126,24 @@ def require_libtpu() -> None:
     )
 
 
+def compile_only_environment(topology: Topology) -> None:
+    """What libtpu would read from a TPU VM's metadata, for a host that only compiles (set
+    before libtpu loads; values the user set are kept). Without the first two libtpu prints
+    warnings ("could not determine TPU accelerator type", "unexpected worker hostname");
+    without the third it takes the host-wide /tmp/libtpu_lockfile, and a second process
+    loading libtpu meanwhile fails ("ABORTED: ... libtpu multi-process lockfile"). They change
+    nothing that is compiled: the topology comes from `get_topology_desc` (same device kinds
+    and memory numbers with and without them, also with another generation's type)."""
+    os.environ.setdefault("TPU_ACCELERATOR_TYPE", topology.accelerator_type)
+    os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
+    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")  # no chips here to guard
+
+
 def topology_devices(topology: Topology, num_slices: int = 1) -> list:
     """The compile-only jax devices (one per chip) of `num_slices` copies of `topology`;
     multi-slice devices carry `slice_index`. Creates nothing on them."""
     require_libtpu()
+    compile_only_environment(topology)
     from jax.experimental import topologies
 
     megacore = {"chip_config_name": "megacore"} if topology.generation.torus_dims == 3 else {}

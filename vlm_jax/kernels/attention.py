@@ -11,13 +11,17 @@ XLA. The device is the one being compiled for: the mesh in scope (`jax.set_mesh`
 default backend (`autotune.target_device`), so a step compiled for a TPU topology on a CPU
 host picks, and lowers, what the TPU would. Every implementation accepts the same
 `AttentionMask` and returns zeros for query rows that see no key.
+
+`with record_impls() as names:` collects the implementation each call traced inside the block
+dispatched to (vlm_jax.compile reports which attention a compiled step holds).
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import jax
 import jax.numpy as jnp
@@ -28,6 +32,19 @@ from vlm_jax.kernels.mask import AttentionMask
 from vlm_jax.registry import Registry
 
 ATTENTION_IMPLS = Registry("attention_impl")
+_RECORDERS: list[list[str]] = []  # open record_impls() blocks
+
+
+@contextlib.contextmanager
+def record_impls() -> Iterator[list[str]]:
+    """A list that receives the implementation name of every attention call traced inside the
+    block, once per call site traced (a layer scanned or rematerialised is traced once)."""
+    names: list[str] = []
+    _RECORDERS.append(names)
+    try:
+        yield names
+    finally:
+        _RECORDERS.remove(names)
 
 
 def _check_shapes(q: jax.Array, k: jax.Array, v: jax.Array) -> None:
@@ -177,4 +194,7 @@ def attention(
     if scale is None:
         scale = 1.0 / math.sqrt(q.shape[-1])
     call = describe_call(q, k, mask) if impl == "auto" else None
-    return ATTENTION_IMPLS.get(resolve_impl(impl, call))(q, k, v, mask, scale)
+    name = resolve_impl(impl, call)
+    for names in _RECORDERS:
+        names.append(name)
+    return ATTENTION_IMPLS.get(name)(q, k, v, mask, scale)

@@ -1,4 +1,5 @@
-"""Analytic matmul FLOPs of the two-tower model, for MFU.
+"""Analytic matmul FLOPs of the two-tower model and the decoder LM (and the VLM's towers),
+for MFU.
 
 A matmul of [m, k] x [k, n] costs 2*m*n*k FLOPs. Per example, with width D, MLP width M,
 sequence length T and embedding dim E:
@@ -22,11 +23,24 @@ tower is counted at 3 x (an upper bound).
 
 The text tower runs over the tokenizer's length, which may be shorter than the tower's
 position table (`model.text.max_len`): pass it as `text_len`.
+
+Decoder LM (model.lm; H query heads, Hkv key/value heads of width d, gated MLP width M,
+vocabulary V), T new tokens attending to S keys (S = T without a KV cache, else the cache's
+length, all of whose slots are computed):
+
+  decoder block:      q, out 2*T*D*H*d*2 + k, v 2*T*D*Hkv*d*2 + QK^T/AV 2*2*T*S*H*d
+                      + SwiGLU 2*T*D*M*3
+  unembedding:        2*T*D*V
+  vision tower (VLM): the image tower's patch embedding and blocks (patch tokens: no pooling,
+                      no head)
+
+Not counted there: the VLM's connector and the gated cross-attention blocks.
 """
 
 from __future__ import annotations
 
-from collections.abc import Collection
+from collections.abc import Collection, Mapping
+from typing import Any
 
 import ml_collections
 
@@ -69,15 +83,41 @@ def conv_stem_flops(image_size: int, patch_size: int, width: int) -> float:
     return flops + 2.0 * size * size * channels_in * width
 
 
-def image_flops(model_config: ml_collections.ConfigDict) -> float:
-    s = image_settings(model_config)
+def _patch_embed_flops(s: dict) -> tuple[float, int]:
+    """(FLOPs of the patch embedding or conv stem, number of patches) of model.image `s`."""
     patches = (s["image_size"] // s["patch_size"]) ** 2
     if s["stem"] == "conv":
-        embed = conv_stem_flops(s["image_size"], s["patch_size"], s["width"])
-    else:
-        embed = 2.0 * patches * s["patch_size"] ** 2 * 3 * s["width"]
+        return conv_stem_flops(s["image_size"], s["patch_size"], s["width"]), patches
+    return 2.0 * patches * s["patch_size"] ** 2 * 3 * s["width"], patches
+
+
+def image_flops(model_config: ml_collections.ConfigDict) -> float:
+    s = image_settings(model_config)
+    embed, patches = _patch_embed_flops(s)
     tokens = patches + (s["pool"] == "cls")
     return embed + encoder_flops(tokens, s, s["pool"], model_config.embed_dim)
+
+
+def vision_flops(model_config: ml_collections.ConfigDict) -> float:
+    """The VLM's vision tower over one image: patch embedding and blocks (patch tokens)."""
+    s = image_settings(model_config)
+    embed, patches = _patch_embed_flops(s)
+    tokens = patches + (s["pool"] == "cls")
+    return embed + s["depth"] * block_flops(tokens, s["width"], s["mlp_dim"])
+
+
+def decoder_flops(lm: Mapping[str, Any], tokens: int, context: int | None = None) -> float:
+    """The decoder LM (model.lm, resolved) over `tokens` new tokens attending to `context`
+    keys (default `tokens`: no cache), unembedding included."""
+    width, heads, vocab = lm["width"], lm["num_heads"], lm["vocab_size"]
+    head_dim = lm["head_dim"] or width // heads
+    kv_heads = lm["num_kv_heads"] or heads
+    mlp_dim = lm["mlp_dim"] or 4 * width
+    context = tokens if context is None else context
+    projections = 2 * tokens * width * head_dim * 2 * (heads + kv_heads)
+    attention = 2 * 2 * tokens * context * heads * head_dim
+    mlp = 2 * tokens * width * mlp_dim * 3
+    return float(lm["depth"] * (projections + attention + mlp) + 2 * tokens * width * vocab)
 
 
 def text_flops(model_config: ml_collections.ConfigDict, text_len: int | None = None) -> float:

@@ -35,6 +35,7 @@ PEAK_FLOPS = {
     "TPU v5 lite": 197e12,
     "TPU v5e": 197e12,
     "TPU v5p": 459e12,
+    "TPU v5": 459e12,  # jax's device_kind of a v5p chip (after "TPU v5 lite": prefixes)
     "TPU v6 lite": 918e12,
 }
 
