@@ -1,7 +1,7 @@
 """Ahead-of-time compilation for TPU topologies (python -m vlm_jax.compile).
 
-Tests marked by `needs_libtpu()` compile for real topologies with libtpu (they skip without
-it). They run the CLIs as a user does, in a subprocess, so libtpu never loads into the pytest
+Tests marked by `needs_libtpu()` compile for real topologies with libtpu (in the [test] extra;
+they skip without it). They run the CLIs as a user does, in a subprocess, so libtpu never loads into the pytest
 process (it installs its own SIGTERM handler there); the others check the names, errors, HLO
 parsing and backend choice on CPU alone, in this process.
 """
@@ -382,10 +382,12 @@ def test_lm_prefill_and_decode_step_continue_the_full_forward_pass():
     with jax.set_mesh(mesh), nn.logical_axis_rules(tuple(config.sharding.rules)):
         prefill, decode = steps.functions(task, config, mesh, ["prefill", "decode_step"])
         params, _ = init_params(task, config, mesh)
-        rows, length = prefill.args[1].shape
+        rows, length = prefill.args[2].shape  # (variables, no image, prompt, lengths)
         prompt = np.random.default_rng(0).integers(2, 20, (rows, length), np.int32)
         variables = {"params": params}
-        logits, cache, _ = prefill.jitted(variables, prompt)
+        lengths = np.full((rows,), length, np.int32)
+        no_image = np.zeros((rows, 0), np.float32)
+        logits, cache, _ = prefill.jitted(variables, no_image, prompt, lengths)
         token = np.argmax(np.asarray(logits), -1)[:, None].astype(np.int32)
         next_logits, _ = decode.jitted(variables, token, cache, None)
         full, _ = task.model.apply(variables, np.concatenate([prompt, token], 1))

@@ -96,7 +96,7 @@ def generate(
     """Continue each right-padded prompt int32[B, P] -> int32[B, max_new_tokens]; `eos_id`:
     the stop id, or all of them (a release's generation config may name several)."""
     rng = jax.random.key(0) if rng is None else rng
-    prefill, decode_step = _steps(model)
+    prefill, decode_step = generation_methods(model)
     stop_ids = jnp.asarray(eos_id, jnp.int32).reshape(-1)
     logits, cache, media = model.apply(
         variables, images, prompt, prompt_lengths, max_new_tokens, method=prefill
@@ -139,7 +139,7 @@ def _causal_decode_step(lm, tokens, cache, media=None):
     return logits[:, -1], cache
 
 
-def _steps(model: nn.Module):
+def generation_methods(model: nn.Module):
     """(prefill, decode_step) methods: the VLM's own, or the text-only LM's above."""
     if hasattr(model, "prefill"):
         return "prefill", "decode_step"

@@ -173,30 +173,20 @@ def generation_settings(task: Task, config, mesh: Mesh) -> tuple[int, int]:
     return sharding.eval_chunk_size(mesh, settings.batch_size), FLAGS["max_new_tokens"][1]
 
 
-def _vlm_generation(model: VisionLanguageModel, new_tokens: int):
-    """(prefill, decode_step) as `vlm_jax.generate.generate` calls them."""
+def _generation(model: VisionLanguageModel | DecoderLM, new_tokens: int):
+    """(prefill, decode_step) exactly as `vlm_jax.generate.generate` calls them: the VLM's
+    own methods, or a text-only LM's causal prefill over the prompt."""
+    from vlm_jax.generate import generation_methods
+
+    prefill_method, decode_method = generation_methods(model)
 
     def prefill(variables, images, prompt, prompt_lengths):
-        return model.apply(variables, images, prompt, prompt_lengths, new_tokens, method="prefill")
+        return model.apply(
+            variables, images, prompt, prompt_lengths, new_tokens, method=prefill_method
+        )
 
     def decode_step(variables, token, cache, media):
-        return model.apply(variables, token, cache, media, method="decode_step")
-
-    return prefill, decode_step
-
-
-def _lm_generation(lm: DecoderLM, new_tokens: int):
-    """(prefill, decode_step) of a decoder LM: what the VLM's prefill / decode_step do for
-    its `lm`, on tokens (the whole prompt; causal, as the LM task trains)."""
-
-    def prefill(variables, prompt):
-        cache = lm.init_cache(prompt.shape[0], prompt.shape[1] + new_tokens)
-        logits, cache = lm.apply(variables, prompt, cache=cache)
-        return logits[:, -1], cache, None
-
-    def decode_step(variables, token, cache, media):
-        logits, cache = lm.apply(variables, token, cache=cache)
-        return logits[:, -1], cache
+        return model.apply(variables, token, cache, media, method=decode_method)
 
     return prefill, decode_step
 
@@ -210,12 +200,14 @@ def generation_steps(task: Task, config, mesh: Mesh) -> list[Function]:
     _, params, _ = param_layout(task, config, mesh)
     variables = {"params": params}
     batch = abstract_batch(task, rows, mesh)
+    prefill, decode_step = _generation(model, new_tokens)
     if isinstance(model, VisionLanguageModel):
-        prefill, decode_step = _vlm_generation(model, new_tokens)
         inputs = (batch["image"], batch["tokens"], batch["prefix_len"])
-    else:
-        prefill, decode_step = _lm_generation(model, new_tokens)
-        inputs = (batch["tokens"],)
+    else:  # the generate CLI's inputs of a text-only run: no image, whole prompts
+        no_image = jax.ShapeDtypeStruct((rows, 0), jnp.float32)
+        lengths = jax.ShapeDtypeStruct((rows,), jnp.int32)
+        no_image, lengths = batch_sharded((no_image, lengths), mesh)
+        inputs = (no_image, batch["tokens"], lengths)
     # shapes of what prefill hands to the loop (a fresh callable: jit's trace cache stays cold)
     _, cache, media = jax.eval_shape(lambda *a: prefill(*a), variables, *inputs)
     token = jax.ShapeDtypeStruct((rows, 1), jnp.int32)
