@@ -1,9 +1,9 @@
 """Ahead-of-time compilation for TPU topologies (python -m vlm_jax.compile).
 
 Tests marked by `needs_libtpu()` compile for real topologies with libtpu (in the [test] extra;
-they skip without it). They run the CLIs as a user does, in a subprocess, so libtpu never loads into the pytest
-process (it installs its own SIGTERM handler there); the others check the names, errors, HLO
-parsing and backend choice on CPU alone, in this process.
+they skip without it). They run the CLIs as a user does, in a subprocess, so libtpu never
+loads into the pytest process (it installs its own SIGTERM handler there); the others check
+the names, errors, HLO parsing and backend choice on CPU alone, in this process.
 """
 
 import json
