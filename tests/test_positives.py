@@ -265,3 +265,5 @@ def test_same_label_on_a_source_without_train_labels_says_so():
     assert task.batch_spec(16)["label"].shape == (16,)
     with pytest.raises(ValueError, match="same_label' but data.source='shapes' gives"):
         next(iter(task.train_data(16, 0, 1, 0)))
+    labelled = task._int32_labels({"label": np.array([3, 1], np.int64)})  # a folder's batch
+    assert labelled["label"].dtype == np.int32 and labelled["label"].tolist() == [3, 1]
