@@ -2,6 +2,7 @@
 chunked on 8 CPU devices, against dense references written here with explicit positive masks
 and pair weights; the diagonal form is today's loss bit for bit; a tiny run trains with them."""
 
+import functools
 from pathlib import Path
 
 import jax
@@ -231,6 +232,39 @@ def test_hard_negative_weighted_loss_equals_a_dense_reference(name):
     assert_close(value_and_grads(chunked, image, text, **ids), want)
     unweighted = reference_grads(name, image, text, positive, jnp.ones_like(positive))
     assert float(want[0]) > float(unweighted[0]) + 1e-3  # the weights count
+
+
+def test_chunked_duplicate_aware_loss_memory_is_bounded_by_the_tile():
+    """Ids, mined indices and masks never reach B x B in the ring: temp memory as the diagonal
+    ring's bound (test_chunked_losses), far below one b_local x B logit matrix per device."""
+    from test_chunked_losses import compiled_temp_bytes
+
+    mesh, batch, dim, tile = sharding.build_mesh((8, 1, 1)), 16384, 8, 64
+    config = loss_config("sigmoid", True, "same_label", tile, k=4, weight=1.0, guard=0.9)
+    loss_fn = build_loss(config, mesh)
+    ids = (jnp.arange(batch, dtype=jnp.int32) % 10)[:, None]
+    with_ids = lambda *args: loss_fn(*args, positive_ids=ids, caption_ids=jnp.tile(ids, (1, 2)))
+    b_local = batch // 8
+    temp_bytes = compiled_temp_bytes(with_ids, mesh, batch, dim)
+    assert temp_bytes <= 8 * tile * tile * 4 + 16 * b_local * dim * 4
+    assert temp_bytes < b_local * batch * 4 / 50
+
+
+def test_gradcache_with_duplicate_aware_targets_equals_the_plain_step():
+    """The task binds the batch's pair ids to the loss; gradient caching's strided chunks put
+    the embeddings back in batch order before the loss, so the ids still match them."""
+    from test_gradcache import assert_trees_close, plain_value_and_grad, setup
+
+    from vlm_jax.train.gradcache import gradcache_value_and_grad
+
+    apply_fn, params, batch = setup(batch=12)
+    batch["tokens"] = jnp.tile(batch["tokens"][:3], (4, 1))  # 3 captions, 4 copies each
+    hard = HardNegatives(k=2, weight=1.5, guard=0.99)
+    loss_fn = build_loss(loss_config("sigmoid", positives="same_caption", **hard._asdict()))
+    bound = functools.partial(loss_fn, **batch_ids("same_caption", hard, batch))
+    want = jax.jit(lambda p, b: plain_value_and_grad(apply_fn, bound, p, b))(params, batch)
+    step = jax.jit(lambda p, b: gradcache_value_and_grad(apply_fn, bound, p, b, num_chunks=3))
+    assert_trees_close(step(params, batch), want)
 
 
 # -- through the trainer --------------------------------------------------------------------
