@@ -270,8 +270,7 @@ def test_gradcache_with_duplicate_aware_targets_equals_the_plain_step():
 # -- through the trainer --------------------------------------------------------------------
 @pytest.mark.slow
 def test_a_tiny_run_with_same_caption_targets_trains(tmp_path):
-    """From the command line (the keys are absent from the config file: the schema adds them);
-    evaluation off, as only the training loss is checked."""
+    """The keys from the command line; evaluation off, as only the training loss is checked."""
     from test_extending import losses
 
     from vlm_jax.train.trainer import train
