@@ -94,6 +94,9 @@ def get_config(arg=None):
     c.loss = ml_collections.ConfigDict(
         dict(name="sigmoid", chunked=True, tile_size=4096, batch_axes=("data", "fsdp"))
     )
+    # Duplicate-aware targets and hard negatives (README): off, the classic loss.
+    c.loss.positives = "diagonal"
+    c.loss.hard_negatives = ml_collections.ConfigDict(dict(k=0, weight=1.0, guard=0.9))
 
     c.mesh.shape = (-1, 1, 1)
     c.train.batch_size = 32_768

@@ -76,6 +76,9 @@ def get_config(arg=None):
     c.loss = ml_collections.ConfigDict(
         dict(name="sigmoid", chunked=False, tile_size=1024, batch_axes=("data", "fsdp"))
     )
+    # Duplicate-aware targets and hard negatives (README): off, the classic loss.
+    c.loss.positives = "diagonal"
+    c.loss.hard_negatives = ml_collections.ConfigDict(dict(k=0, weight=1.0, guard=0.9))
 
     # Small batches, many steps: per example seen, batch 64 learns the shape kinds far faster
     # than 128 or 256 (and SigLIP's sigmoid loss needs no big batch); see benchmarks/RESULTS.md.

@@ -8,6 +8,12 @@ under `shard_map` each device keeps its rows (image embeddings) and passes its c
 embeddings, and the column statistics that belong to them) round the batch axes with
 `ppermute`; each b_local x b_local block is itself tiled by `lax.scan`. A custom VJP re-runs
 the ring for the gradient, so no logits are kept as residuals either.
+
+Losses whose pairs have roles beyond "matching or not" (duplicate-aware positives, weighted hard
+negatives: losses/pairs.py) pass per-example `row_extra` / `col_extra` arrays (ids, mined indices)
+and a `PairRoles` that turns one tile's extras into its positive mask and pair weights; the
+extras of the columns travel round the ring with the text embeddings, so no B x B mask exists.
+`ring_top_k` is the same ring, forward only, keeping each row's k best-scoring columns.
 """
 
 from __future__ import annotations
@@ -34,14 +40,35 @@ def similarities(image_emb: Array, text_emb: Array) -> Array:
 class TileRule(NamedTuple):
     """A loss's all-pairs part as per-row and per-column statistics of the logits.
 
-    Masked (padding) logits arrive as -inf, which both rules treat as "no pair".
+    Masked (padding) logits arrive as -inf, which both rules treat as "no pair". Rules that
+    support pair weights (hard negatives) take an optional last argument `weight` float32[t, t]
+    (a pair counted `weight` times); None (the default) means 1 for every pair.
     """
 
     init: float  # statistic of a row/column that has seen no pair yet
-    # (logits[t, t], row[t], col[t]) -> (row, col)
-    update: Callable[[Array, Array, Array], tuple[Array, Array]]
-    # (logits[t, t], row[t], row_ct[t], col[t], col_ct[t]) -> d(row, col)/d logits . ct: [t, t]
-    dlogits: Callable[[Array, Array, Array, Array, Array], Array]
+    # (logits[t, t], row[t], col[t][, weight[t, t]]) -> (row, col)
+    update: Callable[..., tuple[Array, Array]]
+    # (logits[t, t], row[t], row_ct[t], col[t], col_ct[t][, weight]) -> d(row, col)/d logits . ct
+    dlogits: Callable[..., Array]
+
+
+class PairRoles(NamedTuple):
+    """The role of each pair of a tile, from the per-example extras of its rows and columns.
+
+    roles(row_extra, col_extra) -> (positive bool[t, t], weight float32[t, t]): positive pairs'
+    logits are summed per row and per column (and counted); weights go to the rule.
+    """
+
+    roles: Callable[[Any, Any], tuple[Array, Array]]
+
+
+class Positives(NamedTuple):
+    """Per-row (image) and per-column (text) sums of the positive pairs' logits, and counts."""
+
+    row_sum: Array  # float32[B]: sum_j P_ij l_ij
+    row_count: Array  # float32[B]: sum_j P_ij
+    col_sum: Array  # float32[B]: sum_i P_ij l_ij
+    col_count: Array  # float32[B]: sum_i P_ij
 
 
 def _to_tiles(x: Array, tile: int, fill: Any = 0) -> Array:
@@ -102,9 +129,12 @@ def _ring_loop(tile_fn, rows, row_acc, cols, col_acc, shared, ring: Ring | None)
 
 
 def _masked_logits(row, col, scale, bias):
-    """Logits of one tile and the similarities they came from; padding pairs are -inf."""
-    image_tile, row_valid = row[0], row[1]  # [t, E], [t]
-    text_tile, col_valid = col[0], col[1]
+    """Logits of one tile and the similarities they came from; padding pairs are -inf.
+
+    row, col: tuples (embeddings[t, E], ..., valid[t]).
+    """
+    image_tile, row_valid = row[0], row[-1]  # [t, E], [t]
+    text_tile, col_valid = col[0], col[-1]
     dots = similarities(image_tile, text_tile)  # [t, t]
     valid = row_valid[:, None] & col_valid[None, :]
     return jnp.where(valid, scale * dots + bias, -jnp.inf), dots, valid
@@ -118,43 +148,97 @@ def _varying(tree, ring: Ring | None):
     return jax.tree.map(lambda x: jax.lax.pcast(x, ring[0], to="varying"), tree)
 
 
-def _tiled(tile: int, ring: Ring | None, *per_example: Array) -> tuple[Array, ...]:
-    """Tiles of per-example arrays plus a validity mask [nt, t] for the padding."""
-    valid = _varying(jnp.ones((per_example[0].shape[0],), bool), ring)
-    return (*(_to_tiles(x, tile) for x in per_example), _to_tiles(valid, tile, False))
+def _tiled(tile: int, ring: Ring | None, *per_example: Any) -> tuple[Any, ...]:
+    """Tiles of per-example arrays (pytrees of [b, ...]) plus a validity mask [nt, t]."""
+    size = jax.tree.leaves(per_example)[0].shape[0]
+    valid = _varying(jnp.ones((size,), bool), ring)
+    tiles = jax.tree.map(lambda x: _to_tiles(x, tile), per_example)
+    return (*tiles, _to_tiles(valid, tile, False))
 
 
-def _device_stats(rule: TileRule, tile: int, ring, image_emb, text_emb, scale, bias):
+def _untiled(tree, size: int):
+    return jax.tree.map(lambda x: _from_tiles(x, size), tree)
+
+
+class _Stats(NamedTuple):
+    """What the ring accumulates per row and per column, and its gradient w.r.t. the logits."""
+
+    init: Any  # pytree of floats: the statistics of a row/column that has seen no pair yet
+    # (logits[t, t], valid[t, t], row_extra, col_extra, row_acc, col_acc) -> (row_acc, col_acc)
+    update: Callable[..., tuple[Any, Any]]
+    # (logits, valid, row_extra, col_extra, row_acc, row_ct, col_acc, col_ct) -> float32[t, t]
+    dlogits: Callable[..., Array]
+
+
+def _rule_stats(rule: TileRule) -> _Stats:
+    """The rule's statistics alone: every pair a negative, the diagonal handled by the loss."""
+
+    def update(logits, valid, row_extra, col_extra, row, col):
+        return rule.update(logits, row, col)
+
+    def dlogits(logits, valid, row_extra, col_extra, row, row_ct, col, col_ct):
+        return rule.dlogits(logits, row, row_ct, col, col_ct)
+
+    return _Stats(rule.init, update, dlogits)
+
+
+def _role_stats(rule: TileRule, roles: PairRoles) -> _Stats:
+    """(rule statistic, sum of positive logits, positive count) per row and per column; the
+    rule sees the pair weights."""
+
+    def update(logits, valid, row_extra, col_extra, row_acc, col_acc):
+        positive, weight = roles.roles(row_extra, col_extra)
+        positive = positive & valid
+        row, col = rule.update(logits, row_acc[0], col_acc[0], weight)
+        positive_logits = jnp.where(positive, logits, 0.0)  # [t, t]
+        row_acc = (row, row_acc[1] + positive_logits.sum(1), row_acc[2] + positive.sum(1))
+        col_acc = (col, col_acc[1] + positive_logits.sum(0), col_acc[2] + positive.sum(0))
+        return row_acc, col_acc
+
+    def dlogits(logits, valid, row_extra, col_extra, row_acc, row_ct, col_acc, col_ct):
+        positive, weight = roles.roles(row_extra, col_extra)
+        ct = rule.dlogits(logits, row_acc[0], row_ct[0], col_acc[0], col_ct[0], weight)
+        return ct + jnp.where(positive & valid, row_ct[1][:, None] + col_ct[1][None, :], 0.0)
+
+    return _Stats((rule.init, 0.0, 0.0), update, dlogits)
+
+
+def _device_stats(
+    stats: _Stats, tile: int, ring, image_emb, text_emb, scale, bias, row_extra, col_extra
+):
     """Per-row and per-column statistics of this device's rows/columns over all pairs."""
     size = image_emb.shape[0]
-    rows = _tiled(min(tile, size), ring, image_emb)  # (images[nt, t, E], valid[nt, t])
-    cols = _tiled(min(tile, size), ring, text_emb)
-    init = _varying(jnp.full(rows[-1].shape, rule.init, jnp.float32), ring)
+    rows = _tiled(min(tile, size), ring, image_emb, row_extra)  # (images, extra, valid[nt, t])
+    cols = _tiled(min(tile, size), ring, text_emb, col_extra)
+    init = jax.tree.map(lambda v: jnp.full(rows[-1].shape, v, jnp.float32), stats.init)
+    init = _varying(init, ring)
 
-    def tile_fn(row, col, row_stat, col_stat, shared):
-        logits, _, _ = _masked_logits(row, col, scale, bias)
-        row_stat, col_stat = rule.update(logits, row_stat, col_stat)
-        return row_stat, col_stat, shared
+    def tile_fn(row, col, row_acc, col_acc, shared):
+        logits, _, valid = _masked_logits(row, col, scale, bias)
+        row_acc, col_acc = stats.update(logits, valid, row[1], col[1], row_acc, col_acc)
+        return row_acc, col_acc, shared
 
-    row_stat, col_stat, _ = _ring_loop(tile_fn, rows, init, cols, init, (), ring)
-    return _from_tiles(row_stat, size), _from_tiles(col_stat, size)
+    row_acc, col_acc, _ = _ring_loop(tile_fn, rows, init, cols, init, (), ring)
+    return _untiled(row_acc, size), _untiled(col_acc, size)
 
 
 def _device_stats_grad(
-    rule: TileRule, tile, ring, image_emb, text_emb, scale, bias, row, col, row_ct, col_ct
+    stats: _Stats, tile, ring, image_emb, text_emb, scale, bias, row_extra, col_extra, *acc_ct
 ):
-    """VJP of `_device_stats`: a second ring pass that recomputes each tile's logits."""
+    """VJP of `_device_stats`: a second ring pass that recomputes each tile's logits.
+
+    acc_ct: (row_acc, col_acc, row_ct, col_ct), the statistics and their cotangents.
+    """
+    row, col, row_ct, col_ct = acc_ct
     size = image_emb.shape[0]
-    rows = _tiled(min(tile, size), ring, image_emb, row, row_ct)  # (..., valid)
-    cols = _tiled(min(tile, size), ring, text_emb, col, col_ct)
+    rows = _tiled(min(tile, size), ring, image_emb, row_extra, row, row_ct)  # (..., valid)
+    cols = _tiled(min(tile, size), ring, text_emb, col_extra, col, col_ct)
 
     def tile_fn(row_in, col_in, d_image, d_text, shared):
-        image_tile, row_stat, row_ct, row_valid = row_in
-        text_tile, col_stat, col_ct, col_valid = col_in
-        logits, dots, valid = _masked_logits(
-            (image_tile, row_valid), (text_tile, col_valid), scale, bias
-        )
-        ct = rule.dlogits(logits, row_stat, row_ct, col_stat, col_ct)
+        image_tile, row_x, row_stat, row_ct, _ = row_in
+        text_tile, col_x, col_stat, col_ct, _ = col_in
+        logits, dots, valid = _masked_logits(row_in, col_in, scale, bias)
+        ct = stats.dlogits(logits, valid, row_x, col_x, row_stat, row_ct, col_stat, col_ct)
         ct = jnp.where(valid, ct, 0.0)  # [t, t]: d loss / d logits
         d_scale, d_bias = shared
         d_image = d_image + scale * (ct @ text_tile)
@@ -171,44 +255,119 @@ def _device_stats_grad(
     return _from_tiles(d_image, size), _from_tiles(d_text, size), d_scale, d_bias
 
 
+def _ring(mesh: Mesh | None, batch_axes: tuple[str, ...]) -> Ring | None:
+    if mesh is None:
+        return None
+    return tuple(batch_axes), math.prod(mesh.shape[a] for a in batch_axes)
+
+
 def pairwise_stats(
-    rule: TileRule, tile_size: int, mesh: Mesh | None = None, batch_axes: tuple[str, ...] = ()
-) -> Callable[[Array, Array, Array, Array], tuple[Array, Array]]:
+    rule: TileRule,
+    tile_size: int,
+    mesh: Mesh | None = None,
+    batch_axes: tuple[str, ...] = (),
+    roles: PairRoles | None = None,
+) -> Callable[..., tuple[Array, ...]]:
     """(image_emb[B,E], text_emb[B,E], scale[], bias[]) -> (row_stat[B], col_stat[B]).
 
     With a mesh, B is split over `batch_axes` (a ring over those axes) and the statistics come
     back split the same way; without one it is a single-device tile loop.
+
+    With `roles`, the function takes two more arguments, row_extra and col_extra (pytrees of
+    per-example arrays [B, ...]: the images' and the texts' inputs to roles.roles), and returns
+    (row_stat[B], col_stat[B], Positives): the rule's statistics under the pair weights, and
+    the positive pairs' logit sums and counts.
     """
-    ring = None
-    if mesh is not None:
-        ring = (tuple(batch_axes), math.prod(mesh.shape[a] for a in batch_axes))
-    forward = functools.partial(_device_stats, rule, tile_size, ring)
-    backward = functools.partial(_device_stats_grad, rule, tile_size, ring)
+    ring = _ring(mesh, batch_axes)
+    stats_rule = _rule_stats(rule) if roles is None else _role_stats(rule, roles)
+    forward = functools.partial(_device_stats, stats_rule, tile_size, ring)
+    backward = functools.partial(_device_stats_grad, stats_rule, tile_size, ring)
     if mesh is not None:
         rows, scalar = P(tuple(batch_axes)), P()
         forward = jax.shard_map(
             forward,
             mesh=mesh,
-            in_specs=(rows, rows, scalar, scalar),
+            in_specs=(rows, rows, scalar, scalar, rows, rows),
             out_specs=(rows, rows),
         )
         backward = jax.shard_map(
             backward,
             mesh=mesh,
-            in_specs=(rows, rows, scalar, scalar, rows, rows, rows, rows),
+            in_specs=(rows, rows, scalar, scalar, rows, rows, rows, rows, rows, rows),
             out_specs=(rows, rows, scalar, scalar),
         )
 
     @jax.custom_vjp
-    def stats(image_emb, text_emb, scale, bias):
-        return forward(image_emb, text_emb, scale, bias)
+    def stats(image_emb, text_emb, scale, bias, row_extra, col_extra):
+        return forward(image_emb, text_emb, scale, bias, row_extra, col_extra)
 
-    def stats_fwd(image_emb, text_emb, scale, bias):
-        out = forward(image_emb, text_emb, scale, bias)
-        return out, (image_emb, text_emb, scale, bias, *out)
+    def stats_fwd(*args):
+        out = forward(*args)
+        return out, (*args, *out)
 
     def stats_bwd(residuals, cts):
-        return backward(*residuals, *cts)
+        return (*backward(*residuals, *cts), None, None)  # no gradient for the extras
 
     stats.defvjp(stats_fwd, stats_bwd)
-    return stats
+    if roles is None:
+        return lambda image_emb, text_emb, scale, bias: stats(
+            image_emb, text_emb, scale, bias, (), ()
+        )
+
+    def with_positives(image_emb, text_emb, scale, bias, row_extra, col_extra):
+        row, col = stats(image_emb, text_emb, scale, bias, row_extra, col_extra)
+        return row[0], col[0], Positives(row[1], row[2], col[1], col[2])
+
+    return with_positives
+
+
+# -- a running top-k over the ring: hard-negative mining -------------------------------------
+def merge_top_k(values: Array, keys: Array, scores: Array, score_keys: Array):
+    """The k best of a running top-k (values, keys [r, k]) and a block of candidates (scores
+    [r, c] of the columns named score_keys [c]): (values [r, k] descending, keys [r, k])."""
+    candidates = jnp.concatenate([values, scores], axis=1)  # [r, k + c]
+    candidate_keys = jnp.concatenate([keys, jnp.broadcast_to(score_keys, scores.shape)], axis=1)
+    values, where = jax.lax.top_k(candidates, values.shape[1])
+    return values, jnp.take_along_axis(candidate_keys, where, axis=1)
+
+
+def _device_top_k(score, k, tile, ring, image_emb, text_emb, row_extra, col_extra, col_keys):
+    size = image_emb.shape[0]
+    rows = _tiled(min(tile, size), ring, image_emb, row_extra)
+    cols = _tiled(min(tile, size), ring, text_emb, col_extra, col_keys)
+    best = (
+        jnp.full((*rows[-1].shape, k), -jnp.inf, jnp.float32),  # [nt, t, k]
+        jnp.full((*rows[-1].shape, k), -1, jnp.int32),
+    )
+
+    def tile_fn(row, col, best, col_acc, shared):
+        dots = similarities(row[0], col[0])  # [t, t]
+        valid = row[-1][:, None] & col[-1][None, :]
+        scores = jnp.where(valid, score(dots, row[1], col[1]), -jnp.inf)
+        return merge_top_k(*best, scores, col[2]), col_acc, shared
+
+    (values, keys), _, _ = _ring_loop(tile_fn, rows, _varying(best, ring), cols, (), (), ring)
+    values, keys = _untiled((values, keys), size)
+    return values, jnp.where(values == -jnp.inf, -1, keys)
+
+
+def ring_top_k(
+    score: Callable[[Array, Any, Any], Array],
+    k: int,
+    tile_size: int,
+    mesh: Mesh | None = None,
+    batch_axes: tuple[str, ...] = (),
+) -> Callable[..., tuple[Array, Array]]:
+    """(image_emb[B,E], text_emb[B,E], row_extra, col_extra, col_keys int32[B]) -> each image's
+    k best texts: (scores float32[B, k] descending, their col_keys int32[B, k]), found in one
+    ring pass that keeps a running top-k per row as the text tiles go by (no gradient).
+
+    score(dots[t, t], row_extra, col_extra) -> float32[t, t] ranks the pairs of a tile by their
+    similarities; -inf excludes a pair. Fewer than k candidates leave keys -1 (score -inf).
+    """
+    ring = _ring(mesh, batch_axes)
+    top_k = functools.partial(_device_top_k, score, k, tile_size, ring)
+    if mesh is not None:
+        rows = P(tuple(batch_axes))
+        top_k = jax.shard_map(top_k, mesh=mesh, in_specs=(rows,) * 5, out_specs=(rows, rows))
+    return lambda *args: top_k(*jax.lax.stop_gradient(args))

@@ -14,9 +14,9 @@ from vlm_jax.data import build_pipeline, build_tokenizer
 from vlm_jax.data.sources import DATA
 from vlm_jax.data.tokenizers import TOKENIZER
 from vlm_jax.evaluate import eval_section
-from vlm_jax.losses import LOSS, build_loss
+from vlm_jax.losses import LOSS, batch_ids, build_loss, hard_negatives
 from vlm_jax.models import MODEL, build_model, flops
-from vlm_jax.schema import Schema
+from vlm_jax.schema import Schema, resolve
 from vlm_jax.train.optim import regex_mask
 from vlm_jax.train.tasks import TASKS, Task, check_vocab_size
 
@@ -61,6 +61,8 @@ class ContrastiveTask(Task):
         check_text_conventions(config, self.tokenizer)
         self.model = build_model(config.model)
         self.loss_fn = build_loss(config.loss, mesh)
+        loss_config = resolve("loss", config.loss, LOSS)
+        self.positives, self.hard_negatives = loss_config.positives, hard_negatives(loss_config)
         # (variables, images float32[B, S, S, 3] | tokens int32[B, L]) -> float32[B, E],
         # replicated: what the evaluators embed held-out splits with
         replicated = sharding.replicated(mesh)
@@ -76,10 +78,13 @@ class ContrastiveTask(Task):
 
     def batch_spec(self, batch_size: int) -> dict[str, jax.ShapeDtypeStruct]:
         size = self.config.model.image.image_size
-        return {
+        spec = {
             "image": jax.ShapeDtypeStruct((batch_size, size, size, 3), np.float32),
             "tokens": jax.ShapeDtypeStruct((batch_size, self.config.tokenizer.max_len), np.int32),
         }
+        if self.positives == "same_label":  # the loss's positives: pairs sharing a label
+            spec["label"] = jax.ShapeDtypeStruct((batch_size,), np.int32)
+        return spec
 
     def model_inputs(self, batch):
         return {"images": batch["image"], "tokens": batch["tokens"]}
@@ -89,9 +94,15 @@ class ContrastiveTask(Task):
             {"params": params}, images, tokens, train=train, rngs={"dropout": rng}
         )
 
+    def _loss_fn(self, batch):
+        """The loss with the batch's pair ids (duplicate-aware targets, hard-negative guard)."""
+        return functools.partial(
+            self.loss_fn, **batch_ids(self.positives, self.hard_negatives, batch)
+        )
+
     def loss(self, params, batch, rng, train):
         out = self._apply(params, batch["image"], batch["tokens"], rng, train)
-        loss = self.loss_fn(
+        loss = self._loss_fn(batch)(
             out["image_emb"], out["text_emb"], out["logit_scale"], out["logit_bias"]
         )
         return loss, {"logit_scale": out["logit_scale"], "logit_bias": out["logit_bias"]}
@@ -106,11 +117,11 @@ class ContrastiveTask(Task):
             return self._apply(self.stop_frozen(p), images, tokens, rngs, True)
 
         return gradcache_value_and_grad(
-            apply_fn, self.loss_fn, params, batch, num_chunks=chunks, rngs=rng
+            apply_fn, self._loss_fn(batch), params, batch, num_chunks=chunks, rngs=rng
         )
 
     def train_data(self, batch_size, process_index, process_count, seed):
-        return build_pipeline(
+        batches = build_pipeline(
             self.config,
             self.tokenizer,
             "train",
@@ -121,6 +132,17 @@ class ContrastiveTask(Task):
             seed=seed,
             worker_count=self.config.train.worker_count,
         )
+        return batches.map(self._int32_labels) if self.positives == "same_label" else batches
+
+    def _int32_labels(self, batch):
+        """loss.positives="same_label" needs each train record's label, as the device's int32."""
+        if "label" not in batch:
+            raise ValueError(
+                f"loss.positives='same_label' but data.source={self.config.data.source!r} gives "
+                "its train records no 'label' (use 'same_caption' or 'diagonal', or a source "
+                "with labels: a folder whose train.jsonl has a label column)"
+            )
+        return batch | {"label": np.asarray(batch["label"], np.int32)}
 
     def train_flops_per_example(self) -> float:
         return flops.train_flops_per_example(
