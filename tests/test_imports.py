@@ -23,7 +23,17 @@ ROOT = Path(vlm_jax.__file__).parent
 # CLI entry module can sit above its package (evaluate/__main__ drives the trainer); the
 # root package "vlm_jax" matches itself only.
 LAYERS = (
-    ("base", ("vlm_jax", "vlm_jax.config", "vlm_jax.registry", "vlm_jax.schema", "vlm_jax.trees")),
+    (
+        "base",
+        (
+            "vlm_jax",
+            "vlm_jax.config",
+            "vlm_jax.platforms",
+            "vlm_jax.registry",
+            "vlm_jax.schema",
+            "vlm_jax.trees",
+        ),
+    ),
     ("sharding", ("vlm_jax.sharding", "vlm_jax.defaults")),
     ("kernels", ("vlm_jax.kernels",)),
     ("models", ("vlm_jax.models",)),
