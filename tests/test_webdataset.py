@@ -275,7 +275,7 @@ def read_rows(workdir: Path) -> list[dict]:
 def test_trains_on_tars_counts_bad_records_exactly_and_resumes_exactly(shard_dir, tmp_path):
     from vlm_jax.train.trainer import train
 
-    config = tiny_contrastive_config()
+    config = tiny_contrastive_config(**{"train.eval_every": "6"})  # evaluated once, at 6
     config.unlock()
     config.data = data_config(shard_dir, tmp_path / "idx")
     config.tokenizer.words = digits_folder.vocabulary()
@@ -283,11 +283,11 @@ def test_trains_on_tars_counts_bad_records_exactly_and_resumes_exactly(shard_dir
     full = tmp_path / "full"
     train(config, full)
     rows = read_rows(full)
-    assert [r["step"] for r in rows] == [2, 3, 4, 6]
+    assert [r["step"] for r in rows] == [2, 4, 6]
     # 6 steps x 16 = 2 passes over the 48 records: each pass counts the 2 corrupt images it
     # steps over and the 3 samples dropped from the index (no caption, no image, cut).
     assert rows[-1]["data/bad_records"] == 10
-    assert "eval/zeroshot_top1" in rows[1] and "eval/retrieval_i2t_r1" in rows[-1]
+    assert {"eval/zeroshot_top1", "eval/retrieval_i2t_r1"} <= set(rows[-1])
 
     stopped = tmp_path / "stopped"
     shutil.copytree(full, stopped)
