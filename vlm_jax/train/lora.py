@@ -40,7 +40,7 @@ from vlm_jax.schema import Key, Schema, resolve
 
 ADAPTER_A, ADAPTER_B = "lora_a", "lora_b"  # the adapter params' names, beside the kernel
 ADAPTER_REGEX = rf".*/({ADAPTER_A}|{ADAPTER_B})"  # their paths
-ADAPTABLE = "nn.Dense, HeadsDense"  # the layers `in_dims` knows
+ADAPTABLE = (nn.Dense, HeadsDense)  # the layers `in_dims` knows
 
 
 def _valid_regex(pattern: str) -> bool:
@@ -96,8 +96,12 @@ LORA = Schema(
 )
 
 
-# optim.lora of the runs from before LoRA, as their config.json would read (Task.added_keys)
-OFF = {"rank": 0, "alpha": 16.0, "dropout": 0.0, "targets": "", "train": []}
+# optim.lora of the runs from before LoRA (the defaults: rank 0) as their config.json would
+# read it, tuples as JSON lists (Task.added_keys)
+OFF = {
+    name: list(key.default) if isinstance(key.default, tuple) else key.default
+    for name, key in LORA.keys.items()
+}
 
 
 def lora_section(optim: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
@@ -129,7 +133,7 @@ class Adapters:
 
     def __call__(self, next_fun: Callable, args, kwargs, context) -> Any:
         module = context.module
-        if context.method_name != "__call__" or not isinstance(module, nn.Dense | HeadsDense):
+        if context.method_name != "__call__" or not isinstance(module, ADAPTABLE):
             return next_fun(*args, **kwargs)
         y = next_fun(*args, **kwargs)
         path = "/".join(module.path) + "/kernel"
@@ -137,7 +141,8 @@ class Adapters:
             self.adaptable[path] = None
         if not self.pattern.fullmatch(path):
             return y
-        return y + self.delta(module, args[0] if args else kwargs["inputs"]).astype(y.dtype)
+        (x,) = (*args, *kwargs.values())  # both layers take one input
+        return y + self.delta(module, x).astype(y.dtype)
 
     def delta(self, module: nn.Module, x: jax.Array) -> jax.Array:
         """(alpha / r) * dropout(x) @ A @ B: x[..., *in] -> [..., *out]."""
@@ -158,7 +163,8 @@ class Adapters:
         more = f", ... ({len(self.adaptable)} in all)" if len(self.adaptable) > 12 else ""
         raise ValueError(
             f"optim.lora.targets={self.lora.targets!r} matches no kernel of a LoRA-adaptable "
-            f"layer ({ADAPTABLE}); their paths: {shown or '(none)'}{more}"
+            f"layer ({', '.join(c.__name__ for c in ADAPTABLE)}); their paths: "
+            f"{shown or '(none)'}{more}"
         )
 
 
