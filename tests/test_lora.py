@@ -6,6 +6,7 @@ naming the value."""
 import json
 import re
 import shutil
+import types
 
 import flax.linen as nn
 import jax
@@ -15,7 +16,7 @@ from compile_cache import compilation_cache  # noqa: F401 (autouse: compiles go 
 from conftest import tiny_lm_config, tiny_vlm_config
 
 from vlm_jax import sharding
-from vlm_jax.checkpoint import load_params
+from vlm_jax.checkpoint import Checkpointer, load_params
 from vlm_jax.config import ConfigError
 from vlm_jax.models.layers import Encoder
 from vlm_jax.schema import resolve
@@ -28,6 +29,7 @@ from vlm_jax.train.trainer import (
     build_state,
     evaluate_checkpoint,
     init_params,
+    load_init_params,
     make_train_step,
     param_layout,
     train,
@@ -259,6 +261,15 @@ def test_lora_lm_run_resumes_exactly_and_keeps_the_base_frozen(tmp_path):
     base, adapters = lora.split_adapters(final)
     assert trees_equal(base, jax.device_get(init))
     assert len(jax.tree.leaves(adapters)) == 2 * 14
+    # init.checkpoint of a run without adapters (a pretrained LM) loads the base params into a
+    # LoRA run and keeps its fresh adapters
+    ckpt = Checkpointer(tmp_path / "plain" / "checkpoints", async_save=False)
+    ckpt.save(1, {"params": init}, None, {"step": 1}, force=True)
+    ckpt.close()
+    state = types.SimpleNamespace(params=final)
+    shardings = types.SimpleNamespace(params=jax.tree.map(lambda x: x.sharding, final))
+    loaded = load_init_params(str(tmp_path / "plain"), state, shardings)
+    assert trees_equal(jax.device_get(loaded), lora.join_adapters(jax.device_get(init), adapters))
     # Evaluation sees the merged model: the checkpoint evaluates to the run's last row.
     results = evaluate_checkpoint(config, full)
     assert results["eval/loss"] == pytest.approx(rows[-1]["eval/loss"], rel=1e-6)
