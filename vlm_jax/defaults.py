@@ -55,6 +55,14 @@ def base_config() -> ml_collections.ConfigDict:
     c.optim.decay_regex = r".*(kernel|embedding|posemb)"
     c.optim.grad_clip_norm = 1.0
     c.optim.freeze = ()  # regexes over param paths, e.g. ("img/.*",)
+    # LoRA adapters (train/lora.py, schema LORA): rank 0 is off; on, only the adapters (and the
+    # params `train` names) train, e.g. rank=8, targets="lm/.*/attn/(query|value)/kernel".
+    c.optim.lora = ml_collections.ConfigDict()
+    c.optim.lora.rank = 0
+    c.optim.lora.alpha = 16.0
+    c.optim.lora.dropout = 0.0
+    c.optim.lora.targets = ""  # regex fully matching the kernels' param paths
+    c.optim.lora.train = ()  # regexes over param paths that train in full too
 
     c.mesh = ml_collections.ConfigDict()
     c.mesh.shape = (-1, 1, 1)  # (data, fsdp, tensor); -1 = the remaining devices

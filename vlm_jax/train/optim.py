@@ -2,7 +2,9 @@
 
 Parameters are addressed by their path joined with "/" (e.g. "img/block_0/attn/query/kernel").
 `optim.freeze` is a tuple of regexes: matching params are frozen (zero update, no optimizer
-state; `Task.stop_frozen` also keeps their backward pass out of the compiled step). Weight
+state; `Task.stop_frozen` also keeps their backward pass out of the compiled step). With LoRA
+(`optim.lora.rank > 0`, train/lora.py) every param but the adapters and those `optim.lora.train`
+names is frozen the same way (`frozen_mask`, the one place that says what is frozen). Weight
 decay applies to params whose path matches `optim.decay_regex` (default: every matrix
 "kernel", "embedding" and position embedding; not biases, norms, temperature).
 """
@@ -15,6 +17,8 @@ from collections.abc import Sequence
 import jax
 import ml_collections
 import optax
+
+from vlm_jax.train import lora as lora_lib
 
 SCHEDULES = ("cosine", "linear", "constant")
 OPTIMIZERS = ("adamw",)  # optim.name
@@ -33,6 +37,22 @@ def regex_mask(params, patterns: Sequence[str]) -> object:
     """bool tree: True where the param path fully matches any of `patterns`."""
     compiled = [re.compile(p) for p in patterns]
     return jax.tree.map(lambda p: any(c.fullmatch(p) for c in compiled), param_paths(params))
+
+
+def frozen_mask(params, optim: ml_collections.ConfigDict) -> object:
+    """bool tree: True for the params that do not train (optim.freeze; with LoRA, also every
+    param that is neither an adapter nor named by optim.lora.train)."""
+    frozen = regex_mask(params, optim.freeze)
+    lora = lora_lib.lora_section(optim)
+    if not lora_lib.enabled(lora):
+        return frozen
+    trained = regex_mask(params, [lora_lib.ADAPTER_REGEX, *lora.train])
+    return jax.tree.map(lambda f, t: f or not t, frozen, trained)
+
+
+def has_frozen(optim: ml_collections.ConfigDict) -> bool:
+    """Whether the config freezes anything (then the optimizer state is split by `frozen_mask`)."""
+    return bool(optim.freeze) or lora_lib.enabled(lora_lib.lora_section(optim))
 
 
 def build_schedule(optim: ml_collections.ConfigDict, total_steps: int) -> optax.Schedule:
@@ -71,8 +91,8 @@ def build_optimizer(
         )
     )
     tx = optax.chain(*steps)
-    if optim.freeze:
-        frozen = regex_mask(params, optim.freeze)
+    if has_frozen(optim):
+        frozen = frozen_mask(params, optim)
         labels = jax.tree.map(lambda f: "frozen" if f else "trained", frozen)
         tx = optax.multi_transform({"trained": tx, "frozen": optax.set_to_zero()}, labels)
     return tx, schedule

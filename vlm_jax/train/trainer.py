@@ -27,8 +27,8 @@ from vlm_jax import sharding
 from vlm_jax.checkpoint import Checkpointer, load_params
 from vlm_jax.config import MissingInput, config_errors, to_json
 from vlm_jax.data.pipeline import close_stream
+from vlm_jax.train import lora, numerics
 from vlm_jax.train import metrics as metrics_lib
-from vlm_jax.train import numerics
 from vlm_jax.train.batch import BatchContract
 from vlm_jax.train.data_counters import DataCounters
 from vlm_jax.train.distributed import train_iterator
@@ -193,8 +193,11 @@ def log_state_memory(state) -> None:
 def make_train_step(task: Task, tx, schedule, state_shardings, batch_shardings, mesh: Mesh):
     """The jitted, buffer-donating train step: (state, batch) -> (state, metrics)."""
 
+    lora_config = lora.lora_section(task.config.optim)
+
     def step_fn(state: TrainState, batch):
-        (loss, aux), grads = task.value_and_grad(state.params, batch, state.step_rng())
+        with lora.adapted(lora_config, train=True):  # LoRA: the adapter path, with its dropout
+            (loss, aux), grads = task.value_and_grad(state.params, batch, state.step_rng())
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         out = {f"train/{k}": v for k, v in aux.items()}
@@ -272,9 +275,14 @@ def restore_or_init(
 
 
 def load_init_params(path: str, state, state_shardings):
-    """config.init.checkpoint: the params of the newest intact step of the run at `path`."""
+    """config.init.checkpoint: the params of the newest intact step of the run at `path` (with
+    LoRA: the base params; the fresh adapters are kept)."""
     logging.info("initialising params from %s", path)
-    return load_params(path, abstract_like(state.params, state_shardings.params))
+    abstract = abstract_like(state.params, state_shardings.params)
+    return lora.join_adapters(
+        load_params(path, lora.split_adapters(abstract)[0]),
+        lora.split_adapters(state.params)[1],
+    )
 
 
 def train(config: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, float]:
@@ -346,7 +354,7 @@ def start_run(config, workdir: Path, mesh: Mesh, task: Task, is_primary: bool, d
             ckpt, abstract, state_shardings, data_iter, config, fresh
         )
         if resumed is None:  # init checkpoints that don't fit the config are the config's
-            state = state.replace(params=task.load_pretrained(state.params))
+            state = state.replace(params=lora.on_base(task.load_pretrained, state.params))
         log_state_memory(state)
     start = resumed or 0
     pending = meta.get(PENDING_ROW)  # the saved step's row, whose evaluation failed

@@ -5,8 +5,8 @@ as model.connector) are resolved against the schemas their components declare
 (vlm_jax/schema.py): CONFIG selects the task by `config.task`, the task's SCHEMA names the
 sections it reads and the registry that selects each (model.name, model.connector.name,
 data.source, eval.tasks, ...). eval.tasks must name evaluators the task accepts. The trainer's
-own sections (train, optim, mesh) and the metric writers (train.metric_writers, wandb) are
-checked below.
+own sections (train, optim and its optim.lora, mesh) and the metric writers
+(train.metric_writers, wandb) are checked below.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ import ml_collections
 from vlm_jax.config import ConfigError, check_choice
 from vlm_jax.evaluate import EVALUATORS, accepted
 from vlm_jax.schema import Schema, Select, resolve
+from vlm_jax.train.lora import lora_section
 from vlm_jax.train.metrics import METRIC_WRITERS, WANDB, require_packages, writer_names
 from vlm_jax.train.numerics import CHOICES as NONFINITE_CHOICES
 from vlm_jax.train.optim import OPTIMIZERS, SCHEDULES
@@ -110,3 +111,4 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     check_metric_writers(config)
     check_choice("optim.name", config.optim.name, OPTIMIZERS)
     check_choice("optim.schedule", config.optim.schedule, SCHEDULES)
+    lora_section(config.optim)

@@ -28,7 +28,8 @@ from vlm_jax.data.records import COUNTERS, SUBSTITUTE
 from vlm_jax.evaluate import EVALUATORS, Evaluator, eval_section
 from vlm_jax.registry import Registry
 from vlm_jax.schema import Key, Schema
-from vlm_jax.train.optim import regex_mask
+from vlm_jax.train import lora
+from vlm_jax.train.optim import frozen_mask, has_frozen
 
 TASKS = Registry(
     "task",
@@ -61,7 +62,7 @@ class Task:
     host_keys: ClassVar[tuple[str, ...]] = ("id", *COUNTERS, SUBSTITUTE)
     # Config keys added after runs of the task existed: (section, key) -> the value the code
     # used for runs whose config.json lacks the key (they resume; other values are refused).
-    added_keys: ClassVar[dict[tuple[str, str], Any]] = {}
+    added_keys: ClassVar[dict[tuple[str, str], Any]] = {("optim", "lora"): lora.OFF}
     # The evaluators it accepts (EVALUATORS names), the default eval.tasks in this order; its
     # SCHEMA's "eval" is `eval_section(evaluators)`. Plug-in evaluators may add themselves
     # (`Evaluator.tasks`).
@@ -79,8 +80,13 @@ class Task:
         raise NotImplementedError
 
     def init(self, rng: jax.Array, batch: dict[str, jax.Array]) -> dict[str, Any]:
-        """Model variables (boxed with logical partitioning metadata)."""
-        return self.model.init({"params": rng, "dropout": rng}, **self.model_inputs(batch))
+        """Model variables (boxed with logical partitioning metadata), with the adapters that
+        optim.lora adds (train/lora.py)."""
+        with lora.adapted(lora.lora_section(self.config.optim)) as adapters:
+            variables = self.model.init({"params": rng, "dropout": rng}, **self.model_inputs(batch))
+        if adapters is not None:
+            adapters.check(variables["params"])
+        return variables
 
     def model_inputs(self, batch: dict[str, jax.Array]) -> dict[str, jax.Array]:
         raise NotImplementedError
@@ -103,17 +109,17 @@ class Task:
         return jax.value_and_grad(loss, has_aux=True)(params)
 
     def stop_frozen(self, params: Any) -> Any:
-        """`params` with `lax.stop_gradient` on the leaves optim.freeze matches.
+        """`params` with `lax.stop_gradient` on the frozen leaves (optim.freeze; with LoRA every
+        param but the adapters and optim.lora.train: `optim.frozen_mask`).
 
         Call it on the params inside the differentiated function. Their gradients are then
         symbolic zeros, so XLA never builds the backward pass of a frozen tower (a frozen
         vision tower costs its forward only) and the zero update of the optimizer's
         freeze is not paid for with a full gradient computation.
         """
-        freeze = self.config.optim.freeze
-        if not freeze:
+        if not has_frozen(self.config.optim):
             return params
-        frozen = regex_mask(params, freeze)
+        frozen = frozen_mask(params, self.config.optim)
         return jax.tree.map(lambda p, f: lax.stop_gradient(p) if f else p, params, frozen)
 
     def train_data(
@@ -124,7 +130,9 @@ class Task:
 
     def evaluate(self, params: Any) -> dict[str, float]:
         """Held-out metrics of the evaluators config.eval.tasks names, run in that order and
-        merged; keys without the "eval/" prefix."""
+        merged; keys without the "eval/" prefix. `params`: a train state's (LoRA adapters are
+        merged into their kernels first, so the evaluators see a plain model)."""
+        params = lora.merged(params, lora.lora_section(self.config.optim))
         results = {}
         for evaluator in self.built_evaluators.values():
             results |= evaluator(params)

@@ -17,7 +17,7 @@ from vlm_jax.evaluate import eval_section
 from vlm_jax.losses import LOSS, batch_ids, build_loss, hard_negatives
 from vlm_jax.models import MODEL, build_model, flops
 from vlm_jax.schema import Schema, resolve
-from vlm_jax.train.optim import regex_mask
+from vlm_jax.train.optim import frozen_mask, has_frozen
 from vlm_jax.train.tasks import TASKS, Task, check_vocab_size
 
 
@@ -150,11 +150,11 @@ class ContrastiveTask(Task):
         )
 
     def frozen_towers(self) -> tuple[str, ...]:
-        """Towers ("img", "txt") whose params optim.freeze matches entirely."""
-        if not self.config.optim.freeze:
+        """Towers ("img", "txt") whose params are all frozen (`optim.frozen_mask`)."""
+        if not has_frozen(self.config.optim):
             return ()
         variables = jax.eval_shape(self.init, jax.random.key(0), self.batch_spec(1))
-        frozen = regex_mask(nn.unbox(variables["params"]), self.config.optim.freeze)
+        frozen = frozen_mask(nn.unbox(variables["params"]), self.config.optim)
         return tuple(
             tower for tower in ("img", "txt") if all(jax.tree.leaves(frozen.get(tower, [False])))
         )

@@ -78,7 +78,7 @@ class VLMTask(Task):
             )
         self.model = build_vlm(config.model)
 
-    added_keys: ClassVar[dict] = {("model", "pad_id"): 0}  # runs from before model.pad_id
+    added_keys: ClassVar[dict] = Task.added_keys | {("model", "pad_id"): 0}  # model.pad_id
 
     @functools.cached_property
     def images_per_record(self) -> int:
