@@ -1,4 +1,4 @@
-"""LoRA (optim.lora, vlm_jax/train/lora.py): the adapted model equals the base at init, merged
+"""LoRA (optim.lora, vlm_jax/models/lora.py): the adapted model equals the base at init, merged
 equals unmerged after training, only the adapters (and optim.lora.train) train and hold
 optimizer state, frozen params stay bit-identical, a LoRA run resumes exactly, bad config fails
 naming the value."""
@@ -18,9 +18,10 @@ from conftest import tiny_lm_config, tiny_vlm_config
 from vlm_jax import sharding
 from vlm_jax.checkpoint import Checkpointer, load_params
 from vlm_jax.config import ConfigError
+from vlm_jax.generate import generate, generate_from_run, load_run
+from vlm_jax.models import lora
 from vlm_jax.models.layers import Encoder
 from vlm_jax.schema import resolve
-from vlm_jax.train import lora
 from vlm_jax.train.optim import frozen_mask
 from vlm_jax.train.tasks.lm import LMTask
 from vlm_jax.train.tasks.vlm import VLMTask
@@ -273,3 +274,25 @@ def test_lora_lm_run_resumes_exactly_and_keeps_the_base_frozen(tmp_path):
     # Evaluation sees the merged model: the checkpoint evaluates to the run's last row.
     results = evaluate_checkpoint(config, full)
     assert results["eval/loss"] == pytest.approx(rows[-1]["eval/loss"], rel=1e-6)
+    # Generation (python -m vlm_jax.generate) continues with the merged model, not the base.
+    section = lora.lora_section(config.optim)
+    _, tokenizer, model, _ = load_run(str(full))
+    prompt = np.asarray([[2, 3, 4, 5]], np.int32)
+    merged_params, base_params = lora.merged(final, section), lora.split_adapters(final)[0]
+    merged_logits, _ = model.apply({"params": merged_params}, prompt)
+    base_logits, _ = model.apply({"params": base_params}, prompt)
+    assert not np.allclose(merged_logits, base_logits, atol=1e-4)  # the adapters matter
+    ids, _ = generate_from_run(str(full), prompt_ids=prompt[0].tolist(), max_new_tokens=6)
+    expected = generate(
+        model,
+        {"params": merged_params},
+        np.zeros((1, 0), np.float32),
+        prompt,
+        np.asarray([4], np.int32),
+        max_new_tokens=6,
+        eos_id=tokenizer.stop_ids(),
+        pad_id=tokenizer.pad_id,
+        vocab_size=tokenizer.vocab_size,
+    )
+    stops = [n + 1 for n, i in enumerate(expected[0].tolist()) if i in tokenizer.stop_ids()]
+    assert ids == expected[0].tolist()[: stops[0] if stops else 6]

@@ -55,7 +55,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.optim.decay_regex = r".*(kernel|embedding|posemb)"
     c.optim.grad_clip_norm = 1.0
     c.optim.freeze = ()  # regexes over param paths, e.g. ("img/.*",)
-    # LoRA adapters (train/lora.py, schema LORA): rank 0 is off; on, only the adapters (and the
+    # LoRA adapters (models/lora.py, schema LORA): rank 0 is off; on, only the adapters (and the
     # params `train` names) train, e.g. rank=8, targets="lm/.*/attn/(query|value)/kernel".
     c.optim.lora = ml_collections.ConfigDict()
     c.optim.lora.rank = 0

@@ -153,6 +153,7 @@ def load_run(workdir: str):
     from vlm_jax.checkpoint import load_params
     from vlm_jax.data import build_tokenizer
     from vlm_jax.data.vqa import build_vqa_tokenizer
+    from vlm_jax.models import lora
     from vlm_jax.models.vlm import build_decoder_lm, build_vlm
     from vlm_jax.models.vocab import check_vocab_rows, vocab_rows
 
@@ -167,7 +168,8 @@ def load_run(workdir: str):
         tokenizer, model = build_vqa_tokenizer(config.tokenizer), build_vlm(config.model)
     else:
         tokenizer, model = build_tokenizer(config.tokenizer), build_decoder_lm(config.model)
-    params = load_params(workdir)
+    # A LoRA run's adapters merged into their kernels (W + alpha/r A B): a plain model.
+    params = lora.merged(load_params(workdir), lora.lora_section(config.optim))
     lm_params = params["lm"] if name == "vlm" else params
     check_vocab_rows(f"the embedding of {workdir}", vocab_rows(lm_params), tokenizer.vocab_size)
     return config, tokenizer, model, params

@@ -3,7 +3,7 @@
 Parameters are addressed by their path joined with "/" (e.g. "img/block_0/attn/query/kernel").
 `optim.freeze` is a tuple of regexes: matching params are frozen (zero update, no optimizer
 state; `Task.stop_frozen` also keeps their backward pass out of the compiled step). With LoRA
-(`optim.lora.rank > 0`, train/lora.py) every param but the adapters and those `optim.lora.train`
+(`optim.lora.rank > 0`, models/lora.py) every param but the adapters and those `optim.lora.train`
 names is frozen the same way (`frozen_mask`, the one place that says what is frozen). Weight
 decay applies to params whose path matches `optim.decay_regex` (default: every matrix
 "kernel", "embedding" and position embedding; not biases, norms, temperature).
@@ -18,7 +18,7 @@ import jax
 import ml_collections
 import optax
 
-from vlm_jax.train import lora as lora_lib
+from vlm_jax.models import lora as lora_lib
 
 SCHEDULES = ("cosine", "linear", "constant")
 OPTIMIZERS = ("adamw",)  # optim.name

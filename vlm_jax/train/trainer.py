@@ -27,8 +27,9 @@ from vlm_jax import sharding
 from vlm_jax.checkpoint import Checkpointer, load_params
 from vlm_jax.config import MissingInput, config_errors, to_json
 from vlm_jax.data.pipeline import close_stream
-from vlm_jax.train import lora, numerics
+from vlm_jax.models import lora
 from vlm_jax.train import metrics as metrics_lib
+from vlm_jax.train import numerics
 from vlm_jax.train.batch import BatchContract
 from vlm_jax.train.data_counters import DataCounters
 from vlm_jax.train.distributed import train_iterator

@@ -18,8 +18,8 @@ import ml_collections
 
 from vlm_jax.config import ConfigError, check_choice
 from vlm_jax.evaluate import EVALUATORS, accepted
+from vlm_jax.models.lora import lora_section
 from vlm_jax.schema import Schema, Select, resolve
-from vlm_jax.train.lora import lora_section
 from vlm_jax.train.metrics import METRIC_WRITERS, WANDB, require_packages, writer_names
 from vlm_jax.train.numerics import CHOICES as NONFINITE_CHOICES
 from vlm_jax.train.optim import OPTIMIZERS, SCHEDULES

@@ -26,9 +26,9 @@ from jax.sharding import Mesh
 
 from vlm_jax.data.records import COUNTERS, SUBSTITUTE
 from vlm_jax.evaluate import EVALUATORS, Evaluator, eval_section
+from vlm_jax.models import lora
 from vlm_jax.registry import Registry
 from vlm_jax.schema import Key, Schema
-from vlm_jax.train import lora
 from vlm_jax.train.optim import frozen_mask, has_frozen
 
 TASKS = Registry(
@@ -81,7 +81,7 @@ class Task:
 
     def init(self, rng: jax.Array, batch: dict[str, jax.Array]) -> dict[str, Any]:
         """Model variables (boxed with logical partitioning metadata), with the adapters that
-        optim.lora adds (train/lora.py)."""
+        optim.lora adds (models/lora.py)."""
         with lora.adapted(lora.lora_section(self.config.optim)) as adapters:
             variables = self.model.init({"params": rng, "dropout": rng}, **self.model_inputs(batch))
         if adapters is not None:
