@@ -96,10 +96,9 @@ def generate(
     """Continue each right-padded prompt int32[B, P] -> int32[B, max_new_tokens]; `eos_id`:
     the stop id, or all of them (a release's generation config may name several)."""
     rng = jax.random.key(0) if rng is None else rng
-    prefill, decode_step = generation_methods(model)
     stop_ids = jnp.asarray(eos_id, jnp.int32).reshape(-1)
     logits, cache, media = model.apply(
-        variables, images, prompt, prompt_lengths, max_new_tokens, method=prefill
+        variables, images, prompt, prompt_lengths, max_new_tokens, method="prefill"
     )
     batch = prompt.shape[0]
     out = jnp.full((batch, max_new_tokens), pad_id, jnp.int32)
@@ -116,34 +115,11 @@ def generate(
         token = jnp.where(done, pad_id, token)
         out = out.at[:, step].set(token)
         done = done | jnp.isin(token, stop_ids)
-        logits, cache = model.apply(variables, token[:, None], cache, media, method=decode_step)
+        logits, cache = model.apply(variables, token[:, None], cache, media, method="decode_step")
         return step + 1, logits, cache, done, out
 
     *_, out = jax.lax.while_loop(cond, body, (jnp.int32(0), logits, cache, done, out))
     return out
-
-
-def _causal_prefill(lm, images, prompt, prompt_lengths, max_new_tokens: int):
-    """A text-only DecoderLM's prefill: prompt int32[B, P] read causally into a KV cache with
-    room for `max_new_tokens` -> (logits float32[B, V] after each prompt, the cache, no media)."""
-    del images  # a text-only run reads none
-    cache = lm.init_cache(prompt.shape[0], prompt.shape[1] + max_new_tokens)
-    logits, cache = lm(prompt, cache=cache)
-    last = jnp.take_along_axis(logits, (prompt_lengths - 1)[:, None, None], axis=1)[:, 0]
-    return last, cache.replace(index=prompt_lengths), None
-
-
-def _causal_decode_step(lm, tokens, cache, media=None):
-    """One token per example: tokens int32[B, 1] -> (logits float32[B, V], cache)."""
-    logits, cache = lm(tokens, cache=cache)
-    return logits[:, -1], cache
-
-
-def generation_methods(model: nn.Module):
-    """(prefill, decode_step) methods: the VLM's own, or the text-only LM's above."""
-    if hasattr(model, "prefill"):
-        return "prefill", "decode_step"
-    return _causal_prefill, _causal_decode_step
 
 
 def load_run(workdir: str):

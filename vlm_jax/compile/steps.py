@@ -174,19 +174,14 @@ def generation_settings(task: Task, config, mesh: Mesh) -> tuple[int, int]:
 
 
 def _generation(model: VisionLanguageModel | DecoderLM, new_tokens: int):
-    """(prefill, decode_step) exactly as `vlm_jax.generate.generate` calls them: the VLM's
-    own methods, or a text-only LM's causal prefill over the prompt."""
-    from vlm_jax.generate import generation_methods
-
-    prefill_method, decode_method = generation_methods(model)
+    """(prefill, decode_step) exactly as `vlm_jax.generate.generate` calls them (a VLM's, or a
+    text-only LM's causal prefill over the prompt)."""
 
     def prefill(variables, images, prompt, prompt_lengths):
-        return model.apply(
-            variables, images, prompt, prompt_lengths, new_tokens, method=prefill_method
-        )
+        return model.apply(variables, images, prompt, prompt_lengths, new_tokens, method="prefill")
 
     def decode_step(variables, token, cache, media):
-        return model.apply(variables, token, cache, media, method=decode_method)
+        return model.apply(variables, token, cache, media, method="decode_step")
 
     return prefill, decode_step
 

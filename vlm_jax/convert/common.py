@@ -193,6 +193,11 @@ def attention(source: str, ours: str, heads: int, packed: bool) -> list[Entry]:
     return entries
 
 
+def read_json(path: Path) -> dict:
+    """A release's JSON file as a dict ({} when it is absent)."""
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
 HF_WEIGHTS = ("model.safetensors", "pytorch_model.bin")
 
 
@@ -258,10 +263,13 @@ def expected_shapes(model_config: ml_collections.ConfigDict) -> dict[str, tuple[
 
     model_config = ml_collections.ConfigDict(model_config)
     model = build_model(model_config)
-    size = model_config.image.image_size
-    images = jnp.zeros((1, size, size, 3), jnp.float32)
-    tokens = jnp.zeros((1, model_config.text.max_len), jnp.int32)
-    abstract = jax.eval_shape(lambda: model.init(jax.random.key(0), images, tokens))
+    if model_config.name == "decoder_lm":
+        inputs = (jnp.zeros((1, 1), jnp.int32),)
+    else:
+        size = model_config.image.image_size
+        images = jnp.zeros((1, size, size, 3), jnp.float32)
+        inputs = (images, jnp.zeros((1, model_config.text.max_len), jnp.int32))
+    abstract = jax.eval_shape(lambda: model.init(jax.random.key(0), *inputs))
     return {k: tuple(v.shape) for k, v in flatten(nn.unbox(abstract["params"])).items()}
 
 
@@ -282,16 +290,20 @@ def check_params(params: Params, model_config: ml_collections.ConfigDict) -> Non
         raise ConversionError(f"converted params have {extra[0]!r}, which the model lacks")
 
 
-def full_config(sections: dict[str, dict]) -> ml_collections.ConfigDict:
-    """A complete run config: trainer defaults, the shapes data, and the converted `model`,
-    `tokenizer` and `loss` sections (override data/optim from the CLI to fine-tune)."""
+def full_config(sections: dict[str, dict], task: str = "contrastive") -> ml_collections.ConfigDict:
+    """A complete run config of `task`: trainer defaults, the shapes data, and the converted
+    `model`, `tokenizer` (and `loss`) sections (override data/optim from the CLI to fine-tune).
+    An "lm" run (a converted decoder LM) is evaluated by perplexity on the shapes captions."""
     from vlm_jax.data.pipeline import default_data_config
     from vlm_jax.defaults import base_config
 
     config = base_config()
-    config.task = "contrastive"
+    config.task = task
     config.data = default_data_config()
-    config.data.image_size = sections["model"]["image"]["image_size"]
+    if "image" in sections["model"]:
+        config.data.image_size = sections["model"]["image"]["image_size"]
+    if task == "lm":
+        config.eval.tasks = ("perplexity",)
     for name, section in sections.items():
         config[name] = ml_collections.ConfigDict(section)
     return config
@@ -300,8 +312,10 @@ def full_config(sections: dict[str, dict]) -> ml_collections.ConfigDict:
 def save_converted(out: str | Path, params: Params, sections: dict[str, dict], meta: dict) -> Path:
     """Write params as step 0 of OUT/checkpoints (the trainer's layout, so
     `--config.init.checkpoint=OUT` and `evaluate --workdir OUT` load them), the config sections
-    and `meta` (source, layout) as OUT/convert.json, and OUT/config.py that rebuilds the config."""
+    and `meta` (source, layout, task) as OUT/convert.json, OUT/config.py that rebuilds the config
+    and OUT/config.json, the config as a training run writes it."""
     from vlm_jax.checkpoint import Checkpointer
+    from vlm_jax.config import to_json
 
     out = Path(out).absolute()
     out.mkdir(parents=True, exist_ok=True)
@@ -311,6 +325,9 @@ def save_converted(out: str | Path, params: Params, sections: dict[str, dict], m
     ckpt.close()
     (out / "convert.json").write_text(json.dumps({**meta, "sections": sections}, indent=2))
     (out / "config.py").write_text(CONFIG_PY)
+    (out / "config.json").write_text(
+        to_json(full_config(sections, meta.get("task", "contrastive")))
+    )
     return out
 
 
@@ -321,11 +338,13 @@ def load_converted(out: str | Path) -> tuple[Params, ml_collections.ConfigDict]:
 
     out = Path(out)
     if (out / "convert.json").is_file():
-        sections = json.loads((out / "convert.json").read_text())["sections"]
+        meta = json.loads((out / "convert.json").read_text())
+        sections, task = meta["sections"], meta.get("task", "contrastive")
     else:  # a training workdir (e.g. fine-tuned from a converted checkpoint)
         run = json.loads((out / "config.json").read_text())
-        sections = {name: run[name] for name in ("model", "tokenizer", "loss")}
-    return jax.tree.map(np.asarray, load_params(out)), full_config(sections)
+        sections = {name: run[name] for name in ("model", "tokenizer", "loss") if name in run}
+        task = run.get("task", "contrastive")
+    return jax.tree.map(np.asarray, load_params(out)), full_config(sections, task)
 
 
 CONFIG_PY = '''"""Config of a converted checkpoint (written by vlm_jax.convert from convert.json).
@@ -343,7 +362,7 @@ from vlm_jax.convert.common import full_config
 
 def get_config(arg=None):
     meta = json.loads(Path(__file__).with_name("convert.json").read_text())
-    return full_config(meta["sections"])
+    return full_config(meta["sections"], meta.get("task", "contrastive"))
 '''
 
 

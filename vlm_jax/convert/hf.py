@@ -22,8 +22,8 @@ from pathlib import Path
 
 import numpy as np
 
-from vlm_jax.convert import common
-from vlm_jax.convert.common import Entry
+from vlm_jax.convert import common, hf_lm
+from vlm_jax.convert.common import Entry, read_json
 
 MODEL_TYPES = ("clip", "siglip", "siglip2")
 ACTIVATIONS = {  # HF hidden_act -> ours
@@ -41,10 +41,6 @@ def activation(name: str) -> str:
     if name not in ACTIVATIONS:
         raise common.ConversionError(f"hidden_act={name!r} is not one of: {list(ACTIVATIONS)}")
     return ACTIVATIONS[name]
-
-
-def read_json(path: Path) -> dict:
-    return json.loads(path.read_text()) if path.is_file() else {}
 
 
 def normalisation(model_type: str, processor: dict) -> tuple[tuple | None, tuple | None]:
@@ -201,11 +197,20 @@ def entries(model_type: str, model: dict) -> list[Entry]:
 
 
 def convert(src: str | Path, out: str | Path) -> Path:
-    """An HF release directory -> a vlm_jax checkpoint + config in `out`."""
+    """An HF release directory -> a vlm_jax checkpoint + config in `out` (decoder LMs:
+    hf_lm.convert)."""
     src = Path(src)
     config = read_json(src / "config.json")
     if not config:
         raise FileNotFoundError(f"no config.json in {src}")
+    model_type = config.get("model_type")
+    if model_type in hf_lm.ARCHITECTURES:
+        return hf_lm.convert(src, out)
+    if model_type not in MODEL_TYPES:
+        supported = (*MODEL_TYPES, *hf_lm.ARCHITECTURES)
+        raise common.ConversionError(
+            f"model_type={model_type!r} is not one of: {', '.join(supported)}"
+        )
     found = sections(config, read_json(src / "preprocessor_config.json"))
     if (src / "spiece.model").is_file():
         found["tokenizer"]["model_path"] = str((src / "spiece.model").absolute())
@@ -285,8 +290,10 @@ def export_type(model: dict) -> str:
 
 def export(src: str | Path, out: str | Path) -> Path:
     """A converted (or fine-tuned from converted) checkpoint directory -> an HF release."""
-    safetensors_numpy = common.optional_import("safetensors.numpy", "writing an HF release")
     params, config = common.load_converted(src)
+    if config.model.name != "two_tower":
+        return hf_lm.export(src, out, params, config)
+    safetensors_numpy = common.optional_import("safetensors.numpy", "writing an HF release")
     model = config.model.to_dict()
     model_type = export_type(model)
     common.check_params(params, config.model)

@@ -14,6 +14,10 @@ host picks, and lowers, what the TPU would. Every implementation accepts the sam
 
 `with record_impls() as names:` collects the implementation each call traced inside the block
 dispatched to (vlm_jax.compile reports which attention a compiled step holds).
+
+Two options only some implementations have (Gemma's): a sliding `mask.window` (xla and cudnn,
+which read the dense mask) and `logit_softcap` (cap * tanh(scores / cap) before the mask; xla).
+"auto" then picks among those; an explicit implementation without them fails, naming them.
 """
 
 from __future__ import annotations
@@ -61,7 +65,12 @@ def _check_shapes(q: jax.Array, k: jax.Array, v: jax.Array) -> None:
 
 @ATTENTION_IMPLS.register("xla")
 def xla_attention(
-    q: jax.Array, k: jax.Array, v: jax.Array, mask: AttentionMask | None, scale: float
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    mask: AttentionMask | None,
+    scale: float,
+    logit_softcap: float | None = None,
 ) -> jax.Array:
     """Reference implementation in plain jnp; softmax in float32."""
     batch, q_len, heads, head_dim = q.shape
@@ -70,6 +79,8 @@ def xla_attention(
     qg = q.reshape(batch, q_len, kv_heads, group, head_dim)
     logits = jnp.einsum("bqhgd,bkhd->bhgqk", qg, k, preferred_element_type=jnp.float32)
     logits = logits * scale
+    if logit_softcap is not None:
+        logits = logit_softcap * jnp.tanh(logits / logit_softcap)
     if mask is not None and not mask.is_full:
         visible = mask.dense(batch, q_len, kv_len)[:, :, None]  # bool[B, 1, 1, Tq, Tk]
         logits = jnp.where(visible, logits, -jnp.inf)
@@ -148,6 +159,32 @@ SUPPORTS: dict[str, Callable[[AttentionCall], bool]] = {
 }
 
 
+# The options of `attention` beyond the mask rule, and the implementations that have them.
+OPTION_IMPLS = {"window": ("xla", "cudnn"), "logit_softcap": ("xla",)}
+
+
+def _options(mask: AttentionMask | None, logit_softcap: float | None) -> list[str]:
+    """The names in OPTION_IMPLS that this call uses."""
+    used = {"window": mask is not None and mask.window is not None}
+    used["logit_softcap"] = logit_softcap is not None
+    return [name for name, on in used.items() if on]
+
+
+def _impl_with(impl: str, options: list[str], call: AttentionCall | None) -> str:
+    """`impl` resolved among the implementations that have every option in `options`."""
+    able = [n for n in ATTENTION_IMPLS.names() if all(n in OPTION_IMPLS[o] for o in options)]
+    if impl == "auto":
+        chosen = resolve_impl(impl, call)
+        return chosen if chosen in able else "xla"
+    if impl not in able:
+        ATTENTION_IMPLS.get(impl)  # raises naming the valid choices
+        raise ValueError(
+            f"attention impl={impl!r} does not support {' and '.join(options)}; "
+            f"implementations that do: {', '.join(able)} (or 'auto')"
+        )
+    return impl
+
+
 def supported_impls(call: AttentionCall) -> list[str]:
     """Registered implementations whose SUPPORTS predicate accepts the call."""
     return [n for n in ATTENTION_IMPLS.names() if SUPPORTS.get(n, lambda _: True)(call)]
@@ -188,13 +225,17 @@ def attention(
     *,
     impl: str = "auto",
     scale: float | None = None,
+    logit_softcap: float | None = None,
 ) -> jax.Array:
-    """Scaled dot-product attention through the implementation named by `impl`."""
+    """Scaled dot-product attention through the implementation named by `impl`
+    (`logit_softcap`: scores -> cap * tanh(scores / cap), Gemma 2's attention soft-capping)."""
     _check_shapes(q, k, v)
     if scale is None:
         scale = 1.0 / math.sqrt(q.shape[-1])
     call = describe_call(q, k, mask) if impl == "auto" else None
-    name = resolve_impl(impl, call)
+    options = _options(mask, logit_softcap)
+    name = _impl_with(impl, options, call) if options else resolve_impl(impl, call)
     for names in _RECORDERS:
         names.append(name)
-    return ATTENTION_IMPLS.get(name)(q, k, v, mask, scale)
+    extra = {} if logit_softcap is None else {"logit_softcap": logit_softcap}
+    return ATTENTION_IMPLS.get(name)(q, k, v, mask, scale, **extra)

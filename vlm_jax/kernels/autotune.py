@@ -82,7 +82,7 @@ def mask_kind(mask: AttentionMask | None) -> str:
         return "none"
     if mask.q_segment_ids is not None or mask.kv_valid is not None:
         return "segments"
-    if mask.q_positions is not None or mask.kv_positions is not None:
+    if mask.q_positions is not None or mask.kv_positions is not None or mask.window is not None:
         return "positions"  # causal here: is_full caught the rest
     return "prefix" if mask.prefix_lengths is not None else "causal"
 

@@ -6,6 +6,8 @@ A key at position `kp` is visible to a query at position `qp` when all of these 
                  bidirectional, the rest causal). Without `causal` every key is visible.
 * segments:      `q_segment_ids[qp] == kv_segment_ids[kp]` (packed sequences).
 * key padding:   `kv_valid[kp]`.
+* window:        `qp - kp < window` (sliding-window attention: each query sees its last
+                 `window` positions, itself included; needs `causal`).
 
 Positions default to `arange(Tq)` / `arange(Tk)`; pass explicit positions for decoding
 with a KV cache (queries sit at the end of the cached keys). This single rule yields
@@ -29,12 +31,17 @@ class AttentionMask:
     kv_valid: jax.Array | None = None  # bool[B, Tk]
     q_positions: jax.Array | None = None  # int32[B, Tq]
     kv_positions: jax.Array | None = None  # int32[B, Tk]
+    window: int | None = flax.struct.field(pytree_node=False, default=None)
 
     def __post_init__(self):
         if self.prefix_lengths is not None and not self.causal:
             raise ValueError("AttentionMask: prefix_lengths needs causal=True (prefix-LM)")
         if (self.q_segment_ids is None) != (self.kv_segment_ids is None):
             raise ValueError("AttentionMask: give both q_segment_ids and kv_segment_ids or neither")
+        if self.window is not None and (not self.causal or self.window < 1):
+            raise ValueError(
+                f"AttentionMask: window={self.window} needs causal=True and a positive window"
+            )
 
     @property
     def is_full(self) -> bool:
@@ -60,6 +67,8 @@ class AttentionMask:
             if self.prefix_lengths is not None:
                 prefix = jnp.asarray(self.prefix_lengths, jnp.int32)
                 visible = visible | (kp[:, None, :] < prefix[:, None, None])
+            if self.window is not None:
+                visible = visible & (qp[:, :, None] - kp[:, None, :] < self.window)
         if self.q_segment_ids is not None:
             same = self.q_segment_ids[:, :, None] == self.kv_segment_ids[:, None, :]
             visible = visible & same
