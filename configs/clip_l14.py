@@ -4,7 +4,8 @@ Built on configs/clip_b16.py (softmax loss, t = 1/0.07, CLIP's tokenizer and cau
 tower pooled at EOS, same data and optimiser); CLIP's L/14 shapes and layout: image tower
 width 1024, depth 24, 16 heads, MLP 4096, 14 px patches, a class token with a layer norm
 before the blocks and no patch bias (as open_clip's ViT-L-14, see vlm_jax/convert/open_clip.py);
-text tower width 768, depth 12, 12 heads; a 768-d shared embedding.
+text tower width 768, depth 12, 12 heads; a 768-d shared embedding. 428M params (image 304M,
+text 124M).
 
 Sized for pods: bf16, remat + scan, the chunked (ring) softmax loss, the Pallas flash kernel,
 and FSDP over 16 chips of a slice (`mesh.shape=(-1, 16, 1)`; the rest data parallel, including

@@ -11,8 +11,9 @@ vlm_jax/convert/big_vision.py reads such a checkpoint as 378), e.g. `...so400m14
 
 Sized for pods: bf16, remat + scan, chunked sigmoid loss, the Pallas flash kernel, and FSDP
 over 16 chips of a slice (`mesh.shape=(-1, 16, 1)`: params and optimizer state split 16 ways,
-the rest data parallel, including across slices). About 0.9B params: replicated, their AdamW
-state alone (~11 GB) would not leave room for activations on a 16 GiB v5e chip.
+the rest data parallel, including across slices). 877M params (image 428M, text 450M):
+replicated, their float32 AdamW state alone (10.5 GB) would leave little room for
+activations on a 16 GiB v5e chip.
 """
 
 from pathlib import Path
