@@ -275,6 +275,11 @@ def peak_flops(device_kind: str) -> float | None:
     return peak_flops_per_device(device_kind)
 
 
+def _num(x: float) -> str:
+    """1 decimal, or 3 significant digits below 1 (a tiny VLM's TFLOP would round to 0)."""
+    return f"{x:,.1f}" if x >= 1 else f"{x:.3g}"
+
+
 def _gib(n) -> str:
     return "-" if n is None else f"{n / GIB:.1f}"
 
@@ -338,8 +343,8 @@ def format_row(cell: Cell, row: dict, per_example: float, step_time: float) -> s
     return (
         f"| {name} | {row['batch_size']:,} | {topology} | {row['chips']} | "
         f"({mesh['data']}, {mesh['fsdp']}, {mesh['tensor']}) | {fits} | {memory} | "
-        f"{row['hbm_per_chip'] / GIB:.0f} | {collective_mib(row)} | {tflop:.1f} | "
-        f"{'-' if ideal is None else f'{ideal:.2f}'} | "
+        f"{row['hbm_per_chip'] / GIB:.0f} | {collective_mib(row)} | {_num(tflop)} | "
+        f"{'-' if ideal is None else f'{ideal:.3g}'} | "
         f"{mfu} | {row.get('attention') or '-'} | {row['compile_s']:.0f} |"
     )
 
