@@ -15,6 +15,7 @@ REPO = Path(__file__).parent.parent
 def load_script(name: str):
     spec = importlib.util.spec_from_file_location(name, REPO / "scripts" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # dataclasses look their module up there
     spec.loader.exec_module(module)
     return module
 
@@ -63,3 +64,53 @@ def test_train_step_bench_reports_per_device_flops_consistently():
     row = bench.main(argv)
     assert row["devices"] == 8 and row["trained_params"] > 0 and row["frozen_params"] == 0
     assert row["xla_gflops"] == pytest.approx(row["model_gflops"], rel=0.15)
+
+
+def test_tpu_readiness_cells_validate_and_split_evenly_on_every_topology():
+    """Each cell of the readiness matrix is a valid config (its overrides included), and its
+    global batch (or each gradient-cache chunk of it) splits evenly over every topology's
+    chips, so no cell fails on arithmetic instead of memory."""
+    from vlm_jax.compile.topology import parse_topology
+    from vlm_jax.train.validate import validate_config
+
+    readiness = load_script("tpu_readiness")
+    for cell in readiness.CELLS:
+        config = readiness.cell_config(cell)
+        validate_config(config)
+        rows = config.train.batch_size // max(config.train.grad_cache_chunks, 1)
+        for target in readiness.TOPOLOGIES:
+            name, slices = readiness.split_target(target)
+            chips = parse_topology(name).chips * slices
+            assert rows % chips == 0, (cell.name, target, rows, chips)
+
+
+def test_tpu_readiness_flop_estimate_matches_the_analytic_count():
+    """The readiness table's FLOPs for tasks without an analytic count come from XLA's cost
+    analysis of the lowered loss + gradient; on a two-tower model, where both exist, they
+    agree (the analytic count leaves out norms, activations and the loss: well under 2%)."""
+    from vlm_jax.models import flops
+
+    readiness = load_script("tpu_readiness")
+    cell = readiness.Cell(
+        "b16-depth2",
+        "configs/clip_b16.py",
+        ("--config.model.image.depth=2", "--config.model.text.depth=2"),
+    )
+    config = readiness.cell_config(cell)
+    config.model.image.variant = None  # B/16 would set depth 12
+    analytic = flops.train_flops_per_example(config.model, (), config.tokenizer.max_len)
+    estimate, how = readiness.train_flops_per_example(config)
+    assert how.startswith("analytic") and estimate == analytic
+    assert readiness.xla_train_flops_per_example(config) == pytest.approx(analytic, rel=0.02)
+
+
+@pytest.mark.parametrize(
+    "generation,peak", [("v4", 275e12), ("v5e", 197e12), ("v5p", 459e12), ("v6e", 918e12)]
+)
+def test_every_tpu_generation_has_its_bf16_peak(generation, peak):
+    """By the device_kind jax gives its chips (a v5p is "TPU v5", a v5e "TPU v5 lite"): the
+    readiness table's and the trainer's MFU need it."""
+    from vlm_jax.compile.topology import GENERATIONS
+    from vlm_jax.train.metrics import peak_flops_per_device
+
+    assert peak_flops_per_device(GENERATIONS[generation].device_kind) == peak

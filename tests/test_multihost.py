@@ -191,6 +191,33 @@ def test_tpu_pod_launcher_runs_the_trainer_on_every_worker():
     assert remote[:3] == ["set", "-o", "pipefail;"]  # the trainer's exit status, not tee's
 
 
+def test_tpu_pod_launcher_runs_on_every_slice_of_a_multislice_job():
+    """--slices N: the queued resource's nodes NAME-0 .. NAME-(N-1) each get the setup and
+    the same trainer command (the runtime's MEGASCALE_* settings number the processes)."""
+    commands = dry_run(
+        "launch_tpu_pod.sh", "job", "us-east5-a", "--setup", "--slices", "3", "--", *TRAIN_FLAGS
+    )
+    setup, train = commands[:9], commands[9:]
+    ssh_nodes = [c[5] for c in setup if c[4] == "ssh"]  # mkdir, then install, on each node
+    assert ssh_nodes == ["job-0", "job-0", "job-1", "job-1", "job-2", "job-2"]
+    assert [c[-1] for c in setup if c[4] == "scp"] == [f"job-{i}:~/vlm_jax/" for i in range(3)]
+    assert [c[5] for c in train] == ["job-0", "job-1", "job-2"]
+    single = dry_run("launch_tpu_pod.sh", "job", "us-east5-a", "--", *TRAIN_FLAGS)[0]
+    assert all(c[6:] == single[6:] and "--worker=all" in c for c in train)
+
+
+@pytest.mark.parametrize("slices", ["0", "two", ""])
+def test_tpu_pod_launcher_rejects_a_bad_slice_count(slices):
+    result = subprocess.run(
+        [str(REPO / "scripts" / "launch_tpu_pod.sh"), "job", "z", "--slices", slices, "--", "x"],
+        env=os.environ | {"DRY_RUN": "1"},
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 2 and not result.stdout
+    assert f"--slices '{slices}' must be a positive integer" in result.stderr
+
+
 def test_slurm_launcher_submits_one_task_per_gpu():
     (command,) = dry_run("launch_slurm.sh", "4", "8", "--", *TRAIN_FLAGS)
     assert command[:4] == ["sbatch", "--nodes=4", "--ntasks-per-node=8", "--gpus-per-node=8"]

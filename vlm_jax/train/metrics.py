@@ -26,7 +26,8 @@ from vlm_jax.config import require_package, to_json
 from vlm_jax.registry import Registry
 from vlm_jax.schema import Key, Schema, resolve, resolve_keys
 
-# Dense bf16 peak FLOP/s per device, by jax device_kind prefix.
+# Dense bf16 peak FLOP/s per device, by jax device_kind prefix (the first matching prefix
+# wins: "TPU v5 lite" before "TPU v5", which is what jax calls a v5p chip).
 PEAK_FLOPS = {
     "NVIDIA H100": 989e12,
     "NVIDIA H200": 989e12,
