@@ -352,6 +352,42 @@ def test_multi_slice_mesh_puts_the_data_axis_across_slices():
     assert "multiple of the 2 slices" in found["error"]
 
 
+POD_ROWS = """
+import json
+from vlm_jax import sharding
+from vlm_jax.compile.topology import parse_topology, topology_devices
+from vlm_jax.train.distributed import data_shard_plan
+mesh = sharding.build_mesh((-1, 1, 1), topology_devices(parse_topology("v5p-64")))
+rows = sharding.process_batch_rows(mesh, 32768)  # this process: 0 (compile-only devices)
+every = {}  # process -> the rows of its devices, from the whole mesh
+indices = sharding.batch_sharding(mesh, 1).devices_indices_map((32768,))
+for device, index in indices.items():
+    every.setdefault(device.process_index, []).append(index[0].indices(32768)[:2])
+print(json.dumps({"spans": rows.spans, "plan": data_shard_plan(mesh, 32768), "every": every}))
+"""
+
+
+def test_a_pods_hosts_hold_non_contiguous_batch_rows_and_load_exactly_those():
+    """On v5p-64 (8 hosts of 4 chips) the topology-aware mesh gives each host rows at several
+    places of the batch; the trainer loads exactly those rows (data shards in their order),
+    and the hosts' rows tile the global batch once."""
+    needs_libtpu()
+    done = subprocess.run(
+        [sys.executable, "-c", POD_ROWS], cwd=REPO, capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    found = json.loads(done.stdout.splitlines()[-1])
+    spans = [tuple(span) for span in found["spans"]]
+    assert len(spans) > 1 and sum(stop - start for start, stop in spans) == 32768 // 8
+    covered = lambda spans: [row for start, stop in sorted(spans) for row in range(start, stop)]
+    assert covered(spans) == covered(tuple(s) for s in found["every"]["0"])
+    shards, count, per_shard = found["plan"]
+    assert (count, per_shard) == (32, 1024)  # the hosts' row blocks, one shard each
+    assert covered((i * per_shard, (i + 1) * per_shard) for i in shards) == covered(spans)
+    every = sorted(tuple(s) for rows in found["every"].values() for s in rows)
+    assert len(found["every"]) == 8 and every == [(i * 1024, (i + 1) * 1024) for i in range(32)]
+
+
 @pytest.mark.parametrize("topology", ["v4:2x2x1", "v5e:2x2", "v5p:2x2x1", "v6e:2x2"])
 def test_flash_kernel_compiles_fwd_and_bwd_for_every_mask_and_head_dim(topology):
     needs_libtpu()

@@ -178,12 +178,27 @@ def test_init_computes_only_each_devices_shards():
 
 def test_data_shards_tile_the_global_batch():
     mesh = make_mesh((8, 1, 1))  # one process holds every row
-    assert data_shard_plan(mesh, 16) == (range(0, 1), 1, 16)
-    assert data_shard_plan(mesh, 16, 4) == (range(0, 4), 4, 4)
+    assert data_shard_plan(mesh, 16) == ([0], 1, 16)
+    assert data_shard_plan(mesh, 16, 4) == ([0, 1, 2, 3], 4, 4)
     with pytest.raises(ValueError, match="data_shards=3"):
         data_shard_plan(mesh, 16, 3)
     with pytest.raises(ValueError, match="batch size 12 is not divisible"):
         data_shard_plan(mesh, 12)
+
+
+def test_non_contiguous_rows_load_their_shards_in_order(monkeypatch):
+    """A pod host whose chips sit at several places of the batch (tests/test_compile_tpu.py
+    finds them on a real v5p-64 layout): it loads the data shards of exactly its rows, in
+    their order, and its local batch is those rows concatenated."""
+    rows = sharding.BatchRows(((0, 4), (8, 12)))
+    monkeypatch.setattr(sharding, "process_batch_rows", lambda mesh, batch: rows)
+    mesh = make_mesh((8, 1, 1))
+    assert data_shard_plan(mesh, 16) == ([0, 2], 4, 4)
+    assert data_shard_plan(mesh, 16, 8) == ([0, 1, 4, 5], 8, 2)
+    with pytest.raises(ValueError, match=r"tile this process's rows \[0, 4\), \[8, 12\)"):
+        data_shard_plan(mesh, 16, 2)
+    assert rows.count == 8 and rows.start == 0
+    np.testing.assert_array_equal(rows.take(np.arange(16)), [0, 1, 2, 3, 8, 9, 10, 11])
 
 
 def test_batch_that_the_mesh_cannot_split_fails_before_compute(tmp_path):

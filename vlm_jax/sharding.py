@@ -12,6 +12,7 @@ models/layers.py); one rule table maps them to mesh axes:
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Sequence
 
@@ -155,8 +156,32 @@ def global_batch(
     }
 
 
-def process_batch_rows(mesh: Mesh, global_batch_size: int) -> slice:
-    """The rows [start, stop) of the global batch that this process's devices hold.
+@dataclasses.dataclass(frozen=True)
+class BatchRows:
+    """The rows of the global batch that this process's devices hold: `spans` [start, stop),
+    sorted. On a pod the topology-aware device order often places a host's chips at several
+    places along the batch axes (v5p-64, data parallel: host 0 holds rows [0, 1024),
+    [4096, 5120), [16384, 17408), [20480, 21504) of 32,768), so the spans need not touch. The
+    process's local batch is its spans' rows concatenated in this order, which is what
+    `jax.make_array_from_process_local_data` (`global_batch`) reads."""
+
+    spans: tuple[tuple[int, int], ...]
+
+    @property
+    def count(self) -> int:
+        return sum(stop - start for start, stop in self.spans)
+
+    @property
+    def start(self) -> int:
+        return self.spans[0][0]
+
+    def take(self, array: np.ndarray) -> np.ndarray:
+        """This process's rows of a global-batch array [B, ...] -> [count, ...]."""
+        return np.concatenate([array[start:stop] for start, stop in self.spans])
+
+
+def process_batch_rows(mesh: Mesh, global_batch_size: int) -> BatchRows:
+    """The rows of the global batch that this process's devices hold (see `BatchRows`).
 
     Batch axes that span processes split the batch between them; a batch replicated over
     processes (e.g. a pure tensor-parallel mesh) gives several processes the same rows, and
@@ -168,14 +193,14 @@ def process_batch_rows(mesh: Mesh, global_batch_size: int) -> slice:
             f"size {data_parallel_size(mesh)} (mesh {dict(mesh.shape)})"
         )
     indices = batch_sharding(mesh, 1).addressable_devices_indices_map((global_batch_size,))
-    spans = {index[0].indices(global_batch_size)[:2] for index in indices.values()}
-    start, stop = min(s for s, _ in spans), max(e for _, e in spans)
-    if sum(e - s for s, e in spans) != stop - start:
-        raise ValueError(
-            f"process {jax.process_index()} holds non-contiguous batch rows {sorted(spans)} on "
-            f"mesh {dict(mesh.shape)}; order the mesh devices so each process's are adjacent"
-        )
-    return slice(start, stop)
+    spans = sorted({index[0].indices(global_batch_size)[:2] for index in indices.values()})
+    merged = [list(spans[0])]
+    for start, stop in spans[1:]:  # adjacent device rows as one span
+        if start == merged[-1][1]:
+            merged[-1][1] = stop
+        else:
+            merged.append([start, stop])
+    return BatchRows(tuple((start, stop) for start, stop in merged))
 
 
 def any_process(flag: bool) -> bool:

@@ -42,7 +42,7 @@ class Perplexity(Evaluator):
         totals = np.zeros(3)
         for start in range(0, len(tokens), chunk):
             part = _pad_rows(tokens[start : start + chunk], chunk, self.pad_id)
-            batch = sharding.global_batch({"tokens": part[rows]}, mesh, chunk)
+            batch = sharding.global_batch({"tokens": rows.take(part)}, mesh, chunk)
             totals += np.asarray(jax.device_get(self.token_sums(params, batch["tokens"])))
         nll, correct, count = totals
         count = max(count, 1.0)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 from collections.abc import Iterator
 
@@ -56,19 +57,23 @@ def maybe_initialize_distributed(config) -> None:
 
 def data_shard_plan(
     mesh: Mesh, global_batch_size: int, data_shards: int = 0
-) -> tuple[range, int, int]:
-    """(the shards this process loads, the number of shards, rows per shard)."""
+) -> tuple[list[int], int, int]:
+    """(the shards this process loads, in its rows' order; the number of shards; rows per
+    shard). Shard i holds global rows [i * rows, (i + 1) * rows); by default the shards are as
+    large as the process's row spans allow (one per process when its rows are contiguous)."""
     rows = sharding.process_batch_rows(mesh, global_batch_size)
-    local = rows.stop - rows.start
-    count = data_shards or global_batch_size // local
-    if global_batch_size % count or local % (global_batch_size // count):
+    bounds = [bound for span in rows.spans for bound in span]
+    count = data_shards or global_batch_size // math.gcd(*bounds)
+    per_shard = global_batch_size // count if global_batch_size % count == 0 else 0
+    if not per_shard or any(bound % per_shard for bound in bounds):
+        spans = ", ".join(f"[{start}, {stop})" for start, stop in rows.spans)
         raise ValueError(
             f"train.data_shards={data_shards} must divide the batch size {global_batch_size} "
-            f"into blocks that tile this process's {local} rows (e.g. a multiple of "
-            f"{global_batch_size // local}, or 0)"
+            f"into blocks that tile this process's rows {spans} (e.g. a multiple of "
+            f"{global_batch_size // math.gcd(*bounds)}, or 0)"
         )
-    per_shard = global_batch_size // count
-    return range(rows.start // per_shard, rows.stop // per_shard), count, per_shard
+    shards = [i for start, stop in rows.spans for i in range(start // per_shard, stop // per_shard)]
+    return shards, count, per_shard
 
 
 class ConcatShards:

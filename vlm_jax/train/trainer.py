@@ -333,7 +333,7 @@ def batch_contract(task: Task, config, mesh: Mesh) -> BatchContract:
     """The task's batch contract for this process's rows of the config's global batch."""
     rows = sharding.process_batch_rows(mesh, config.train.batch_size)
     spec = task.batch_spec(config.train.batch_size)
-    return BatchContract(config.task, spec, task.host_keys, rows.stop - rows.start)
+    return BatchContract(config.task, spec, task.host_keys, rows.count)
 
 
 def start_run(config, workdir: Path, mesh: Mesh, task: Task, is_primary: bool, data_iter):
