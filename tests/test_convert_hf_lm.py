@@ -287,3 +287,50 @@ def test_a_tokenizer_larger_than_the_embedding_is_refused(torch, tmp_path):
         convert_cli.cli(["--from", "hf", "--src", str(src), "--out", str(tmp_path / "run")])
     assert exit_info.value.code == 2
     assert not (tmp_path / "run").exists()  # nothing half-written
+
+
+def test_a_lora_run_exports_its_merged_model(torch, tmp_path):
+    """`convert --to hf` of a run with LoRA adapters (optim.lora) writes W + alpha/r A B: the
+    exported release's logits equal the adapted model's (interceptor, eval mode)."""
+    import ml_collections
+    import transformers
+
+    from vlm_jax.convert import hf_lm
+    from vlm_jax.models import lora
+
+    build_hf("llama3", torch).save_pretrained(tmp_path / "hf")
+    convert_cli.main(
+        ["--from", "hf", "--src", str(tmp_path / "hf"), "--out", str(tmp_path / "run")]
+    )
+    base, config = common.load_converted(tmp_path / "run")
+    config.optim.lora = ml_collections.ConfigDict(
+        dict(
+            rank=2,
+            alpha=4.0,
+            dropout=0.0,
+            targets=r"blocks_\d+/attn/(query|value)/kernel",
+            train=[],
+        )
+    )
+    section = lora.lora_section(config.optim)
+    rng = np.random.default_rng(0)
+    adapters = {}
+    for block in (k for k in base if k.startswith("blocks_")):
+        for name in ("query", "value"):
+            kernel = np.asarray(base[block]["attn"][name]["kernel"])  # [width, heads, head_dim]
+            a = rng.normal(0, 0.1, (kernel.shape[0], 2)).astype(np.float32)
+            b = rng.normal(0, 0.1, (2, *kernel.shape[1:])).astype(np.float32)
+            adapters.setdefault(block, {"attn": {}})["attn"][name] = {"lora_a": a, "lora_b": b}
+    params = lora.join_adapters(base, adapters)
+    hf_lm.export(tmp_path / "run", tmp_path / "back", params, config)
+
+    tokens, lengths = prompts()
+    model = build_model(config.model)
+    with lora.adapted(section):
+        ours = np.asarray(model.apply({"params": jax.tree.map(jnp.asarray, params)}, tokens)[0])
+    plain = np.asarray(model.apply({"params": jax.tree.map(jnp.asarray, base)}, tokens)[0])
+    assert not np.allclose(ours, plain, atol=1e-3)  # the adapters change the model
+    exported = transformers.AutoModelForCausalLM.from_pretrained(
+        tmp_path / "back", attn_implementation="eager"
+    ).eval()
+    assert_logits_match(ours, hf_logits(exported, torch, tokens, lengths), lengths)

@@ -421,10 +421,13 @@ def lm_part(params: common.Params, model: dict) -> tuple[common.Params, dict]:
 
 def export(src: str | Path, out: str | Path, params, config) -> Path:
     """An lm run (or a VLM run's LM) -> an HF decoder release in `out`."""
+    from vlm_jax.models import lora
     from vlm_jax.models.decoder import LM
     from vlm_jax.schema import resolve
 
     safetensors_numpy = common.optional_import("safetensors.numpy", "writing an HF release")
+    # A LoRA run exports its adapted model: the adapters merged into their kernels.
+    params = lora.merged(params, lora.lora_section(config.get("optim", {})))
     params, lm = lm_part(params, config.model.to_dict())
     lm = resolve("model.lm", lm, LM).to_dict()
     model_type = model_type_of(lm)
