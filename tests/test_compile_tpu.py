@@ -160,6 +160,29 @@ def test_collectives_of_a_cpu_compiled_sharded_function():
     assert set(found) == set(hlo.COLLECTIVES)
 
 
+def test_collectives_inside_a_loop_count_once_per_iteration():
+    """A psum in a 5-step scan moves its bytes 5 times a step; the same psum outside a loop
+    once (XLA's known_trip_count on the while loop)."""
+    mesh = jax.make_mesh((8,), ("d",))
+
+    def looped(x):
+        body = lambda c, _: (c + jax.lax.psum(c, "d").sum(), None)
+        return jax.lax.scan(body, x, None, length=5)[0]
+
+    def once(x):
+        return x + jax.lax.psum(x, "d").sum()
+
+    x = jax.device_put(np.ones((64, 16), np.float32), NamedSharding(mesh, P("d")))
+    texts = {}
+    for name, fn in (("looped", looped), ("once", once)):
+        mapped = jax.shard_map(fn, mesh=mesh, in_specs=P("d"), out_specs=P("d"), check_vma=False)
+        texts[name] = jax.jit(mapped).lower(x).compile().as_text()
+    per_step = {name: hlo.collectives(text)["all-reduce"] for name, text in texts.items()}
+    assert per_step["once"]["count"] == 1 and per_step["once"]["bytes"] > 0
+    assert per_step["looped"] == {"count": 5, "bytes": 5 * per_step["once"]["bytes"]}
+    assert hlo.executions(texts["looped"])[1] == 0  # the loop's trip count was known
+
+
 def test_async_collectives_count_their_results_only():
     text = "\n".join(
         [

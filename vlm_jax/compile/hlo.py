@@ -6,8 +6,10 @@
     largest_buffers(hlo_text, 5) -> [{"name", "op", "shape", "bytes"}, ...]
 
 Bytes are each op's result per chip (the SPMD program is one chip's view), e.g. an
-all-gather's gathered array. Ops are counted as they appear in the program text: an op
-inside a loop body (scan over layers, a ring loss) is counted once, not once per iteration.
+all-gather's gathered array. `collectives` counts per step: an op inside a loop body (the scan
+over layers, a ring loss, gradient-cache chunks) counts once per iteration, by the trip count
+XLA annotates on the while loop (`known_trip_count`; a loop without one counts once, and the
+report's `loops_without_trip_count` says how many there were).
 """
 
 from __future__ import annotations
@@ -42,15 +44,84 @@ def result_bytes(shape: str, start: bool, op: str) -> int:
     return sum(_array_bytes(d, s) for d, s in arrays)
 
 
-def collectives(hlo_text: str) -> dict[str, dict[str, int]]:
-    """{op: {"count", "bytes"}} for every collective kind in COLLECTIVES (zeros included)."""
-    found = {op: {"count": 0, "bytes": 0} for op in COLLECTIVES}
+# `%name (params) -> shape {` or `ENTRY %name ...{`: a computation's first line
+_HEADER = re.compile(r"^(?P<entry>ENTRY\s+)?%(?P<name>[\w.\-]+)\s*\(.*\{\s*$")
+_BODY = re.compile(r"\bbody=%(?P<name>[\w.\-]+)")
+_TRIP_COUNT = re.compile(r'"known_trip_count":\{"n":"(?P<n>\d+)"')
+_CALLED = re.compile(
+    r"\b(?:to_apply|calls|branch_computations)=\{?(?P<names>%[^}\s,]+(?:,\s*%[^}\s,]+)*)"
+)
+_OUTSIDE = ""  # lines before any computation header (a bare list of instructions)
+
+
+def _computations(hlo_text: str) -> tuple[dict[str, list[str]], str]:
+    """({computation name: its instruction lines}, the ENTRY computation's name)."""
+    bodies: dict[str, list[str]] = {_OUTSIDE: []}
+    current, entry = _OUTSIDE, _OUTSIDE
     for line in hlo_text.splitlines():
-        match = _OP.match(line)
-        if match:
-            entry = found[match["op"]]
-            entry["count"] += 1
-            entry["bytes"] += result_bytes(match["shape"], bool(match["start"]), match["op"])
+        header = _HEADER.match(line)
+        if header:
+            current = header["name"]
+            bodies[current] = []
+            entry = current if header["entry"] else entry
+        elif line.strip() == "}":
+            current = _OUTSIDE
+        else:
+            bodies[current].append(line)
+    return bodies, entry
+
+
+def _callees(line: str) -> list[tuple[str, int | None]]:
+    """(computation, times per execution of `line`) it runs: a while loop's body its trip
+    count (None: not annotated), anything called, applied or branched to once."""
+    body = _BODY.search(line)
+    if body and " while(" in line:
+        trips = _TRIP_COUNT.search(line)
+        return [(body["name"], int(trips["n"]) if trips else None)]
+    found = []
+    for match in _CALLED.finditer(line):
+        found += [(name.strip().lstrip("%"), 1) for name in match["names"].split(",")]
+    return found
+
+
+def executions(hlo_text: str) -> tuple[dict[str, int], int]:
+    """({computation: times it runs per execution of the program}, loops without a trip
+    count). Instructions outside any computation count as the entry's."""
+    bodies, entry = _computations(hlo_text)
+    times: dict[str, int] = {}
+    unknown = 0
+
+    def visit(name: str, count: int, depth: int = 0) -> None:
+        nonlocal unknown
+        if name not in bodies or depth > 64:
+            return
+        times[name] = times.get(name, 0) + count
+        for line in bodies[name]:
+            for callee, trips in _callees(line):
+                unknown += trips is None
+                visit(callee, count * (1 if trips is None else trips), depth + 1)
+
+    visit(entry, 1)
+    if entry != _OUTSIDE:
+        visit(_OUTSIDE, 1)
+    return times, unknown
+
+
+def collectives(hlo_text: str) -> dict[str, dict[str, int]]:
+    """{op: {"count", "bytes"}} per step for every collective kind in COLLECTIVES (zeros
+    included); `executions(...)[1]` says how many loops were counted once, for want of a trip
+    count."""
+    found = {op: {"count": 0, "bytes": 0} for op in COLLECTIVES}
+    bodies, _ = _computations(hlo_text)
+    times, _ = executions(hlo_text)
+    for name, lines in bodies.items():
+        for line in lines:
+            match = _OP.match(line)
+            if match and times.get(name, 0):
+                entry = found[match["op"]]
+                entry["count"] += times[name]
+                size = result_bytes(match["shape"], bool(match["start"]), match["op"])
+                entry["bytes"] += times[name] * size
     return found
 
 

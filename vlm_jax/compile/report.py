@@ -84,7 +84,8 @@ def function_report(fn, compiled, compile_s: float, hbm_bytes: int, impls: list[
         "hbm_per_chip": hbm_bytes,
         "fits": memory["total"] <= hbm_bytes,
         "largest_buffers": hlo.largest_buffers(text),
-        "collectives": hlo.collectives(text),
+        "collectives": hlo.collectives(text),  # per step: loop bodies x their trip counts
+        "loops_without_trip_count": hlo.executions(text)[1],
         "attention": attention_kind(impls, kernels),
         "attention_calls": dict(collections.Counter(impls)),
         "tpu_kernels": kernels,
