@@ -181,6 +181,28 @@ def test_lm_checkpoint_with_a_damaged_newest_step_initialises_from_the_intact_on
     assert "checkpoint step 2" in caplog.text and "DamagedCheckpoint" in caplog.text
 
 
+def test_an_lm_checkpoint_without_the_vlms_added_tokens_grows_into_its_lm(tmp_path):
+    """A released LM has no row for <image> (and the VLM's other added tokens): init grows its
+    embedding (and untied output) by the missing rows, each the mean of the release's."""
+    from vlm_jax.models import vocab
+
+    config = tiny_vlm_config(arg="stage1", **{"init.lm_checkpoint": str(tmp_path / "lm")})
+    mesh = sharding.build_mesh((1, 1, 1), devices=jax.devices()[:1])
+    task = VLMTask(config, mesh)
+    with jax.set_mesh(mesh):
+        params, _ = init_params(task, config, mesh)
+    rows = vocab.vocab_rows(params["lm"])
+    release = vocab.drop_vocab(jax.tree.map(lambda x: x + 1.0, params["lm"]), rows - 3)
+    save_params_steps(tmp_path / "lm" / "checkpoints", {1: release})
+    loaded = task.load_pretrained(params)["lm"]
+    table, kept = loaded["embedder"]["embedding"], release["embedder"]["embedding"]
+    assert table.shape == params["lm"]["embedder"]["embedding"].shape
+    np.testing.assert_array_equal(table[: rows - 3], kept)
+    np.testing.assert_allclose(table[rows - 3 :], np.repeat(kept.mean(0, keepdims=True), 3, 0))
+    others = lambda lm: [x for k, v in lm.items() if k != "embedder" for x in jax.tree.leaves(v)]
+    jax.tree.map(np.testing.assert_array_equal, others(loaded), others(release))
+
+
 def tiny_vlm_run(workdir) -> list[str]:
     """A "vlm" run (config.json, a checkpoint of fresh params at step 1) and a blank image in
     `workdir` -> the generate CLI's --workdir, --image and --prompt arguments."""

@@ -34,7 +34,7 @@ from vlm_jax.data.vqa import (
 )
 from vlm_jax.evaluate import eval_section
 from vlm_jax.losses import next_token_loss
-from vlm_jax.models import MODEL
+from vlm_jax.models import MODEL, vocab
 from vlm_jax.models.vlm import build_vlm
 from vlm_jax.schema import Key, Schema, resolve
 from vlm_jax.train.tasks import INIT, TASKS, Task, check_vocab_size
@@ -128,6 +128,9 @@ class VLMTask(Task):
             params = dict(params, vision=_like(params["vision"], image, "vision"))
         if init.lm_checkpoint:
             lm = load_params(init.lm_checkpoint)  # an "lm" run: the decoder's params
+            added = vocab.vocab_rows(params["lm"]) - vocab.vocab_rows(lm)
+            if added > 0:  # tokens the VLM adds (<image>) past the release's vocabulary
+                lm = vocab.grow_vocab(lm, added)
             params = dict(params, lm=_like(params["lm"], lm, "lm", allow_missing="xattn_"))
         return params
 
