@@ -334,3 +334,46 @@ def test_a_lora_run_exports_its_merged_model(torch, tmp_path):
         tmp_path / "back", attn_implementation="eager"
     ).eval()
     assert_logits_match(ours, hf_logits(exported, torch, tokens, lengths), lengths)
+
+
+@pytest.mark.parametrize("mesh_shape", [(1, 2, 2), (2, 2, 2)])
+def test_an_imported_lm_sharded_over_fsdp_and_tensor_equals_unsharded(torch, tmp_path, mesh_shape):
+    """A converted Mistral (GQA 6/2, sliding window) on 4 and 8 CPU devices: params split by the
+    default rules (embed over fsdp; heads, kv_heads, mlp, vocab over tensor), the batch over
+    data x fsdp: logits and the loss's gradients equal the one-device model's."""
+    import flax.linen as nn
+
+    from vlm_jax import sharding
+
+    build_hf("mistral", torch, vocab=264).save_pretrained(tmp_path / "hf")
+    convert_cli.main(
+        ["--from", "hf", "--src", str(tmp_path / "hf"), "--out", str(tmp_path / "run")]
+    )
+    params, config = common.load_converted(tmp_path / "run")
+    model = build_model(config.model)
+    tokens = np.random.default_rng(0).integers(1, 264, (4, 9)).astype(np.int32)
+
+    def loss(p, t):
+        logits, _ = model.apply({"params": p}, t)
+        labels = jax.nn.one_hot(t[:, 1:], logits.shape[-1])
+        return -jnp.mean(jnp.sum(jax.nn.log_softmax(logits[:, :-1]) * labels, -1)), logits
+
+    step = jax.jit(jax.value_and_grad(loss, has_aux=True))
+    one = sharding.build_mesh((1, 1, 1), jax.devices()[:1])
+    with jax.set_mesh(one):
+        (want_loss, want_logits), want_grads = step(jax.tree.map(jnp.asarray, params), tokens)
+    mesh = sharding.build_mesh(mesh_shape, jax.devices()[: int(np.prod(mesh_shape))])
+    rules = tuple(config.sharding.rules)
+    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+        boxed = jax.eval_shape(model.init, jax.random.key(0), tokens)["params"]
+        shardings = sharding.logical_shardings(boxed, mesh, rules)
+        placed = jax.tree.map(lambda x, s: jax.device_put(jnp.asarray(x), s), params, shardings)
+        assert any(len(s.device_set) > 1 and not s.is_fully_replicated
+                   for s in jax.tree.leaves(shardings))  # fmt: skip
+        batch = jax.device_put(tokens, sharding.batch_sharding(mesh, 2))
+        (got_loss, got_logits), got_grads = step(placed, batch)
+    np.testing.assert_allclose(got_logits, want_logits, atol=1e-5, rtol=1e-5)
+    np.testing.assert_allclose(got_loss, want_loss, rtol=1e-6)
+    jax.tree.map(
+        lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6, rtol=1e-5), got_grads, want_grads
+    )
