@@ -290,10 +290,10 @@ def export_type(model: dict) -> str:
 
 def export(src: str | Path, out: str | Path) -> Path:
     """A converted (or fine-tuned from converted) checkpoint directory -> an HF release."""
+    safetensors_numpy = common.optional_import("safetensors.numpy", "writing an HF release")
     params, config = common.load_converted(src)
     if config.model.name != "two_tower":
         return hf_lm.export(src, out, params, config)
-    safetensors_numpy = common.optional_import("safetensors.numpy", "writing an HF release")
     model = config.model.to_dict()
     model_type = export_type(model)
     common.check_params(params, config.model)
