@@ -87,7 +87,11 @@ def _callees(line: str) -> list[tuple[str, int | None]]:
 def executions(hlo_text: str) -> tuple[dict[str, int], int]:
     """({computation: times it runs per execution of the program}, loops without a trip
     count). Instructions outside any computation count as the entry's."""
-    bodies, entry = _computations(hlo_text)
+    return _executions(*_computations(hlo_text))
+
+
+def _executions(bodies: dict[str, list[str]], entry: str) -> tuple[dict[str, int], int]:
+    """`executions` of the parsed program (`_computations`)."""
     times: dict[str, int] = {}
     unknown = 0
 
@@ -112,8 +116,8 @@ def collectives(hlo_text: str) -> dict[str, dict[str, int]]:
     included); `executions(...)[1]` says how many loops were counted once, for want of a trip
     count."""
     found = {op: {"count": 0, "bytes": 0} for op in COLLECTIVES}
-    bodies, _ = _computations(hlo_text)
-    times, _ = executions(hlo_text)
+    bodies, entry = _computations(hlo_text)  # parsed once, for the counts and the ops
+    times, _ = _executions(bodies, entry)
     for name, lines in bodies.items():
         for line in lines:
             match = _OP.match(line)
