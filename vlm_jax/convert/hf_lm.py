@@ -219,13 +219,13 @@ def check_tokenizer(src: Path, section: dict, vocab_size: int) -> None:
     import ml_collections
 
     from vlm_jax.data import build_tokenizer
+    from vlm_jax.models.vocab import check_vocab_rows
 
     tokenizer = build_tokenizer(ml_collections.ConfigDict(dict(section, path=str(src))))
-    if tokenizer.vocab_size > vocab_size:
-        raise ConversionError(
-            f"{src}: the tokenizer has {tokenizer.vocab_size} ids but the LM's embedding "
-            f"(vocab_size) has {vocab_size} rows: the tokenizer is not this model's"
-        )
+    try:
+        check_vocab_rows(f"{src}: the LM's vocab_size", vocab_size, tokenizer.vocab_size)
+    except ValueError as error:  # a bad release: one error line from the CLI
+        raise ConversionError(str(error)) from None
 
 
 def copy_tokenizer(src: Path, out: Path, section: dict) -> dict:
