@@ -63,14 +63,15 @@ def data_shard_plan(
     large as the process's row spans allow (one per process when its rows are contiguous)."""
     rows = sharding.process_batch_rows(mesh, global_batch_size)
     bounds = [bound for span in rows.spans for bound in span]
-    count = data_shards or global_batch_size // math.gcd(*bounds)
+    fewest = global_batch_size // math.gcd(*bounds)  # shards whose blocks tile every span
+    count = data_shards or fewest
     per_shard = global_batch_size // count if global_batch_size % count == 0 else 0
     if not per_shard or any(bound % per_shard for bound in bounds):
         spans = ", ".join(f"[{start}, {stop})" for start, stop in rows.spans)
         raise ValueError(
             f"train.data_shards={data_shards} must divide the batch size {global_batch_size} "
             f"into blocks that tile this process's rows {spans} (e.g. a multiple of "
-            f"{global_batch_size // math.gcd(*bounds)}, or 0)"
+            f"{fewest}, or 0)"
         )
     shards = [i for start, stop in rows.spans for i in range(start // per_shard, stop // per_shard)]
     return shards, count, per_shard
