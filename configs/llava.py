@@ -118,7 +118,7 @@ def get_config(arg=None):
             )
         )
 
-    c.eval.tasks = ("vqa",)
+    c.eval.tasks = ("vqa",)  # instruction data: answers to score, no reference captions
     c.eval.batch_size = 64
     c.eval.num_examples = 512
     c.eval.max_new_tokens = 32
