@@ -101,3 +101,29 @@ def test_a_crash_while_training_keeps_its_traceback(tmp_path):
     assert proc.returncode == 1, proc.stderr[-3000:]
     assert "Traceback" in proc.stderr and "ValueError: planted bug" in proc.stderr
     assert not any(line.startswith("error:") for line in proc.stderr.splitlines())
+
+
+HELP_CLIS = {
+    "train": "vlm_jax.train.cli",
+    "evaluate": "vlm_jax.evaluate.__main__",
+    "generate": "vlm_jax.generate",
+    "compile": "vlm_jax.compile.__main__",
+    "compile.kernel_coverage": "vlm_jax.compile.kernel_coverage",
+}
+
+
+@pytest.mark.parametrize("cmd", HELP_CLIS)
+@pytest.mark.parametrize("flag", ["--help", "-h"])
+def test_help_prints_the_usage_and_exits_0(cmd, flag, capsys, monkeypatch):
+    """`--help` is not a flag missing its value: the description and usage on stdout, exit 0,
+    whatever else is on the line (nothing is parsed, loaded or compiled)."""
+    import importlib
+
+    main = importlib.import_module(HELP_CLIS[cmd]).main
+    monkeypatch.setattr(sys, "argv", ["prog", "--config", MISSING, flag])
+    with pytest.raises(SystemExit) as exit_:
+        main()
+    out, err = capsys.readouterr()
+    assert exit_.value.code == 0 and not err
+    assert f"usage: python -m vlm_jax.{cmd} " in out
+    assert len(out.splitlines()) > 2  # the description too, not only the usage line

@@ -11,6 +11,7 @@ from __future__ import annotations
 import ast
 import contextlib
 import importlib.util
+import inspect
 import json
 import sys
 from collections.abc import Callable, Iterator, Sequence
@@ -68,6 +69,18 @@ def exit_on_user_error(also: tuple[type[Exception], ...] = ()) -> Iterator[None]
     except (UserError, *also) as e:
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
+
+
+HELP_FLAGS = ("-h", "--help")
+
+
+def exit_on_help(argv: Sequence[str], usage: str, doc: str | None = None) -> None:
+    """`-h` / `--help` among the arguments: print the command's description and its usage on
+    stdout and exit 0 (before any flag is parsed, so `--help` never reads as a flag missing a
+    value)."""
+    if any(arg in HELP_FLAGS for arg in argv):
+        print(f"{inspect.cleandoc(doc)}\n\n{usage}" if doc else usage)
+        raise SystemExit(0)
 
 
 def require_package(module: str, needed_by: str, install: str) -> ModuleType:

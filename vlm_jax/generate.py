@@ -34,7 +34,15 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from vlm_jax.config import MissingInput, UserError, parse_bool, parse_float, parse_int, split_flags
+from vlm_jax.config import (
+    MissingInput,
+    UserError,
+    exit_on_help,
+    parse_bool,
+    parse_float,
+    parse_int,
+    split_flags,
+)
 from vlm_jax.platforms import choose_backend
 
 GENERATING_MODELS = ("decoder_lm", "vlm")  # the model.name of runs the CLI continues
@@ -283,8 +291,10 @@ USAGE = "usage: python -m vlm_jax.generate " + " ".join(
 def main(argv: Sequence[str] | None = None) -> None:
     """Print the continuation of the run in --workdir; a bad flag exits 2 naming the valid ones."""
     choose_backend()
+    argv = sys.argv[1:] if argv is None else argv
+    exit_on_help(argv, USAGE, __doc__)
     try:
-        args = parse_args(sys.argv[1:] if argv is None else argv)
+        args = parse_args(argv)
     except ValueError as error:
         print(f"error: {error}\n{USAGE}", file=sys.stderr)
         raise SystemExit(2) from None

@@ -1,4 +1,4 @@
-"""CLI: compile a config's functions for a TPU topology; exit 1 naming what does not fit.
+r"""CLI: compile a config's functions for a TPU topology; exit 1 naming what does not fit.
 
     python -m vlm_jax.compile --config configs/siglip_b16.py --topology v5p-64 \
         [--num_slices 2] [--functions train_step,prefill] [--step_time_s 1.5] \
@@ -30,9 +30,10 @@ FLAGS = ("config", "topology", "num_slices", "functions", "step_time_s", "out")
 
 def parse_args(argv: Sequence[str]):
     """-> (config, options) or exit(2) naming the bad flag and the valid ones."""
-    from vlm_jax.config import UserError, parse_cli
+    from vlm_jax.config import UserError, exit_on_help, parse_cli
     from vlm_jax.train.validate import CONFIG
 
+    exit_on_help(argv, USAGE, __doc__)
     try:
         config, options = parse_cli(argv, CONFIG)
     except (UserError, ValueError, FileNotFoundError, TypeError) as e:

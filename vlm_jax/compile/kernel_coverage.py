@@ -89,11 +89,13 @@ def coverage(topology, head_dims: Sequence[int] = HEAD_DIMS) -> list[dict]:
 def main(argv: Sequence[str] | None = None) -> None:
     from vlm_jax.compile.__main__ import host_cpu_only
     from vlm_jax.compile.topology import compile_only_environment, parse_topology, require_libtpu
-    from vlm_jax.config import exit_on_user_error, parse_int, split_flags
+    from vlm_jax.config import exit_on_help, exit_on_user_error, parse_int, split_flags
 
+    argv = sys.argv[1:] if argv is None else argv
+    exit_on_help(argv, "usage: " + __doc__.splitlines()[2].strip(), __doc__)
     host_cpu_only()
     with exit_on_user_error(also=(ValueError,)):
-        flags = dict(split_flags(sys.argv[1:] if argv is None else argv))
+        flags = dict(split_flags(argv))
         unknown = sorted(set(flags) - {"topology", "head_dims"})
         if unknown or "topology" not in flags:
             problem = f"unknown flag(s) {unknown}" if unknown else "missing --topology NAME"

@@ -17,11 +17,21 @@ USAGE = (
 )
 
 
+HELP = {
+    "train": """Train a config into DIR (a new run, or resume the newest intact checkpoint there).
+        Any config key can be set with --config.key=value (e.g. --config.train.total_steps=500);
+        a bad key or value names the valid ones. The shipped configs are configs/*.py.""",
+    "evaluate": """Evaluate the newest intact checkpoint in DIR with the config's evaluators
+        (eval.tasks); prints JSON and writes DIR/eval_<step>.json.""",
+}
+
+
 def parse_args(argv: Sequence[str], cmd: str, extra: Sequence[str] = ()):
     """-> (config, options) or exit(2) with a message naming what is wrong."""
-    from vlm_jax.config import parse_cli
+    from vlm_jax.config import exit_on_help, parse_cli
     from vlm_jax.train.validate import CONFIG
 
+    exit_on_help(argv, USAGE.format(cmd=cmd), HELP[cmd])
     try:
         config, options = parse_cli(argv, CONFIG)
     except (UserError, ValueError, FileNotFoundError, TypeError) as e:
