@@ -183,6 +183,53 @@ def test_collectives_inside_a_loop_count_once_per_iteration():
     assert hlo.executions(texts["looped"])[1] == 0  # the loop's trip count was known
 
 
+# The shape of a scan over 3 layers as libtpu's optimized program prints it: no
+# known_trip_count on the while; the counter (tuple index 0) starts at a copied constant, the
+# body adds 1 and the condition compares it with 3 (`GT` with the constant first).
+LIBTPU_SCAN = """
+%cond.1 (p.1: (s32[], f32[8])) -> pred[] {
+  %p.1 = (s32[]{:T(128)}, f32[8]{0}) parameter(0)
+  %gte.1 = s32[]{:T(128)} get-tuple-element(%p.1), index=0
+  %c.3 = s32[]{:T(128)} constant(3)
+  ROOT %gt.1 = pred[]{:T(512)} compare(%c.3, %gte.1), direction=GT, metadata={op_name="x"}
+}
+
+%body.1 (p.2: (s32[], f32[8])) -> (s32[], f32[8]) {
+  %p.2 = (s32[]{:T(128)}, f32[8]{0}) parameter(0)
+  %gte.2 = s32[]{:T(128)} get-tuple-element(%p.2), index=0
+  %cp.2 = s32[]{:T(128)S(6)} copy(%gte.2), backend_config={"flag_configs":[]}
+  %one = s32[]{:T(128)} constant(1)
+  %add.2 = s32[]{:T(128)} add(%cp.2, %one), metadata={op_name="while/body/add"}
+  %x.2 = f32[8]{0} get-tuple-element(%p.2), index=1
+  %ar.2 = f32[8]{0} all-reduce(%x.2), channel_id=1, to_apply=%sum
+  ROOT %t.2 = (s32[]{:T(128)}, f32[8]{0}) tuple(%add.2, /*index=1*/%ar.2)
+}
+
+ENTRY %main.1 (x: f32[8]) -> f32[8] {
+  %x = f32[8]{0} parameter(0)
+  %zero = s32[]{:T(128)} constant(0)
+  %cp.0 = s32[]{:T(128)} copy(%zero), backend_config={"flag_configs":[]}
+  %t.0 = (s32[]{:T(128)}, f32[8]{0}) tuple(%cp.0, %x)
+  %w = (s32[]{:T(128)}, f32[8]{0}) while(%t.0), condition=%cond.1, body=%body.1, metadata={}
+  ROOT %out = f32[8]{0} get-tuple-element(%w), index=1
+}
+"""
+
+
+def test_a_loop_without_trip_count_counts_what_its_counter_spells_out():
+    """libtpu's programs carry no known_trip_count: the scan's all-reduce still counts once per
+    layer (3), from the counter's start, step and bound; a loop whose bound is not a constant
+    counts once and is reported."""
+    times, unknown = hlo.executions(LIBTPU_SCAN)
+    assert (times["main.1"], times["body.1"], unknown) == (1, 3, 0)
+    assert hlo.collectives(LIBTPU_SCAN)["all-reduce"] == {"count": 3, "bytes": 3 * 8 * 4}
+    unbounded = LIBTPU_SCAN.replace(
+        "%c.3 = s32[]{:T(128)} constant(3)", "%c.3 = s32[] parameter(1)"
+    )
+    assert hlo.collectives(unbounded)["all-reduce"]["count"] == 1
+    assert hlo.executions(unbounded)[1] == 1
+
+
 def test_async_collectives_count_their_results_only():
     text = "\n".join(
         [

@@ -8,8 +8,11 @@
 Bytes are each op's result per chip (the SPMD program is one chip's view), e.g. an
 all-gather's gathered array. `collectives` counts per step: an op inside a loop body (the scan
 over layers, a ring loss, gradient-cache chunks) counts once per iteration, by the trip count
-XLA annotates on the while loop (`known_trip_count`; a loop without one counts once, and the
-report's `loops_without_trip_count` says how many there were).
+XLA annotates on the while loop (`known_trip_count`, which XLA:CPU writes) or, where the loop
+carries none (libtpu's optimized programs do not), the count its condition and body spell out:
+the counter at tuple index k starts at a constant, the body adds a constant to it and the
+condition compares it with a constant (`_inferred_trips`). A loop that fits neither counts
+once, and the report's `loops_without_trip_count` says how many there were.
 """
 
 from __future__ import annotations
@@ -71,13 +74,106 @@ def _computations(hlo_text: str) -> tuple[dict[str, list[str]], str]:
     return bodies, entry
 
 
-def _callees(line: str) -> list[tuple[str, int | None]]:
+_CONDITION = re.compile(r"\bcondition=%(?P<name>[\w.\-]+)")
+_DEFINITION = re.compile(r"^\s*(?P<root>ROOT\s+)?%(?P<name>[\w.\-]+)\s*=\s*(?P<rest>.*)$")
+_CONSTANT = re.compile(r"\bconstant\((?P<value>-?\d+)\)")
+_ELEMENT = re.compile(r"\bget-tuple-element\(%[\w.\-]+\), index=(?P<index>\d+)")
+_COMPARE = re.compile(
+    r"\bcompare\(%(?P<a>[\w.\-]+), %(?P<b>[\w.\-]+)\), direction=(?P<direction>LT|LE|GT|GE)\b"
+)
+_OPERANDS = re.compile(r"\b(?P<op>tuple|add|while)\((?P<args>[^)]*)\)")
+_SWAPPED = {"GT": "LT", "GE": "LE"}  # constant > counter reads as counter < constant
+
+
+def _definitions(lines: list[str]) -> dict[str, str]:
+    """{instruction name: its right-hand side}; the ROOT instruction also under ""."""
+    found = {}
+    for line in lines:
+        match = _DEFINITION.match(line)
+        if match:
+            found[match["name"]] = match["rest"]
+            if match["root"]:
+                found[""] = match["rest"]
+    return found
+
+
+def _operands(rest: str | None, op: str) -> list[str]:
+    """The operand names of `op(...)` in an instruction's right-hand side ([] if not that op)."""
+    match = _OPERANDS.search(rest or "")
+    if not match or match["op"] != op:
+        return []
+    args = re.sub(r"/\*.*?\*/", "", match["args"])
+    return [a.strip().lstrip("%") for a in args.split(",") if a.strip()]
+
+
+_FORWARD = re.compile(r"\s(?:copy|bitcast|copy-done|convert)\(%(?P<name>[\w.\-]+)\)")
+
+
+def _constant(rest: str | None, definitions: dict[str, str] | None = None) -> int | None:
+    """The integer a scalar constant holds, through copies (libtpu copies a loop's initial
+    counter) when `definitions` are given; None for anything else."""
+    for _ in range(8):
+        match = _CONSTANT.search(rest or "")
+        if match and " constant(" in f" {rest}":
+            return int(match["value"])
+        forward = _FORWARD.search(f" {rest}") if definitions is not None else None
+        if not forward:
+            return None
+        rest = definitions.get(forward["name"])
+    return None
+
+
+def _element(rest: str | None) -> int | None:
+    match = _ELEMENT.search(rest or "")
+    return int(match["index"]) if match else None
+
+
+def _inferred_trips(line: str, caller: dict[str, str], bodies: dict[str, list[str]]) -> int | None:
+    """A while loop's trip count from its condition, body and initial tuple, when they spell
+    out a counted loop (as lax.scan / fori_loop lower): the condition's ROOT compares tuple
+    element k with a constant, the loop's initial tuple holds a constant at k, and the body's
+    ROOT tuple holds element k plus a constant. None for anything else."""
+    condition, body = _CONDITION.search(line), _BODY.search(line)
+    if not condition or not body:
+        return None
+    test = _definitions(bodies.get(condition["name"], []))
+    compare = _COMPARE.search(test.get("", ""))
+    if not compare:
+        return None
+    a, b, direction = compare["a"], compare["b"], compare["direction"]
+    if _constant(test.get(a)) is not None:  # constant OP counter
+        a, b, direction = b, a, _SWAPPED.get(direction)
+    index, bound = _element(test.get(a)), _constant(test.get(b))
+    if index is None or bound is None or direction not in ("LT", "LE"):
+        return None
+    init = _operands(caller.get((_operands(line.split("=", 1)[-1], "while") or [""])[0]), "tuple")
+    steps = _definitions(bodies.get(body["name"], []))
+    out = _operands(steps.get(""), "tuple")
+    if len(init) <= index or len(out) <= index:
+        return None
+    start = _constant(caller.get(init[index]), caller)
+    step = [_constant(steps.get(x), steps) for x in _operands(steps.get(out[index]), "add")]
+    step = [s for s in step if s is not None]
+    if start is None or len(step) != 1 or step[0] <= 0:
+        return None
+    end = bound + (direction == "LE")
+    return max(0, -(-(end - start) // step[0]))
+
+
+def _callees(
+    line: str, caller: dict[str, str] | None = None, bodies: dict[str, list[str]] | None = None
+) -> list[tuple[str, int | None]]:
     """(computation, times per execution of `line`) it runs: a while loop's body its trip
-    count (None: not annotated), anything called, applied or branched to once."""
+    count (XLA's annotation, else `_inferred_trips` given the calling computation's
+    `_definitions` and the program's bodies; None: neither), anything called, applied or
+    branched to once."""
     body = _BODY.search(line)
     if body and " while(" in line:
         trips = _TRIP_COUNT.search(line)
-        return [(body["name"], int(trips["n"]) if trips else None)]
+        if trips:
+            return [(body["name"], int(trips["n"]))]
+        inferred = _inferred_trips(line, caller or {}, bodies or {})
+        return [(body["name"], inferred)]
     found = []
     for match in _CALLED.finditer(line):
         found += [(name.strip().lstrip("%"), 1) for name in match["names"].split(",")]
@@ -93,6 +189,7 @@ def executions(hlo_text: str) -> tuple[dict[str, int], int]:
 def _executions(bodies: dict[str, list[str]], entry: str) -> tuple[dict[str, int], int]:
     """`executions` of the parsed program (`_computations`)."""
     times: dict[str, int] = {}
+    definitions: dict[str, dict[str, str]] = {}  # per computation, parsed on first visit
     unknown = 0
 
     def visit(name: str, count: int, depth: int = 0) -> None:
@@ -100,8 +197,10 @@ def _executions(bodies: dict[str, list[str]], entry: str) -> tuple[dict[str, int
         if name not in bodies or depth > 64:
             return
         times[name] = times.get(name, 0) + count
+        if name not in definitions:
+            definitions[name] = _definitions(bodies[name])
         for line in bodies[name]:
-            for callee, trips in _callees(line):
+            for callee, trips in _callees(line, definitions[name], bodies):
                 unknown += trips is None
                 visit(callee, count * (1 if trips is None else trips), depth + 1)
 
