@@ -74,6 +74,8 @@ CELLS = (
     # The only VLM config ships tiny (32 px, a 2-layer LM): at a pod-sized batch it shows the
     # VLM step (vision tower, connector, decoder, masked LM loss) compiles and shards.
     Cell("vlm_shapes-32k", "configs/vlm_shapes.py", ("--config.train.batch_size=32768",)),
+    # LLaVA-1.5-7B-shaped (CLIP L/14-336 + MLP + a 7B Llama LM) at its shipped batch, 128.
+    Cell("llava-stage2", "configs/llava.py:stage2"),
 )
 
 
@@ -81,15 +83,28 @@ def cell_path(out_dir: Path, cell: Cell, topology: str, suffix: str) -> Path:
     return out_dir / f"{cell.name}__{topology}{suffix}"
 
 
-def stand_in_tokenizer(config_path: str, out_dir: Path) -> list[str]:
-    """A --config.tokenizer.model_path flag for SentencePiece configs: the compile tool builds
-    the task, whose tokenizer opens its .model file, but the compiled program only sees token
-    ids (abstract int32 [B, L]), so a tiny SentencePiece model made here stands in for the
-    released one (which a real run points at)."""
+def stand_ins(config_path: str, out_dir: Path) -> list[str]:
+    """--config flags pointing a config's input files at small stand-ins made here. The compile
+    tool builds the task as the trainer does (its tokenizer file and, for a VQA folder, the
+    manifest that says how many images a record holds), but the compiled program only sees
+    abstract token ids and images, so stand-ins give the same program as the released files
+    (which a real run points at): a SentencePiece model, or a HuggingFace tokenizer whose
+    vocabulary ends where the config's `<image>` id begins, and a one-record image folder."""
     from vlm_jax.config import load_config
 
-    if load_config(str(REPO / config_path)).tokenizer.name != "sentencepiece":
-        return []
+    config = load_config(str(REPO / config_path))
+    flags = []
+    if config.tokenizer.name == "sentencepiece" and not config.tokenizer.get("model_path"):
+        flags.append(f"--config.tokenizer.model_path={stand_in_spiece(out_dir)}")
+    if config.tokenizer.name == "hf" and not config.tokenizer.get("path"):
+        vocab = config.model.image_token_id  # <image> is added after the release's ids
+        flags.append(f"--config.tokenizer.path={stand_in_hf_tokenizer(out_dir, vocab)}")
+    if config.data.get("source") == "vqa_folder" and not config.data.get("path"):
+        flags.append(f"--config.data.path={stand_in_vqa_folder(out_dir)}")
+    return flags
+
+
+def stand_in_spiece(out_dir: Path) -> Path:
     model = out_dir / "stand_in_spiece.model"
     if not model.exists():
         import sentencepiece
@@ -106,7 +121,40 @@ def stand_in_tokenizer(config_path: str, out_dir: Path) -> list[str]:
             bos_id=-1,
             minloglevel=2,
         )
-    return [f"--config.tokenizer.model_path={model}"]
+    return model
+
+
+def stand_in_hf_tokenizer(out_dir: Path, vocab: int) -> Path:
+    """A word-level tokenizer.json of exactly `vocab` ids (<unk>, <s>, </s>, then words), with
+    the Llama convention of BOS <s> and EOS </s>, in OUT_DIR/stand_in_hf_VOCAB/."""
+    import tokenizers
+
+    path = out_dir / f"stand_in_hf_{vocab}"
+    if not (path / "tokenizer.json").exists():
+        path.mkdir(parents=True, exist_ok=True)
+        words = ["<unk>", "<s>", "</s>"] + [f"w{i}" for i in range(3, vocab)]
+        model = tokenizers.models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>")
+        tokenizer = tokenizers.Tokenizer(model)
+        tokenizer.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
+        tokenizer.add_special_tokens(["<unk>", "<s>", "</s>"])
+        tokenizer.save(str(path / "tokenizer.json"))
+        config = {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}
+        (path / "tokenizer_config.json").write_text(json.dumps(config))
+    return path
+
+
+def stand_in_vqa_folder(out_dir: Path) -> Path:
+    """A VQA image folder of one record (one image) per split, for the manifest's image count."""
+    from PIL import Image
+
+    path = out_dir / "stand_in_vqa_folder"
+    if not (path / "val.jsonl").exists():
+        path.mkdir(parents=True, exist_ok=True)
+        Image.new("RGB", (8, 8), (128, 128, 128)).save(path / "grey.png")
+        row = json.dumps({"image": "grey.png", "prompt": "what is it?", "answer": "grey"})
+        for split in ("train", "val"):
+            (path / f"{split}.jsonl").write_text(row + "\n")
+    return path
 
 
 def split_target(target: str) -> tuple[str, int]:
@@ -135,7 +183,7 @@ def command(cell: Cell, target: str, out: Path, functions: str) -> list[str]:
         "--out",
         str(out),
         *cell.overrides,
-        *stand_in_tokenizer(cell.config, out.parent),
+        *stand_ins(cell.config, out.parent),
     ]
 
 

@@ -69,8 +69,10 @@ def test_train_step_bench_reports_per_device_flops_consistently():
 def test_tpu_readiness_cells_validate_and_split_evenly_on_every_topology():
     """Each cell of the readiness matrix is a valid config (its overrides included), and its
     global batch (or each gradient-cache chunk of it) splits evenly over every topology's
-    chips, so no cell fails on arithmetic instead of memory."""
+    data-parallel groups (data x fsdp; the tensor axis shares rows), so no cell fails on
+    arithmetic instead of memory."""
     from vlm_jax.compile.topology import parse_topology
+    from vlm_jax.sharding import resolve_mesh_shape
     from vlm_jax.train.validate import validate_config
 
     readiness = load_script("tpu_readiness")
@@ -81,7 +83,8 @@ def test_tpu_readiness_cells_validate_and_split_evenly_on_every_topology():
         for target in readiness.TOPOLOGIES:
             name, slices = readiness.split_target(target)
             chips = parse_topology(name).chips * slices
-            assert rows % chips == 0, (cell.name, target, rows, chips)
+            data, fsdp, _ = resolve_mesh_shape(config.mesh.shape, chips)
+            assert rows % (data * fsdp) == 0, (cell.name, target, rows, data * fsdp)
 
 
 def test_tpu_readiness_flop_estimate_matches_the_analytic_count():
