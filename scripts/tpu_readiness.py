@@ -1,14 +1,16 @@
 """TPU readiness: compile the shipped configs' train steps for real TPU topologies on this CPU.
 
     python scripts/tpu_readiness.py run [--out-dir benchmarks/tpu_readiness] [--only v5p-64,...]
-        [--cells siglip_b16-32k,...] [--functions train_step] [--timeout 3600]
+        [--cells siglip_b16-32k,...] [--functions train_step] [--timeout 3600] [--stale]
     python scripts/tpu_readiness.py table [--out-dir ...] [--step-time 2.0] > table.md
     python scripts/tpu_readiness.py plan      # the cells, in run order, and their commands
 
 `run` calls `python -m vlm_jax.compile` once per (cell, topology), one at a time under
 `nice -n 10`, each writing OUT_DIR/CELL__TOPOLOGY.jsonl (its log next to it). It is resumable:
 a cell whose .jsonl (or .failed, a compile that crashed or timed out) exists is skipped, so the
-same command continues an interrupted matrix (delete a .failed file to retry that cell).
+same command continues an interrupted matrix (delete a .failed file to retry that cell);
+`--stale` also recompiles the cells whose report predates per-step collective counting (the
+old report stays until the new one replaces it).
 Priority order: every cell on v5p-64 and v5e-256 first, then v4-128, v5p-256, v6e-256.
 
 `table` renders the markdown table from the reports. Measured by libtpu's compiler: fits,
@@ -198,11 +200,22 @@ def plan(cells, topologies) -> list[tuple[Cell, str]]:
     ]
 
 
-def run_one(cell: Cell, topology: str, out_dir: Path, functions: str, timeout: float) -> str:
-    """Compile one cell unless its result exists; -> "skip", "ok", "no fit" or "failed"."""
+def per_step_collectives(report: Path) -> bool:
+    """Whether every row of a report counts collectives per step (every loop body times its
+    trip count); older reports counted each loop body once."""
+    rows = [json.loads(line) for line in report.read_text().splitlines()]
+    return all(r.get("collective_counting") and not r.get("loops_without_trip_count") for r in rows)
+
+
+def run_one(
+    cell: Cell, topology: str, out_dir: Path, functions: str, timeout: float, stale: bool = False
+) -> str:
+    """Compile one cell unless its result exists (with `stale`: a result whose collectives
+    are not per step is compiled again, and replaced once the new one is written);
+    -> "skip", "ok", "no fit" or "failed"."""
     report = cell_path(out_dir, cell, topology, ".jsonl")
     failed = cell_path(out_dir, cell, topology, ".failed")
-    if report.exists() or failed.exists():
+    if failed.exists() or (report.exists() and not (stale and not per_step_collectives(report))):
         return "skip"
     log = cell_path(out_dir, cell, topology, ".log")
     partial = cell_path(out_dir, cell, topology, ".jsonl.partial")
@@ -250,7 +263,7 @@ def cmd_run(args) -> None:
     todo = plan(select(CELLS, args.cells), select(TOPOLOGIES, args.only))
     for i, (cell, topology) in enumerate(todo, 1):
         start = time.time()
-        status = run_one(cell, topology, out_dir, args.functions, args.timeout)
+        status = run_one(cell, topology, out_dir, args.functions, args.timeout, args.stale)
         line = (
             f"{time.strftime('%H:%M:%S')} [{i}/{len(todo)}] {cell.name} {topology}: {status} "
             f"({time.time() - start:.0f} s)"
@@ -333,20 +346,23 @@ def _gib(n) -> str:
 
 
 def collective_mib(row: dict) -> str:
+    """Total (all-reduce, all-gather, reduce-scatter) MiB per chip per step; a trailing "*"
+    marks a report that counted some loop body once (a lower bound)."""
     moved = row.get("collectives") or {}
     if not moved:
         return "-"
     total = sum(c["bytes"] for c in moved.values())
     parts = {"AR": "all-reduce", "AG": "all-gather", "RS": "reduce-scatter"}
     detail = " ".join(f"{k} {moved[v]['bytes'] / MIB:.0f}" for k, v in parts.items() if v in moved)
-    return f"{total / MIB:,.0f} ({detail})"
+    once = not row.get("collective_counting") or row.get("loops_without_trip_count")
+    return f"{total / MIB:,.0f} ({detail}){' *' if once else ''}"
 
 
 def table_rows(out_dir: Path, step_time: float) -> tuple[list[str], list[str]]:
     """(markdown table lines, notes on cells that failed to compile)."""
     head = (
         "| config | global batch | topology | chips | mesh (data, fsdp, tensor) | fits | "
-        "args / temp / total GiB per chip | HBM GiB | collective MiB per chip (program) | "
+        "args / temp / total GiB per chip | HBM GiB | collective MiB per chip per step | "
         f"TFLOP per chip per step (est.) | ideal step s, 100% MFU (est.) | "
         f"MFU at {step_time:g} s/step (est.) | attention | compile s |"
     )
@@ -364,9 +380,12 @@ def table_rows(out_dir: Path, step_time: float) -> tuple[list[str], list[str]]:
         if not report.exists():
             continue
         for row in map(json.loads, report.read_text().splitlines()):
-            if cell.name not in flops_cache:
-                flops_cache[cell.name] = train_flops_per_example(cell_config(cell))
-            per_example, _ = flops_cache[cell.name]
+            if row.get("flops"):  # the compile tool's own (analytic) count
+                per_example = row["flops"] / row["batch_size"]
+            else:  # reports from before it had one
+                if cell.name not in flops_cache:
+                    flops_cache[cell.name] = train_flops_per_example(cell_config(cell))
+                per_example, _ = flops_cache[cell.name]
             lines.append(format_row(cell, row, per_example, step_time))
     return lines, failures
 
@@ -421,6 +440,11 @@ def main(argv=None) -> None:
     parser.add_argument("--only", help=f"comma list of topologies (of {', '.join(TOPOLOGIES)})")
     parser.add_argument("--cells", help="comma list of cells (default: all)")
     parser.add_argument("--functions", default="train_step")
+    parser.add_argument(
+        "--stale",
+        action="store_true",
+        help="also recompile cells whose report counts loop bodies' collectives once",
+    )
     parser.add_argument("--timeout", type=float, default=3600.0, help="seconds per compile")
     parser.add_argument("--step-time", type=float, default=2.0, help="for the MFU column")
     args = parser.parse_args(argv)

@@ -71,6 +71,10 @@ def flops_report(fn, chips: int, peak: float | None, step_time_s: float | None) 
     }
 
 
+# How "collectives" counts loops (reports without this field counted every loop body once).
+COLLECTIVE_COUNTING = "per step: loop bodies x trip counts (annotated or inferred)"
+
+
 def function_report(fn, compiled, compile_s: float, hbm_bytes: int, impls: list[str]) -> dict:
     """The JSON object for one `steps.Function` (merged with the run's context and
     `flops_report` by the caller); `impls`: its traced attention calls' implementations."""
@@ -85,6 +89,7 @@ def function_report(fn, compiled, compile_s: float, hbm_bytes: int, impls: list[
         "fits": memory["total"] <= hbm_bytes,
         "largest_buffers": hlo.largest_buffers(text),
         "collectives": hlo.collectives(text),  # per step: loop bodies x their trip counts
+        "collective_counting": COLLECTIVE_COUNTING,
         "loops_without_trip_count": hlo.executions(text)[1],
         "attention": attention_kind(impls, kernels),
         "attention_calls": dict(collections.Counter(impls)),
