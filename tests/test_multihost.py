@@ -43,21 +43,39 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_process(process_id: int, port: int, workdir: Path, cache: Path) -> subprocess.Popen:
+# A pod host's chips sit at several places of the batch (v5p-64: tests/test_compile_tpu.py);
+# on CPU the same layout comes from a mesh over the devices of both processes interleaved.
+INTERLEAVE = (
+    "import jax, runpy, vlm_jax.sharding as s\n"
+    "build = s.build_mesh\n"
+    "def interleaved(shape, devices=None):\n"
+    "    per = [[d for d in jax.devices() if d.process_index == p] for p in (0, 1)]\n"
+    "    mine = [d for pair in zip(*per) for d in pair]\n"
+    "    return build(shape, devices if devices is not None else mine)\n"
+    "s.build_mesh = interleaved\n"
+    "runpy.run_module('vlm_jax.train', run_name='__main__')\n"
+)
+
+
+def start_process(
+    process_id: int, port: int, workdir: Path, cache: Path, run: dict = RUN, interleave=False
+) -> subprocess.Popen:
     """Process `process_id` of a 2-process run; the relaunch loads the executables the first
-    launch compiled from `cache` (process 0 writes them, both read)."""
+    launch compiled from `cache` (process 0 writes them, both read). `interleave`: the mesh
+    alternates the two processes' devices (each holds every other block of rows)."""
     env = os.environ | {
         "XLA_FLAGS": "--xla_force_host_platform_device_count=4",
         "JAX_PLATFORMS": "cpu",
         "JAX_DEFAULT_MATMUL_PRECISION": "highest",
         **compile_cache.subprocess_env(cache),
     }
-    overrides = RUN | {
+    overrides = run | {
         "distributed.coordinator_address": f"localhost:{port}",
         "distributed.num_processes": "2",
         "distributed.process_id": str(process_id),
     }
-    args = [sys.executable, "-m", "vlm_jax.train", "--config", "configs/siglip_shapes.py"]
+    entry = ["-c", INTERLEAVE] if interleave else ["-m", "vlm_jax.train"]
+    args = [sys.executable, *entry, "--config", "configs/siglip_shapes.py"]
     args += ["--workdir", str(workdir)] + [f"--config.{k}={v}" for k, v in overrides.items()]
     return subprocess.Popen(
         args, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
@@ -128,6 +146,32 @@ def test_two_processes_match_one_process_through_a_preemption(tmp_path, tmp_path
     assert checkpoint_steps(two) == [stopped_at, STEPS]
     assert_both_processes_saved(two, STEPS)
     assert_close_except_key_bias(final_params(two), final_params(one))
+
+
+@pytest.mark.slow
+def test_processes_whose_rows_interleave_match_one_process(tmp_path, tmp_path_factory):
+    """Each process holds rows [0, 2), [4, 6), [8, 10), [12, 14) (or the others) of a batch of
+    16, as a pod host does: it loads exactly those rows, and the run equals one process with
+    8 devices reading the same 8 data shards."""
+    run = RUN | {"mesh.shape": "(8, 1, 1)", "train.data_shards": "8", "train.total_steps": "6"}
+    two, cache = tmp_path / "two_processes", compile_cache.session_dir(tmp_path_factory)
+    port = free_port()
+    processes = [start_process(i, port, two, cache, run, interleave=True) for i in range(2)]
+    config = load_config(str(REPO / "configs/siglip_shapes.py"))
+    for key, value in run.items():
+        apply_override(config, key, value)
+    one = tmp_path / "one_process"
+    train(config, one)  # while the two processes run
+    outputs = wait_all(processes)
+    for output, rows, shards in zip(
+        outputs,
+        ("[0, 2), [4, 6), [8, 10), [12, 14)", "[2, 4), [6, 8), [10, 12), [14, 16)"),
+        ("[0, 2, 4, 6]", "[1, 3, 5, 7]"),
+    ):
+        assert f"loads rows {rows} of each batch of 16 (data shards {shards} of 8)" in output
+    expected, got = losses(one), losses(two)
+    assert [step for step, _ in got] == [step for step, _ in expected] == list(range(1, 7))
+    np.testing.assert_allclose([v for _, v in got], [v for _, v in expected], rtol=1e-5)
 
 
 def checkpoint_steps(workdir: Path) -> list[int]:

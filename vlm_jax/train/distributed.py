@@ -115,5 +115,14 @@ class ConcatShards:
 def train_iterator(task, config, mesh: Mesh) -> Iterator[dict[str, np.ndarray]]:
     """This process's rows of every global training batch (see the module docstring)."""
     shards, count, rows = data_shard_plan(mesh, config.train.batch_size, config.train.data_shards)
+    spans = sharding.process_batch_rows(mesh, config.train.batch_size).spans
+    logging.info(
+        "data: process %d loads rows %s of each batch of %d (data shards %s of %d)",
+        jax.process_index(),
+        ", ".join(f"[{start}, {stop})" for start, stop in spans),
+        config.train.batch_size,
+        shards,
+        count,
+    )
     streams = [iter(task.train_data(rows, s, count, config.seed)) for s in shards]
     return streams[0] if len(streams) == 1 else ConcatShards(streams)
