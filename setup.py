@@ -10,6 +10,9 @@ WANDB = ["wandb>=0.31.0"]
 # libtpu: runs on TPU VMs, and compiles for any TPU topology on a CPU host
 # (python -m vlm_jax.compile); nothing executes on the CPU through it.
 TPU = ["jax[tpu]>=0.10.2"]
+# data.decoder="opencv": as fast as simplejpeg on JPEGs (benchmarks/RESULTS.md, "Input pipeline
+# throughput"), but a 60 MB wheel, so an extra; "auto" takes simplejpeg, then it, then PIL.
+OPENCV = ["opencv-python-headless>=4.10"]  # cv2.IMREAD_COLOR_RGB
 
 setup(
     name="vlm_jax",
@@ -30,6 +33,9 @@ setup(
         "chex>=0.1.92",
         "numpy>=2.0",
         "pillow>=10.0",
+        # data.decoder="auto": JPEG decode + crop, the input pipeline's cost, runs faster than
+        # through PIL (benchmarks/RESULTS.md, "Input pipeline throughput"); a small wheel.
+        "simplejpeg>=1.7",
         "tensorboardX>=2.6",
         "tqdm>=4.66",
         "absl-py>=2.1",
@@ -40,9 +46,11 @@ setup(
     extras_require={
         "convert": CONVERT,
         "wandb": WANDB,
+        "opencv": OPENCV,
         "test": [
             *CONVERT,
             *WANDB,
+            *OPENCV,  # tests/test_decode.py compares every decoder with PIL
             "pytest>=8.0",
             "pytest-timeout>=2.3",
             "hypothesis>=6.100",

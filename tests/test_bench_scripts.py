@@ -1,6 +1,8 @@
 """The benchmark scripts' own arithmetic and option checks (their numbers go into RESULTS.md)."""
 
 import importlib.util
+import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -117,3 +119,39 @@ def test_every_tpu_generation_has_its_bf16_peak(generation, peak):
     from vlm_jax.train.metrics import peak_flops_per_device
 
     assert peak_flops_per_device(GENERATIONS[generation].device_kind) == peak
+
+
+def test_input_bench_cores_are_the_consumed_rate_over_the_per_core_rate(tmp_path):
+    """A tiny run through the real pipeline of every source: the consumption follows from the
+    report (step = flops / (peak * mfu)) and each row's cores = ceil(consumed / per core)."""
+    bench = load_script("bench_input")
+    report = {"batch_size": 4096, "chips": 32, "flops_per_chip": 2e14, "peak_flops_per_chip": 5e14}
+    (tmp_path / "report.jsonl").write_text(json.dumps({"function": "train_step", **report}) + "\n")
+    argv = ["--report", str(tmp_path / "report.jsonl"), "--mfu", "0.5", "--chips_per_host", "4"]
+    argv += ["--images", "12", "--side", "96", "--image_size", "32", "--batch", "4"]
+    rows = bench.main([*argv, "--batches", "2", "--workers", "0", "--decoders", "pil,opencv"])
+    step_s = 2e14 / (5e14 * 0.5)  # 0.8 s for 128 images a chip: 160/s, 640/s a host
+    consumed = bench.consumption(report, 0.5, 4, None)
+    assert consumed["step_s"] == pytest.approx(step_s)
+    assert consumed["images_per_s_per_host"] == pytest.approx(4096 / 32 / step_s * 4)
+    assert {(r["source"], r["decoder"]) for r in rows} == {
+        (s, d) for s in bench.SOURCES for d in ("pil", "opencv")
+    }
+    for row in rows:
+        assert row["per_core"] > 0
+        assert row["cores_needed"] == math.ceil(640 / row["per_core"])
+    assert bench.consumption(report, 0.5, 4, 1.6)["images_per_s_per_host"] == pytest.approx(320)
+
+
+def test_input_bench_counts_a_contrastive_reports_flops_analytically():
+    """The contrastive compile reports have no flops_per_chip: the config's analytic count."""
+    from vlm_jax.config import load_config
+    from vlm_jax.models import flops
+
+    bench = load_script("bench_input")
+    report = bench.read_report(str(REPO / "benchmarks/tpu_readiness/siglip_b16-32k__v5p-64.jsonl"))
+    config = load_config(str(REPO / "configs/siglip_b16.py"))
+    per_example = flops.train_flops_per_example(config.model, (), config.tokenizer.max_len)
+    consumed = bench.consumption(report, 0.4, 4, None)
+    assert consumed["flops_from"] == "analytic" and consumed["peak_flops_per_chip"] == 459e12
+    assert consumed["step_s"] == pytest.approx(per_example * 32768 / 32 / (459e12 * 0.4))

@@ -26,6 +26,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.train.async_checkpoint = True
     c.train.grad_cache_chunks = 0  # >1: gradient-cache the contrastive batch in this many chunks
     c.train.worker_count = 0  # Grain worker processes per host (0: in the main process)
+    c.train.worker_buffer_size = 1  # batches each worker keeps ready (the prefetch depth)
     # Row blocks of the global batch, each read from its own record shard (0: one per process
     # group holding distinct rows). Fixed, it makes the data order independent of the host count.
     c.train.data_shards = 0

@@ -1,6 +1,6 @@
 """Data: sources (embedded shapes world, ...), tokenizers, preprocessing, Grain pipelines."""
 
-from vlm_jax.data.pipeline import build_pipeline, default_data_config, load_split
+from vlm_jax.data.pipeline import build_pipeline, default_data_config, load_split, worker_options
 from vlm_jax.data.sources import (
     DATA_SOURCES,
     build_source,
@@ -18,6 +18,7 @@ __all__ = [
     "build_tokenizer",
     "default_data_config",
     "load_split",
+    "worker_options",
     "zeroshot_classnames",
     "zeroshot_templates",
 ]

@@ -19,8 +19,9 @@ import grain
 import ml_collections
 import msgpack
 
+from vlm_jax.data.decode import ImageDecoder, image_decoder
 from vlm_jax.data.folder import FILES
-from vlm_jax.data.records import BadRecordError, decode_image
+from vlm_jax.data.records import PIL, BadRecordError, decode_image
 from vlm_jax.data.sources import DATA_SOURCES
 
 
@@ -76,7 +77,7 @@ def pack_record(image_bytes: bytes, fields: dict) -> bytes:
     return msgpack.packb({"image": image_bytes, **fields}, use_bin_type=True)
 
 
-def unpack_record(data: bytes) -> dict:
+def unpack_record(data: bytes, decoder: ImageDecoder = PIL) -> dict:
     """A shard record -> {"image": uint8[H, W, 3], "caption", "id", ["label"]}; a record that
     does not parse, or has no image bytes, is a BadRecordError("unreadable_record")."""
     try:
@@ -86,7 +87,7 @@ def unpack_record(data: bytes) -> dict:
     image = record.get("image") if isinstance(record, dict) else None
     if not isinstance(image, bytes):
         raise BadRecordError("unreadable_record", f"no image bytes in {type(record).__name__}")
-    return {**record, "image": decode_image(image, f"id={record.get('id')}")}
+    return {**record, "image": decode_image(image, f"id={record.get('id')}", decoder)}
 
 
 def check_written_count(meta_path: Path, meta: dict, split: str, paths: list, count: int) -> None:
@@ -112,12 +113,13 @@ class ArrayRecordSource:
         self.templates = tuple(config.templates or meta.get("templates", ()))
         self.shards = grain.sources.ArrayRecordDataSource([str(p) for p in paths])
         check_written_count(meta_path, meta, split, paths, len(self.shards))
+        self.decoder = image_decoder(config)
 
     def __len__(self) -> int:
         return len(self.shards)
 
     def __getitem__(self, index: int) -> dict:
-        return unpack_record(self.shards[index])
+        return unpack_record(self.shards[index], self.decoder)
 
     def __repr__(self) -> str:
         return f"ArrayRecordSource(root={str(self.root)!r}, records={len(self)})"

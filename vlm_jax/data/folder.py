@@ -27,6 +27,7 @@ from pathlib import Path
 import ml_collections
 
 from vlm_jax.config import MissingInput
+from vlm_jax.data.decode import image_decoder
 from vlm_jax.data.records import BadRecords, decode_image
 from vlm_jax.data.sources import DATA_SOURCES
 from vlm_jax.schema import REQUIRED, Key, Schema
@@ -136,6 +137,7 @@ class FolderSource:
         self.rows, positions = usable_rows(rows, self.root, self.bad)
         self.drops = drops_before(positions, len(rows))
         self.classnames, self.templates = zeroshot_metadata(self.root, config.templates)
+        self.decoder = image_decoder(config)
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -148,7 +150,7 @@ class FolderSource:
     def __getitem__(self, index: int) -> dict:
         row = self.rows[index]
         data = (self.root / row["image"]).read_bytes()
-        image = decode_image(data, f"id={row['id']} image {row['image']!r}")
+        image = decode_image(data, f"id={row['id']} image {row['image']!r}", self.decoder)
         return {"image": image, **record_fields(row, index)}
 
     def __repr__(self) -> str:

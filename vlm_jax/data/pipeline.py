@@ -51,6 +51,14 @@ def record_check_config() -> dict:
     }
 
 
+def decode_config() -> dict:
+    """The `config.data` keys of image decoding (sources of encoded images read them)."""
+    return {
+        "decoder": "auto",  # data/decode.py: auto (the fastest installed), pil, simplejpeg, ...
+        "reduced_decode": True,  # JPEGs decoded at 1/2, 1/4, 1/8 while shorter side >= image_size
+    }
+
+
 def default_data_config(source: str = "shapes") -> ml_collections.ConfigDict:
     """`config.data` for `source`: every key the pipeline and that source read, at their defaults
     (the source's from its schema; the shapes world's by default), so each can be set from the
@@ -62,6 +70,7 @@ def default_data_config(source: str = "shapes") -> ml_collections.ConfigDict:
             "image_size": shapes.World().image_size,
             "flip": True,  # random horizontal flip of train records (captions mirrored)
             **record_check_config(),
+            **decode_config(),
             **{k: key.default for k, key in keys.items() if key.default is not REQUIRED},
         }
     )
@@ -143,6 +152,12 @@ class InContextRandomMap(grain.transforms.RandomMap):
         return _in_context(self.where, self.transform, self.transform.random_map, record, rng)
 
 
+def worker_options(train: ml_collections.ConfigDict) -> dict[str, int]:
+    """The Grain worker keywords of `batched` a `config.train` sets: worker processes per host
+    and the batches each keeps ready (the trainer's training stream)."""
+    return {"worker_count": train.worker_count, "worker_buffer_size": train.worker_buffer_size}
+
+
 def _mark_absl_flags_parsed() -> None:
     """Grain's multiprocessing reads absl flags, which raises outside an absl `app.run` (tests,
     notebooks) because nothing parsed them; take their defaults there. No-op under app.run."""
@@ -204,6 +219,7 @@ def batched(
     seed: int = 0,
     num_epochs: int | None = None,
     worker_count: int = 0,
+    worker_buffer_size: int = 1,
     drop_remainder: bool = True,
     name: str | None = None,
 ) -> grain.IterDataset:
@@ -214,9 +230,11 @@ def batched(
     permutation of that shard; random transforms draw from generators seeded by (seed, the
     transform's place in the list, position in the stream). Workers take whole batches in
     turn, so the stream is the same for every `worker_count` (but a saved state restores only
-    into the same worker_count). num_epochs=None repeats forever. Errors raised by a transform
-    name the record and `name` (default: repr(source)). With workers, close the iterator with
-    `close_stream` when done (workers ignore SIGINT/SIGTERM: the owner of the stream stops them).
+    into the same worker_count); each keeps up to `worker_buffer_size` batches ready ahead of
+    the trainer (the prefetch depth: worker_count * worker_buffer_size batches).
+    num_epochs=None repeats forever. Errors raised by a transform name the record and `name`
+    (default: repr(source)). With workers, close the iterator with `close_stream` when done
+    (workers ignore SIGINT/SIGTERM: the owner of the stream stops them).
     """
     if not 0 <= process_index < process_count:
         raise ValueError(f"process_index={process_index} is not in [0, {process_count})")
@@ -236,7 +254,9 @@ def batched(
     stream = dataset.to_iter_dataset(grain.ReadOptions(num_threads=0, prefetch_buffer_size=0))
     if worker_count:
         _mark_absl_flags_parsed()
-        options = grain.MultiprocessingOptions(num_workers=worker_count)
+        options = grain.MultiprocessingOptions(
+            num_workers=worker_count, per_worker_buffer_size=worker_buffer_size
+        )
         stream = stream.mp_prefetch(options, worker_init_fn=_leave_signals_to_the_trainer)
     return stream
 
@@ -253,6 +273,7 @@ def build_pipeline(
     seed: int = 0,
     num_epochs: int | None = None,
     worker_count: int = 0,
+    worker_buffer_size: int = 1,
     drop_remainder: bool = True,
     captions: bool = False,
 ) -> grain.IterDataset:
@@ -291,6 +312,7 @@ def build_pipeline(
         seed=seed,
         num_epochs=num_epochs,
         worker_count=worker_count,
+        worker_buffer_size=worker_buffer_size,
         drop_remainder=drop_remainder,
         name=where,
     )

@@ -20,15 +20,14 @@ end the stream without a word).
 from __future__ import annotations
 
 import collections
-import io
 import logging
 from collections.abc import Callable
 from typing import Any
 
 import numpy as np
-from PIL import Image
 
 from vlm_jax.config import check_choice
+from vlm_jax.data.decode import ImageDecoder
 from vlm_jax.data.tokenizers import Tokenizer
 
 ON_ERROR_CHOICES = ("skip", "fail")
@@ -36,7 +35,7 @@ LONG_CAPTION_CHOICES = ("truncate", "bad")  # data.long_captions: cut to max_len
 REASONS = (
     "missing_file",  # the manifest names an image file that is not there
     "unreadable_record",  # the stored record cannot be parsed (e.g. corrupt msgpack)
-    "undecodable_image",  # image bytes PIL cannot decode
+    "undecodable_image",  # image bytes the decoder (data.decoder) cannot decode
     "bad_image",  # an image array of the wrong type, dtype, shape or aspect ratio
     "empty_caption",  # missing, empty or whitespace-only caption
     "bad_caption",  # a caption that is not a str
@@ -52,6 +51,7 @@ COUNTERS = ("bad_records", "truncated_captions")  # int fields every checked rec
 SUBSTITUTE = "substitute"
 MAX_CONSECUTIVE_BAD = 100  # more bad records in a row than this: the data is broken, stop
 DEFAULT_MAX_ASPECT_RATIO = 20.0  # longer/shorter side; beyond it resizing would explode
+PIL = ImageDecoder("pil")  # full-size decode of bytes a record carries (as_rgb)
 
 
 class BadRecordError(ValueError):
@@ -100,12 +100,12 @@ class BadRecords:
             logging.warning("%s: %d captions truncated (last: %s)", self.where, count, detail)
 
 
-def decode_image(data: bytes, what: str = "image") -> np.ndarray:
-    """Encoded image bytes -> uint8[H, W, 3] RGB; BadRecordError if PIL cannot decode them."""
+def decode_image(data: bytes, what: str = "image", decoder: ImageDecoder = PIL) -> np.ndarray:
+    """Encoded image bytes -> uint8[H, W, 3] RGB by `decoder` (data/decode.py; sources pass
+    the one `config.data` names); BadRecordError if it cannot decode them."""
     try:
-        with Image.open(io.BytesIO(data)) as image:
-            return np.asarray(image.convert("RGB"))
-    except Exception as e:  # malformed files make PIL raise many types; all mean undecodable
+        return decoder(data)
+    except Exception as e:  # malformed files make decoders raise many types; all undecodable
         raise BadRecordError("undecodable_image", f"{what}: {type(e).__name__}: {e}") from None
 
 

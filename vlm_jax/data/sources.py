@@ -21,7 +21,7 @@ from typing import Any
 
 import ml_collections
 
-from vlm_jax.data import shapes
+from vlm_jax.data import decode, shapes
 from vlm_jax.data.records import DEFAULT_MAX_ASPECT_RATIO, LONG_CAPTION_CHOICES, ON_ERROR_CHOICES
 from vlm_jax.registry import Registry
 from vlm_jax.schema import REQUIRED, Key, Schema, Select, positive, resolve
@@ -62,6 +62,19 @@ PIPELINE = Schema(
         ),
         "max_aspect_ratio": Key(
             float, DEFAULT_MAX_ASPECT_RATIO, "images more elongated are bad records"
+        ),
+        "decoder": Key(
+            str,
+            "auto",
+            "image decoder of encoded sources (data/decode.py); auto: the fastest installed",
+            choices=decode.decoder_choices,
+            valid=decode.available,
+            expect="a decoder whose package is installed ("
+            + "; ".join(f"{name}: {install}" for name, (_, install) in decode.PACKAGES.items())
+            + ")",
+        ),
+        "reduced_decode": Key(
+            bool, True, "decode JPEGs at 1/2, 1/4 or 1/8 size while the shorter side >= image_size"
         ),
     }
 )

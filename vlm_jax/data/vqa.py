@@ -392,6 +392,7 @@ def build_vqa_pipeline(
     seed: int = 0,
     num_epochs: int | None = None,
     worker_count: int = 0,
+    worker_buffer_size: int = 1,
 ) -> grain.IterDataset:
     """Per-process VQA batches of the source `config.data` names; the iterator supports
     get_state/set_state (Grain). Records are checked against the contract (`VQARecordCheck`)."""
@@ -405,5 +406,6 @@ def build_vqa_pipeline(
         seed=seed,
         num_epochs=num_epochs,
         worker_count=worker_count,
+        worker_buffer_size=worker_buffer_size,
         name=vqa_where(config, split),
     )

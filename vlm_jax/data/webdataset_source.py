@@ -50,6 +50,7 @@ import numpy as np
 
 from vlm_jax.config import MissingInput
 from vlm_jax.data.array_record_source import listed
+from vlm_jax.data.decode import image_decoder
 from vlm_jax.data.folder import drops_before, zeroshot_metadata
 from vlm_jax.data.records import BadRecordError, BadRecords, decode_image
 from vlm_jax.data.shapes import SPLIT_IDS
@@ -308,6 +309,7 @@ class WebdatasetSource:
         self.drops = drops_before(positions, total)
         self.label_key = config.label_key if self.labelled(config.label_key) else ""
         self.ids = np.asarray([sample_id(k, i) for i, k in enumerate(self.keys)], np.int64)
+        self.decoder = image_decoder(config)
 
     def read_indexes(self, index_dir: str) -> tuple[np.ndarray, list[str], list[int], int]:
         """(the table of kept samples, their keys, their positions among all samples read,
@@ -373,7 +375,7 @@ class WebdatasetSource:
         where = f"{self.shards[self.table[index]['shard']]}: sample {self.keys[index]!r}"
         try:
             members = self.read(index)
-            image = decode_image(members["image"], "image")
+            image = decode_image(members["image"], "image", self.decoder)
             meta = self.parse_json(members["json"])
         except BadRecordError as e:
             raise BadRecordError(e.reason, f"{where}: {e.detail}") from None

@@ -102,7 +102,8 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     resolved = resolve_config(config)
     check_image_sizes(resolved)
     train = config.train
-    for key in ("batch_size", "total_steps", "log_every", "checkpoint_every", "keep_checkpoints"):
+    positive = ("batch_size", "total_steps", "log_every", "checkpoint_every", "keep_checkpoints")
+    for key in (*positive, "worker_buffer_size"):
         if int(train[key]) <= 0:
             raise ValueError(f"train.{key}={train[key]!r} must be a positive integer")
     if train.eval_every < 0:

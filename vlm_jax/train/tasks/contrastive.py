@@ -10,7 +10,7 @@ import jax
 import numpy as np
 
 from vlm_jax import sharding
-from vlm_jax.data import build_pipeline, build_tokenizer
+from vlm_jax.data import build_pipeline, build_tokenizer, worker_options
 from vlm_jax.data.sources import DATA
 from vlm_jax.data.tokenizers import TOKENIZER
 from vlm_jax.evaluate import eval_section
@@ -130,7 +130,7 @@ class ContrastiveTask(Task):
             process_count=process_count,
             shuffle=True,
             seed=seed,
-            worker_count=self.config.train.worker_count,
+            **worker_options(self.config.train),
         )
         return batches.map(self._int32_labels) if self.positives == "same_label" else batches
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 import jax
 import numpy as np
 
-from vlm_jax.data import build_pipeline, build_tokenizer
+from vlm_jax.data import build_pipeline, build_tokenizer, worker_options
 from vlm_jax.data.sources import DATA
 from vlm_jax.data.tokenizers import TOKENIZER
 from vlm_jax.evaluate import eval_section
@@ -59,5 +59,5 @@ class LMTask(Task):
             process_index=process_index,
             process_count=process_count,
             seed=seed,
-            worker_count=self.config.train.worker_count,
+            **worker_options(self.config.train),
         )

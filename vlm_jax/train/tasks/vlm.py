@@ -24,6 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from vlm_jax.checkpoint import load_params
+from vlm_jax.data import worker_options
 from vlm_jax.data.sources import DATA, build_source
 from vlm_jax.data.tokenizers import TOKENIZER
 from vlm_jax.data.vqa import (
@@ -117,7 +118,7 @@ class VLMTask(Task):
             process_index=process_index,
             process_count=process_count,
             seed=seed,
-            worker_count=self.config.train.worker_count,
+            **worker_options(self.config.train),
         )
 
     def load_pretrained(self, params: Any) -> Any:
