@@ -34,6 +34,7 @@ DATA_SOURCES = Registry(
         "vlm_jax.data.tfds_source",
         "vlm_jax.data.vqa",
         "vlm_jax.data.vqa_folder",
+        "vlm_jax.data.conversations",
         "vlm_jax.data.webdataset_source",
     ),
 )
