@@ -6,12 +6,14 @@ sequences, bad records, and a tiny VLM trained on them through the CLI."""
 import json
 
 import ml_collections
+import numpy as np
 import pytest
 from conftest import tiny_vlm_config
 from PIL import Image
 from skimage import data as photos
 from test_tokenizers_hf import bpe_release, reference
 
+from vlm_jax.data import write_shards
 from vlm_jax.data.conversations import SupervisionMismatch
 from vlm_jax.data.pipeline import default_data_config
 from vlm_jax.data.records import SUBSTITUTE, BadRecordError, RecordError
@@ -294,3 +296,80 @@ def test_bad_records_are_counted_by_reason_named_and_nothing_else_is_lost(tmp):
         single.tokenizer.max_len = 80
         with pytest.raises(BadRecordError, match=rf"{reason}: .*id '{name}'"):
             checked_vqa_source(single, "train")[0]
+
+
+def test_messages_json_with_several_images_and_content_parts(tmp):
+    """The `messages` format: a system turn, content as a str or as parts, up to K images."""
+    rows = [
+        {
+            "id": 1,
+            "images": ["imgs/cat.jpg", "imgs/coffee.jpg"],
+            "messages": [
+                {"role": "system", "content": "Be brief."},
+                {
+                    "role": "user",
+                    "content": [
+                        {"type": "image"},
+                        {"type": "text", "text": " or "},
+                        {"type": "image"},
+                        {"type": "text", "text": "?"},
+                    ],
+                },
+                {"role": "assistant", "content": "the cat"},
+            ],
+        },
+        {
+            "id": 2,
+            "image": "imgs/rocket.jpg",
+            "messages": [
+                {"role": "user", "content": "<image> what is it?"},
+                {"role": "assistant", "content": "a rocket"},
+            ],
+        },
+        {
+            "id": 3,
+            "messages": [
+                {"role": "user", "content": "hi"},
+                {"role": "assistant", "content": "hello"},
+            ],
+        },
+    ]
+    config = conversation_config(write_json(tmp, "messages.json", rows), "messages_json")
+    config.data.max_images = 2
+    records = checked_records(config)
+    assert [r["name"] for r in records] == ["1", "2", "3"]
+    assert not any(r[SUBSTITUTE] for r in records)
+    assert [int((r["tokens"] == 260).sum()) for r in records] == [2, 1, 0]
+    assert records[0]["messages"][1]["content"] == "<image> or <image>?"
+    assert records[0]["prompt"] == "Be brief. user: <image> or <image>? assistant:"
+    tokenizer = build_vqa_tokenizer(config.tokenizer)
+    batch = next(iter(build_vqa_pipeline(config, tokenizer, "train", batch_size=3, shuffle=False)))
+    assert batch["image"].shape == (3, 2, 16, 16, 3)
+    np.testing.assert_array_equal(batch["image"][1, 1], batch["image"][2, 0])  # blank slots
+    config.data.max_images = 1
+    checked = checked_vqa_source(config, "train")
+    assert checked[0]["name"] == "2" and checked.bad.counts == {"bad_image": 1}
+
+
+def test_array_record_shards_give_the_same_records_and_batches(tmp):
+    rows = [*good_rows(), {"id": "missing", **BAD_ROWS["missing"][0]}]
+    write_json(tmp, "train.json", rows)
+    src, out = str(tmp / "{split}.json"), str(tmp / "shards")
+    flags = ["--splits", "train", "--num_shards", "3"]
+    write_shards.main(["--conversations", "llava_json", "--src", src, "--out", out, *flags])
+    meta = json.loads((tmp / "shards" / "meta.json").read_text())
+    assert meta["splits"]["train"] == {"written": 9, "skipped": {"missing_file": 1}}
+    direct = conversation_config(write_json(tmp, "good.json", good_rows()))
+    sharded = conversation_config(str(tmp / "shards"), "conversation_shards")
+    assert len(build_source(sharded.data, "train")) == len(good_rows())
+    for ours, theirs in zip(checked_records(direct), checked_records(sharded), strict=True):
+        assert ours.keys() == theirs.keys()
+        for key in ours:
+            np.testing.assert_equal(ours[key], theirs[key], err_msg=key)
+    tokenizer = build_vqa_tokenizer(direct.tokenizer)
+    pipeline = lambda config: iter(build_vqa_pipeline(config, tokenizer, "train", batch_size=4))
+    streams = [pipeline(direct), pipeline(sharded)]
+    for _ in range(3):
+        first, second = next(streams[0]), next(streams[1])
+        for key in first:
+            np.testing.assert_array_equal(first[key], second[key], err_msg=key)

@@ -60,7 +60,7 @@ import msgpack
 import numpy as np
 
 from vlm_jax.config import MissingInput, check_choice
-from vlm_jax.data.array_record_source import complete_shard_set
+from vlm_jax.data.array_record_source import check_written_count, complete_shard_set
 from vlm_jax.data.chat_template import ChatTemplateError, compile_template, render_chat
 from vlm_jax.data.records import BadRecordError, as_rgb, decode_image
 from vlm_jax.data.sources import DATA_SOURCES
@@ -309,6 +309,9 @@ class ConversationShards:
         self.root = Path(config.path)
         paths = complete_shard_set(self.root, split)
         self.shards = grain.sources.ArrayRecordDataSource([str(p) for p in paths])
+        meta_path = self.root / "meta.json"
+        meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
+        check_written_count(meta_path, meta, split, paths, len(self.shards))
         self.config = config
         self.images_per_record = config.max_images
 
