@@ -4,11 +4,13 @@ tokens only (token by token against transformers' assistant mask), the supervisi
 sequences, bad records, and a tiny VLM trained on them through the CLI."""
 
 import json
+import shutil
 
 import ml_collections
 import numpy as np
 import pytest
-from conftest import tiny_vlm_config
+from compile_cache import compilation_cache  # noqa: F401 (autouse: a resume compiles again)
+from conftest import TINY_VLM, tiny_vlm_config
 from PIL import Image
 from skimage import data as photos
 from test_tokenizers_hf import bpe_release, reference
@@ -19,6 +21,7 @@ from vlm_jax.data.pipeline import default_data_config
 from vlm_jax.data.records import SUBSTITUTE, BadRecordError, RecordError
 from vlm_jax.data.sources import build_source
 from vlm_jax.data.vqa import build_vqa_pipeline, build_vqa_tokenizer, checked_vqa_source
+from vlm_jax.train.cli import main as train_main
 
 PHOTOS = {
     "astronaut.jpg": (photos.astronaut, "an astronaut in a white suit"),
@@ -373,3 +376,53 @@ def test_array_record_shards_give_the_same_records_and_batches(tmp):
         first, second = next(streams[0]), next(streams[1])
         for key in first:
             np.testing.assert_array_equal(first[key], second[key], err_msg=key)
+
+
+def cli_args(workdir, path: str) -> list[str]:
+    """The trainer CLI on the LLaVA JSON: configs/vlm_shapes.py's tiny VLM (TINY_VLM sizes),
+    switched to the llava_json source and the byte tokenizer (plain template)."""
+    overrides = {
+        **TINY_VLM,
+        "data.source": "llava_json",
+        "data.path": path,
+        "data.flip": "false",
+        "tokenizer.name": "bytes",
+        "tokenizer.max_len": "128",
+        "model.image_token_id": "260",
+        "model.lm.vocab_size": "264",
+        "train.batch_size": "8",
+        "train.total_steps": "4",
+        "train.log_every": "1",
+        "train.checkpoint_every": "2",
+        "eval.tasks": "()",
+    }
+    flags = [f"--config.{key}={value}" for key, value in overrides.items()]
+    return ["--config", "configs/vlm_shapes.py", "--workdir", str(workdir), *flags]
+
+
+def read_rows(workdir) -> list[dict]:
+    return [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.slow
+def test_a_tiny_vlm_trains_on_the_llava_json_through_the_cli_and_resumes_exactly(tmp):
+    path = write_json(tmp, "train.json", good_rows())
+    full = tmp / "run"
+    train_main(cli_args(full, path))
+    rows = read_rows(full)
+    losses = [row["train/loss"] for row in rows]  # the loss on assistant tokens
+    assert [row["step"] for row in rows] == [1, 2, 3, 4]
+    assert losses[-1] < losses[0] - 0.5, losses
+    config = conversation_config(path)  # the run's data: the same batches
+    tokenizer = build_vqa_tokenizer(config.tokenizer)
+    batches = iter(build_vqa_pipeline(config, tokenizer, "train", batch_size=8, seed=config.seed))
+    for row, batch in zip(rows, batches):
+        assert row["train/supervised_tokens"] == batch["loss_mask"][:, 1:].sum() > 0
+        assert row["data/bad_records"] == 0 and row["data/truncated_sequences"] == 0
+
+    stopped = tmp / "stopped"  # a run stopped after its step-2 checkpoint
+    shutil.copytree(full, stopped)
+    shutil.rmtree(stopped / "checkpoints" / "4")
+    train_main(cli_args(stopped, path))
+    numeric = lambda row: {k: v for k, v in row.items() if not k.startswith("perf/")}
+    assert [numeric(r) for r in read_rows(stopped)] == [numeric(r) for r in rows]
