@@ -12,7 +12,8 @@ it reads beside the pipeline's (PIPELINE), and `build_source` hands it the secti
 against both. Sources with a zero-shot split expose `classnames` (indexed by the record's
 "label") and `templates`. Sources of the "vlm" task give VQA / instruction records instead
 (image(s), prompt, answer, optional question type: the record contract in data/vqa.py), as
-"shapes_vqa" and "vqa_folder" do.
+"shapes_vqa" and "vqa_folder" do, or multi-turn conversations ("llava_json", "messages_json",
+"conversation_shards": data/conversations.py).
 """
 
 from __future__ import annotations

@@ -21,7 +21,10 @@ and, optionally, the source attributes `images_per_record` (K, default 1), `ques
 NEUTRAL_GREY). A record that breaks the contract is a bad record (reasons bad_image,
 bad_prompt, bad_answer): replaced, counted and logged, or fatal with data.on_error="fail", as
 every source's. Sources: "shapes_vqa" (below) and "vqa_folder" (data/vqa_folder.py: images with
-a JSONL or CSV manifest of prompts and answers).
+a JSONL or CSV manifest of prompts and answers). Conversation sources ("llava_json",
+"messages_json", "conversation_shards": data/conversations.py) give multi-turn "messages"
+instead, and a `record_check(tokenizer, max_len)` of their own that checks them and encodes
+them through a chat template (tokens, loss_mask and prefix_len made there, VQAInputs keeps them).
 
 `<image>` is an added special token of whichever tokenizer is configured (`build_vqa_tokenizer`):
 one id that encoding never splits, the word tokenizer's own where its vocabulary holds it (as
