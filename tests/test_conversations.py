@@ -16,7 +16,7 @@ from skimage import data as photos
 from test_tokenizers_hf import bpe_release, reference
 
 from vlm_jax.data import write_shards
-from vlm_jax.data.conversations import SupervisionMismatch
+from vlm_jax.data.conversations import SupervisionMismatch, TemplateNotIncremental
 from vlm_jax.data.pipeline import default_data_config
 from vlm_jax.data.records import SUBSTITUTE, BadRecordError, RecordError
 from vlm_jax.data.sources import build_source
@@ -127,6 +127,17 @@ def chatml_release(tmp_path_factory):
     return directory
 
 
+def release_with_template(release, directory, template: str):
+    """A copy of release directory `release` in `directory` with chat template `template`."""
+    directory.mkdir(exist_ok=True)
+    for file in release.iterdir():
+        (directory / file.name).write_bytes(file.read_bytes())
+    config = json.loads((directory / "tokenizer_config.json").read_text())
+    config["chat_template"] = template
+    (directory / "tokenizer_config.json").write_text(json.dumps(config))
+    return directory
+
+
 def conversation_config(path: str, source: str = "llava_json", **data) -> ml_collections.ConfigDict:
     """The tiny VLM of tests/conftest.py on a conversation file, with the byte tokenizer."""
     config = tiny_vlm_config(**{"train.batch_size": "8", "eval.tasks": "()"})
@@ -208,16 +219,23 @@ def test_a_template_that_loses_the_assistant_text_fails_at_build_naming_the_reco
     good_turn = "{{ message['content'] + '<|im_end|>\n' }}{% endgeneration"
     broken = CHATML.replace(good_turn, "{{ '<|im_end|>\n' }}{% endgeneration")  # no assistant text
     assert broken != CHATML
-    release = tmp / "broken_release"
-    release.mkdir(exist_ok=True)
-    for file in chatml_release.iterdir():
-        (release / file.name).write_bytes(file.read_bytes())
-    config_file = json.loads((release / "tokenizer_config.json").read_text())
-    config_file["chat_template"] = broken
-    (release / "tokenizer_config.json").write_text(json.dumps(config_file))
+    release = release_with_template(chatml_release, tmp / "broken_release", broken)
     shown = r"record id 'cap0'.*decode to \['\\n'\].*turns are \['an astronaut in a white suit'\]"
     with pytest.raises(SupervisionMismatch, match=shown):
         checked_vqa_source(hf_config(path, release), "train")
+
+
+def test_a_template_that_is_not_incremental_or_missing_is_refused(tmp, chatml_release):
+    """The assistant text is the difference of two renders: a template that renders a turn
+    differently once more follow it cannot say where the loss goes; a tokenizer without one
+    cannot be data.chat_template='tokenizer'."""
+    path = write_json(tmp, "good.json", good_rows())
+    closing = CHATML + "{% if not add_generation_prompt %}{{ '<|im_end|>' }}{% endif %}"
+    release = release_with_template(chatml_release, tmp / "closing_release", closing)
+    with pytest.raises(TemplateNotIncremental, match="assistant turn 3"):
+        checked_vqa_source(hf_config(path, release), "train")
+    with pytest.raises(ValueError, match="no chat template; use one of: llava_v1, plain"):
+        checked_vqa_source(conversation_config(path, chat_template="tokenizer"), "train")
 
 
 def test_the_debug_check_decodes_every_record(tmp):

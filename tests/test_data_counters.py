@@ -18,6 +18,10 @@ def test_totals_add_batches_to_the_resumed_counts():
     counts.add(batch([0, 2, 0], [1, 0, 0]))
     counts.add(batch([1, 0, 0], [1, 1, 0], [0, 1, 1]))  # conversations: sequences cut too
     counts.add({"image": np.zeros(3)})  # a task whose batches carry no counters
+    assert DataCounters({}, first_row=0).totals() == {  # truncated_sequences: once it is seen
+        "data/bad_records": 0,
+        "data/truncated_captions": 0,
+    }
     assert counts.totals() == {
         "data/bad_records": 8,
         "data/truncated_captions": 3,
@@ -29,7 +33,7 @@ def test_processes_holding_the_same_rows_count_once():
     """Four processes; 0 and 1 hold rows 0.., 2 and 3 hold rows 8.. (replicated pairs)."""
     gathered = np.asarray([[0, 2, 1, 0], [0, 2, 1, 0], [8, 3, 0, 4], [8, 3, 0, 4]])
     counts = DataCounters({}, first_row=0)
-    counts.add(batch([2], [1]))
+    counts.add(batch([2], [1], [0]))
     with (
         mock.patch.object(data_counters.jax, "process_count", return_value=4),
         mock.patch.object(

@@ -65,7 +65,7 @@ from vlm_jax.data.chat_template import ChatTemplateError, compile_template, rend
 from vlm_jax.data.records import BadRecordError, as_rgb, decode_image
 from vlm_jax.data.sources import DATA_SOURCES
 from vlm_jax.data.tokenizers import Tokenizer
-from vlm_jax.data.vqa import IMAGE_PLACEHOLDER, NEUTRAL_GREY
+from vlm_jax.data.vqa import IMAGE_PLACEHOLDER, NEUTRAL_GREY, image_token_id
 from vlm_jax.registry import Registry
 from vlm_jax.schema import REQUIRED, Key, Schema, positive
 
@@ -97,7 +97,12 @@ CHAT_FORMATS.register("llava_v1")(
     )
 )
 CHAT_FORMATS.register("plain")(TurnFormat("user: {} ", "assistant:"))
-TEMPLATE_CHOICES = ("auto", "tokenizer", "llava_v1", "plain")
+
+
+def template_choices() -> tuple[str, ...]:
+    """data.chat_template: auto, tokenizer (the LM's Jinja template), or a CHAT_FORMATS name."""
+    return ("auto", "tokenizer", *CHAT_FORMATS.names())
+
 
 CONVERSATION = Schema(
     {
@@ -108,7 +113,7 @@ CONVERSATION = Schema(
             str,
             "auto",
             "tokenizer (the LM's Jinja template), llava_v1, plain, or auto (tokenizer's if any)",
-            choices=TEMPLATE_CHOICES,
+            choices=template_choices,
         ),
         "long_sequences": Key(
             str,
@@ -432,7 +437,7 @@ class ConversationCheck:
         self.template = self.template_name(config.chat_template)
         if self.template == "tokenizer":
             compile_template(tokenizer.chat_template)  # a template that does not parse: now
-        self.image_id = tokenizer.special_tokens[IMAGE_PLACEHOLDER]
+        self.image_id = image_token_id(tokenizer)
 
     def template_name(self, name: str) -> str:
         has_template = self.tokenizer.chat_template is not None
@@ -511,7 +516,7 @@ class ConversationCheck:
         except BadRecordError as e:
             raise bad(f"id {name!r}: {e.detail}", e.reason) from None
         ids, mask = self.encode(segments)
-        if verify or self.verify_every:
+        if verify or self.verify_every or not any(mask):  # no loss tokens: always an error
             self.verify(ids, mask, messages, name)
         try:
             ids, mask, truncated = self.fit(ids, mask)
