@@ -8,7 +8,8 @@ a resumed stream is exact), counted by reason and logged with its index, id, sou
 or the run stops when `config.data.on_error == "fail"`. Each record carries "bad_records": the
 bad records stepped over to reach it, plus those its source dropped just before it when it was
 built (`source.dropped_before(index)`, e.g. a folder manifest's rows naming missing files); and
-"truncated_captions": whether its caption was cut to `tokenizer.max_len`. So per-batch sums
+"truncated_captions": whether its caption was cut to `tokenizer.max_len` (a conversation's
+"truncated_sequences", data/conversations.py). So per-batch sums
 reach the main process even when records are made in Grain worker processes.
 
 Any other exception while reading or checking a record becomes a `RecordError` naming the
@@ -44,8 +45,11 @@ REASONS = (
     "bad_label",  # a labelled split's record without a class index as its label
     "bad_prompt",  # a VQA record's prompt: not a str, or <image> markers != its images
     "bad_answer",  # a VQA record's answer: missing, empty or not a str
+    "bad_conversation",  # turns not user/assistant in turn ending on assistant, or not strs
+    "long_sequence",  # a conversation over tokenizer.max_len (dropped, or no cut keeps it whole)
 )
-COUNTERS = ("bad_records", "truncated_captions")  # int fields every checked record carries
+# int fields every checked record carries ("truncated_sequences": conversations cut to max_len)
+COUNTERS = ("bad_records", "truncated_captions", "truncated_sequences")
 # 1 where a bad record's slot holds the next good record instead, i.e. a repeat of a record
 # the pass also reads at its own index: training keeps it, evaluation drops it.
 SUBSTITUTE = "substitute"

@@ -12,7 +12,8 @@ it reads beside the pipeline's (PIPELINE), and `build_source` hands it the secti
 against both. Sources with a zero-shot split expose `classnames` (indexed by the record's
 "label") and `templates`. Sources of the "vlm" task give VQA / instruction records instead
 (image(s), prompt, answer, optional question type: the record contract in data/vqa.py), as
-"shapes_vqa" and "vqa_folder" do.
+"shapes_vqa" and "vqa_folder" do, or multi-turn conversations ("llava_json", "messages_json",
+"conversation_shards": data/conversations.py).
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ DATA_SOURCES = Registry(
         "vlm_jax.data.tfds_source",
         "vlm_jax.data.vqa",
         "vlm_jax.data.vqa_folder",
+        "vlm_jax.data.conversations",
         "vlm_jax.data.webdataset_source",
     ),
 )

@@ -21,7 +21,10 @@ and, optionally, the source attributes `images_per_record` (K, default 1), `ques
 NEUTRAL_GREY). A record that breaks the contract is a bad record (reasons bad_image,
 bad_prompt, bad_answer): replaced, counted and logged, or fatal with data.on_error="fail", as
 every source's. Sources: "shapes_vqa" (below) and "vqa_folder" (data/vqa_folder.py: images with
-a JSONL or CSV manifest of prompts and answers).
+a JSONL or CSV manifest of prompts and answers). Conversation sources ("llava_json",
+"messages_json", "conversation_shards": data/conversations.py) give multi-turn "messages"
+instead, and a `record_check(tokenizer, max_len)` of their own that checks them and encodes
+them through a chat template (tokens, loss_mask and prefix_len made there, VQAInputs keeps them).
 
 `<image>` is an added special token of whichever tokenizer is configured (`build_vqa_tokenizer`):
 one id that encoding never splits, the word tokenizer's own where its vocabulary holds it (as
@@ -79,6 +82,7 @@ IMAGE_PLACEHOLDER = "<image>"
 NEUTRAL_GREY = (128, 128, 128)
 TEMPLATE = "user: {images} {question} assistant:"
 COUNT_WORDS = {1: "one", 2: "two", 3: "three"}
+ENCODED_FIELDS = ("tokens", "prefix_len", "loss_mask")  # encode_example's (VQAInputs)
 _QUESTION_WORDS = ("user", "assistant", "what", "colour", "is", "are", "the", "shape", "object",
                    "objects", "how", "many", "there", "yes", "no", "describe", "image", ".", "?",
                    ":")  # fmt: skip
@@ -333,12 +337,21 @@ class VQARecordCheck:
         }
 
 
-def checked_vqa_source(config: ml_collections.ConfigDict, split: str) -> CheckedSource:
-    """The VQA source `config.data` names, for `split`, its records checked (`VQARecordCheck`:
-    bad ones replaced, counted and logged, or raising, per data.on_error)."""
+def checked_vqa_source(
+    config: ml_collections.ConfigDict, split: str, tokenizer: Tokenizer | None = None
+) -> CheckedSource:
+    """The VQA source `config.data` names, for `split`, its records checked (bad ones replaced,
+    counted and logged, or raising, per data.on_error): by `VQARecordCheck`, or by the source's
+    own `record_check(tokenizer, max_len)` where it has one (conversation sources, which
+    encode their records there: data/conversations.py; its `check_first(source)` runs now)."""
     data = resolve("data", config.data, DATA)
     source = build_source(data, split)
-    check = VQARecordCheck(images_per_record(source), data.max_aspect_ratio)
+    if hasattr(source, "record_check"):
+        tokenizer = tokenizer or build_vqa_tokenizer(config.tokenizer)
+        check = source.record_check(tokenizer, config.tokenizer.max_len)
+        check.check_first(source)
+    else:
+        check = VQARecordCheck(images_per_record(source), data.max_aspect_ratio)
     return CheckedSource(source, check, BadRecords(data.on_error, vqa_where(config, split)))
 
 
@@ -363,8 +376,9 @@ def held_out_records(
 
 
 class VQAInputs(grain.transforms.Map):
-    """Checked record -> {"image": float32[K, S, S, 3], "tokens", "prefix_len", "loss_mask",
-    "id" (when the record has one), and the `records.COUNTERS` the record has}."""
+    """Checked record -> {"image": float32[K, S, S, 3], "tokens", "prefix_len", "loss_mask"
+    (encoded here, or by the record check where a record holds them already), "id" (when the
+    record has one), and the `records.COUNTERS` the record has}."""
 
     def __init__(self, tokenizer: Tokenizer, max_len: int, image_size: int):
         self.tokenizer = tokenizer
@@ -373,7 +387,12 @@ class VQAInputs(grain.transforms.Map):
 
     def map(self, record: dict) -> dict:
         images = [preprocess.fit_image(image, self.image_size) for image in record["image"]]
-        example = encode_example(self.tokenizer, record["prompt"], record["answer"], self.max_len)
+        if ENCODED_FIELDS[0] in record:
+            example = {key: record[key] for key in ENCODED_FIELDS}
+        else:
+            example = encode_example(
+                self.tokenizer, record["prompt"], record["answer"], self.max_len
+            )
         example["image"] = preprocess.to_float(np.stack(images))
         if "id" in record:
             example["id"] = np.int64(record["id"])
@@ -397,7 +416,7 @@ def build_vqa_pipeline(
     """Per-process VQA batches of the source `config.data` names; the iterator supports
     get_state/set_state (Grain). Records are checked against the contract (`VQARecordCheck`)."""
     return batched(
-        checked_vqa_source(config, split),
+        checked_vqa_source(config, split, tokenizer),
         [VQAInputs(tokenizer, config.tokenizer.max_len, config.data.image_size)],
         batch_size=batch_size,
         process_index=process_index,

@@ -2,6 +2,11 @@
 
     python -m vlm_jax.data.write_shards --src DIR --out OUT [--splits train,val,zeroshot]
         [--num_shards 4] [--on_error skip|fail] [--format array_record|webdataset]
+    python -m vlm_jax.data.write_shards --conversations llava_json|messages_json
+        --src '/data/{split}.json' [--image_root DIR] --out OUT --splits train
+
+Conversations (data/conversations.py) go into array_record shards for the
+"conversation_shards" source: each record its turns and its images' encoded bytes.
 
 Every image is decoded once here, so the shards hold only good records; missing files, empty
 captions and undecodable images are counted per split, logged, and recorded in OUT/meta.json
@@ -30,16 +35,18 @@ import json
 import logging
 import re
 import tarfile
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
+import ml_collections
 import numpy as np
 from array_record.python.array_record_module import ArrayRecordWriter
 from PIL import Image
 
-from vlm_jax.data import folder
+from vlm_jax.data import conversations, folder
 from vlm_jax.data.array_record_source import pack_record, shard_name, split_shards
 from vlm_jax.data.records import ON_ERROR_CHOICES, BadRecordError, BadRecords, decode_image
+from vlm_jax.data.sources import build_source
 from vlm_jax.data.webdataset_source import IMAGE_EXTENSIONS
 
 Sample = tuple[bytes, str, dict]  # (encoded image as on disk, its file extension, fields)
@@ -62,11 +69,16 @@ def good_records(root: Path, split: str, bad: BadRecords) -> list[Sample]:
     return samples
 
 
-def write_array_record(path: Path, samples: list[Sample]) -> None:
+def write_records(path: Path, records: Iterable[bytes]) -> None:
+    """One array_record shard of already serialised records."""
     writer = ArrayRecordWriter(str(path), "group_size:1")
-    for data, _, fields in samples:
-        writer.write(pack_record(data, fields))
+    for record in records:
+        writer.write(record)
     writer.close()
+
+
+def write_array_record(path: Path, samples: list[Sample]) -> None:
+    write_records(path, (pack_record(data, fields) for data, _, fields in samples))
 
 
 def tar_image(data: bytes, extension: str) -> tuple[bytes, str]:
@@ -203,6 +215,64 @@ def write_shards(
     return meta
 
 
+CONVERSATION_SOURCES = ("llava_json", "messages_json")
+CONVERSATION_SHARDS = ShardFormat(  # records: pack_conversation's bytes
+    shard_name,
+    FORMATS["array_record"].existing,
+    write_records,
+    FORMATS["array_record"].pattern,
+)
+
+
+def stored_conversations(source, bad: BadRecords) -> list[bytes]:
+    """The source's records as shard records; those whose images are missing or do not decode,
+    or whose turns do not parse, are reported to `bad` (the rest of the checks run on read)."""
+    records = []
+    for index in range(len(source)):
+        try:
+            stored = source.stored(index)
+            for data in stored["images"]:
+                decode_image(data, f"id {stored['name']!r}")
+        except BadRecordError as e:
+            bad.report(e.reason, f"record {index}: {e.detail}")
+            continue
+        records.append(conversations.pack_conversation(stored))
+    return records
+
+
+def write_conversation_shards(
+    src: str,
+    out: str | Path,
+    splits: Sequence[str],
+    num_shards: int,
+    on_error: str,
+    source_name: str = "llava_json",
+    image_root: str = "",
+) -> dict:
+    """The splits of conversation file `src` (data.path of `source_name`: '{split}' in it is
+    the split) as array_record shards in `out` for data.source="conversation_shards"; returns
+    (and writes) meta as `write_shards` does."""
+    if source_name not in CONVERSATION_SOURCES:
+        choices = ", ".join(CONVERSATION_SOURCES)
+        raise ValueError(f"conversations={source_name!r} is not one of: {choices}")
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    earlier = json.loads((out / "meta.json").read_text()) if (out / "meta.json").is_file() else {}
+    meta = {"source": source_name, **{k: earlier.get(k, {}) for k in ("splits", "shards")}}
+    for split in splits:
+        data = {"source": source_name, "path": src, "image_root": image_root, "image_size": 1}
+        source = build_source(ml_collections.ConfigDict(data), split)  # image_size: unread
+        bad = BadRecords(on_error, f"write_shards {split!r}")
+        records = stored_conversations(source, bad)
+        count = max(1, min(num_shards, len(records)))
+        write_split(records, out, split, count, CONVERSATION_SHARDS)
+        meta["splits"][split] = {"written": len(records), "skipped": dict(bad.counts)}
+        meta["shards"][split] = str(out / CONVERSATION_SHARDS.pattern(split, count))
+        logging.info("write_shards: %s: %s", split, meta["splits"][split])
+        write_meta(out, meta)
+    return meta
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--src", required=True, help="image folder with {split}.jsonl/.csv")
@@ -211,10 +281,23 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--num_shards", type=int, default=4)
     parser.add_argument("--on_error", choices=ON_ERROR_CHOICES, default="skip")
     parser.add_argument("--format", choices=tuple(FORMATS), default="array_record")
+    parser.add_argument(
+        "--conversations",
+        choices=CONVERSATION_SOURCES,
+        help="--src is a conversation file of this format ('{split}' in it: the split)",
+    )
+    parser.add_argument("--image_root", default="", help="with --conversations: image paths' root")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
     splits = [s for s in args.splits.split(",") if s]
-    meta = write_shards(args.src, args.out, splits, args.num_shards, args.on_error, args.format)
+    if args.conversations:
+        if args.format != "array_record":
+            parser.error("--conversations writes array_record shards only")
+        options = (args.on_error, args.conversations, args.image_root)
+        meta = write_conversation_shards(args.src, args.out, splits, args.num_shards, *options)
+    else:
+        options = (args.on_error, args.format)
+        meta = write_shards(args.src, args.out, splits, args.num_shards, *options)
     print(json.dumps({split: meta["splits"][split] for split in splits}))
 
 

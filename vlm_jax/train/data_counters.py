@@ -16,17 +16,24 @@ from jax.experimental import multihost_utils
 
 from vlm_jax.data.records import COUNTERS
 
+# Logged by every run (runs before the other counters existed log these); the others once a
+# batch carries them (or the resumed checkpoint's meta has them): "truncated_sequences" only
+# in runs on conversation sources.
+ALWAYS_LOGGED = ("bad_records", "truncated_captions")
+
 
 class DataCounters:
     def __init__(self, meta: dict, first_row: int):
         self.base = np.asarray([int(meta.get(f"data/{k}", 0)) for k in COUNTERS], np.int64)
         self.local = np.zeros(len(COUNTERS), np.int64)
         self.first_row = first_row  # of this process's rows in the global batch
+        self.logged = {k for k in COUNTERS if k in ALWAYS_LOGGED or f"data/{k}" in meta}
 
     def add(self, host_batch: dict[str, np.ndarray]) -> None:
         for i, key in enumerate(COUNTERS):
             if key in host_batch:
                 self.local[i] += int(np.sum(host_batch[key]))
+                self.logged.add(key)
 
     def totals(self) -> dict[str, int]:
         """{"data/bad_records": n, ...} over all processes; call on every process together."""
@@ -36,4 +43,5 @@ class DataCounters:
             gathered = np.asarray(multihost_utils.process_allgather(mine)).reshape(-1, len(mine))
             _, distinct = np.unique(gathered[:, 0], return_index=True)
             summed = gathered[distinct, 1:].sum(0)
-        return {f"data/{k}": int(n) for k, n in zip(COUNTERS, self.base + summed)}
+        totals = zip(COUNTERS, self.base + summed)
+        return {f"data/{k}": int(n) for k, n in totals if k in self.logged}

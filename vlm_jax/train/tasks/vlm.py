@@ -107,7 +107,9 @@ class VLMTask(Task):
         logits = self.model.apply(
             {"params": params}, **self.model_inputs(batch), train=train, rngs={"dropout": rng}
         )
-        return next_token_loss(logits, batch["tokens"], batch["loss_mask"])
+        loss, metrics = next_token_loss(logits, batch["tokens"], batch["loss_mask"])
+        supervised = jnp.sum(batch["loss_mask"][:, 1:])  # the targets of this global batch
+        return loss, metrics | {"supervised_tokens": supervised.astype(jnp.float32)}
 
     def train_data(self, batch_size, process_index, process_count, seed):
         return build_vqa_pipeline(
