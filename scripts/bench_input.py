@@ -1,8 +1,9 @@
 """Input pipeline throughput per core and per host, against what a compiled train step consumes.
 
     nice -n 10 python scripts/bench_input.py [--sources folder,array_record,webdataset]
-        [--decoders pil,simplejpeg,opencv] [--reduced on,off] [--images 384] [--side 500]
-        [--image_size 224] [--batch 32] [--batches 12] [--workers 2]
+        [--decoders pil,simplejpeg,opencv] [--reduced on,off] [--crops resize_crop,inception]
+        [--crop_scale 0.9,1.0] [--images 384] [--side 500] [--image_size 224] [--batch 32]
+        [--batches 12] [--workers 2]
         [--report benchmarks/tpu_readiness/siglip_b16-32k__v5p-64.jsonl] [--mfu 0.4]
         [--chips_per_host 4] [--step_s S]
 
@@ -13,13 +14,14 @@ captions; written as an image folder and, by `vlm_jax.data.write_shards`, as arr
 webdataset shards. Files sit in the page cache: storage reads are not measured.
 
 Measured: the training stream itself, `build_pipeline(config, tokenizer, "train", ...)` (source
-read, decode by data.decoder with data.reduced_decode, record check, random crop to
---image_size, flip, float conversion, byte tokenization of the caption, batching), per
-(source, decoder, reduced). images/s per core ("per_core"): worker_count=0 (everything in this
-single-threaded process), --batches batches after one warm-up batch, over the process's CPU
-time (on a machine shared with other jobs the wall-clock rate, "per_core_wall", counts their
-time too). images/s per host: worker_count=--workers (one core each), over wall time, timed
-from batch 2 * workers (the workers' first buffers are full by then).
+read, decode by data.decoder with data.reduced_decode, record check, the data.crop crop to
+--image_size (--crops; inception with data.crop_scale --crop_scale), flip, float conversion,
+byte tokenization of the caption, batching), per (source, decoder, reduced, crop). images/s per
+core ("per_core"): worker_count=0 (everything in this single-threaded process), --batches
+batches after one warm-up batch, over the process's CPU time (on a machine shared with other
+jobs the wall-clock rate, "per_core_wall", counts their time too). images/s per host:
+worker_count=--workers (one core each), over wall time, timed from batch 2 * workers (the
+workers' first buffers are full by then).
 
 Consumption (--report, a compile report of `vlm_jax.compile`): step_s = flops_per_chip /
 (peak_flops_per_chip * --mfu), or --step_s (a measured step, e.g. bench_train_step.py's step_ms
@@ -33,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import io
+import itertools
 import json
 import math
 import sys
@@ -101,14 +104,22 @@ def make_sources(root: Path, images: int, side: int) -> dict[str, dict]:
 
 
 # -- measurement --------------------------------------------------------------------------------
-def data_config(source: str, keys: dict, decoder: str, reduced: bool, image_size: int):
+def data_config(
+    source: str,
+    keys: dict,
+    decoder: str,
+    reduced: bool,
+    image_size: int,
+    crop: str = "resize_crop",
+    crop_scale: tuple[float, float] = (0.9, 1.0),
+):
     import ml_collections
 
     from vlm_jax.data.pipeline import default_data_config
 
     data = default_data_config(source)
-    data.update(dict(keys, image_size=image_size, flip=True, decoder=decoder))
-    data.reduced_decode = reduced
+    data.update(dict(keys, image_size=image_size, flip=True, decoder=decoder, crop=crop))
+    data.update(reduced_decode=reduced, crop_scale=crop_scale)
     return ml_collections.ConfigDict({"data": data, "tokenizer": {"max_len": MAX_LEN}})
 
 
@@ -203,11 +214,14 @@ def names(text: str, valid: Sequence[str], flag: str) -> list[str]:
 
 def parse(argv: Sequence[str]) -> argparse.Namespace:
     from vlm_jax.data.decode import DECODERS, installed
+    from vlm_jax.data.preprocess import CROPS
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sources", default=",".join(SOURCES))
     parser.add_argument("--decoders", default="pil,simplejpeg,opencv")
     parser.add_argument("--reduced", default="on", help="data.reduced_decode: on, off or on,off")
+    parser.add_argument("--crops", default="resize_crop", help="data.crop: one or a list")
+    parser.add_argument("--crop_scale", default="0.9,1.0", help="data.crop_scale (inception)")
     parser.add_argument("--images", type=int, default=384, help="distinct records")
     parser.add_argument("--side", type=int, default=500, help="longer side of the JPEGs (px)")
     parser.add_argument("--image_size", type=int, default=224)
@@ -225,6 +239,8 @@ def parse(argv: Sequence[str]) -> argparse.Namespace:
     if missing:
         raise SystemExit(f"error: --decoders {','.join(missing)}: package not installed")
     args.reduced = [ON_OFF[name] for name in names(args.reduced, tuple(ON_OFF), "--reduced")]
+    args.crops = names(args.crops, CROPS, "--crops")
+    args.crop_scale = tuple(float(x) for x in args.crop_scale.split(","))
     if not 0 < args.mfu <= 1:
         raise SystemExit(f"error: --mfu {args.mfu} is not in (0, 1]")
     return args
@@ -232,14 +248,16 @@ def parse(argv: Sequence[str]) -> argparse.Namespace:
 
 def table(rows: list[dict], consumed: dict) -> str:
     per_host = consumed["images_per_s_per_host"]
-    head = f"{'source':13} {'decoder':11} {'reduced':7} {'img/s/core':>10} {'(wall)':>7}"
+    head = (
+        f"{'source':13} {'decoder':11} {'reduced':7} {'crop':11} {'img/s/core':>10} {'(wall)':>7}"
+    )
     head += f" {'img/s/host':>10}"
     head += f" {'cores for ' + format(per_host, '.0f') + ' img/s':>22}"
     lines = [head, "-" * len(head)]
     for r in rows:
         host = f"{r['per_host']:.0f}" if r.get("per_host") else "-"
         lines.append(
-            f"{r['source']:13} {r['decoder']:11} {r['reduced_decode']!s:7} "
+            f"{r['source']:13} {r['decoder']:11} {r['reduced_decode']!s:7} {r['crop']:11} "
             f"{r['per_core']:10.0f} {r['per_core_wall']:7.0f} {host:>10} {r['cores_needed']:22d}"
         )
     return "\n".join(lines)
@@ -253,21 +271,34 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
     with tempfile.TemporaryDirectory(prefix="bench_input_") as tmp:
         sources = make_sources(Path(tmp), args.images, args.side)
         for source in args.sources:
-            for decoder in args.decoders:
-                for reduced in args.reduced:
-                    config = data_config(source, sources[source], decoder, reduced, args.image_size)
-                    row = {"source": source, "decoder": decoder, "reduced_decode": reduced}
-                    row |= {"side": args.side, "image_size": args.image_size, "batch": args.batch}
-                    wall, cpu = images_per_s(config, args.batch, args.batches, 0)
-                    row |= {"per_core": cpu, "per_core_wall": wall}
-                    if args.workers:
-                        rate, _ = images_per_s(config, args.batch, args.batches, args.workers)
-                        row |= {"workers": args.workers, "per_host": rate}
-                    row["cores_needed"] = cores_needed(
-                        consumed["images_per_s_per_host"], row["per_core"]
-                    )
-                    print(json.dumps(row), flush=True)
-                    rows.append(row)
+            for decoder, reduced, crop in itertools.product(
+                args.decoders, args.reduced, args.crops
+            ):
+                config = data_config(
+                    source,
+                    sources[source],
+                    decoder,
+                    reduced,
+                    args.image_size,
+                    crop,
+                    args.crop_scale,
+                )
+                row = {"source": source, "decoder": decoder, "reduced_decode": reduced}
+                row |= {
+                    "crop": crop,
+                    "crop_scale": args.crop_scale if crop == "inception" else None,
+                }
+                row |= {"side": args.side, "image_size": args.image_size, "batch": args.batch}
+                wall, cpu = images_per_s(config, args.batch, args.batches, 0)
+                row |= {"per_core": cpu, "per_core_wall": wall}
+                if args.workers:
+                    rate, _ = images_per_s(config, args.batch, args.batches, args.workers)
+                    row |= {"workers": args.workers, "per_host": rate}
+                row["cores_needed"] = cores_needed(
+                    consumed["images_per_s_per_host"], row["per_core"]
+                )
+                print(json.dumps(row), flush=True)
+                rows.append(row)
     print(table(rows, consumed))
     return rows
 

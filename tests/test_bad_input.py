@@ -19,6 +19,7 @@ from PIL import Image
 from vlm_jax.data import build_pipeline, build_source, default_data_config, load_split, records
 from vlm_jax.data.array_record_source import unpack_record
 from vlm_jax.data.pipeline import RandomCrop, RandomFlip, ToModelInputs, batched
+from vlm_jax.data.preprocess import TrainCrop
 from vlm_jax.data.tokenizers import ByteTokenizer
 
 IMAGE_SIZE, MAX_LEN = 8, 12
@@ -239,7 +240,7 @@ CAPTIONS = st.one_of(
     st.integers(),
     st.binary(max_size=8),
 )
-TRAIN_TRANSFORMS = (RandomCrop(IMAGE_SIZE), RandomFlip())
+TRAIN_CROPS = (TrainCrop(IMAGE_SIZE), TrainCrop(IMAGE_SIZE, "inception", (0.08, 1.0)))
 TO_MODEL = ToModelInputs(TOKENIZER, MAX_LEN, IMAGE_SIZE)
 
 
@@ -252,15 +253,15 @@ def assert_valid_or_bad(record: dict, long_captions: str) -> None:
     except records.BadRecordError as e:
         assert e.reason in records.REASONS
         return
-    rng = np.random.default_rng(0)
-    for transform in TRAIN_TRANSFORMS:
-        record = transform.random_map(record, rng)
-    assert record["image"].dtype == np.uint8
-    assert record["image"].shape == (IMAGE_SIZE, IMAGE_SIZE, 3)
-    example = TO_MODEL.map(record)
-    assert example["tokens"].dtype == np.int32 and example["tokens"].shape == (MAX_LEN,)
-    assert example["image"].shape == (IMAGE_SIZE, IMAGE_SIZE, 3)
-    assert np.all(np.abs(example["image"]) <= 1)
+    for crop in TRAIN_CROPS:  # each training crop (data.crop), then the flip
+        rng = np.random.default_rng(0)
+        augmented = RandomFlip().random_map(RandomCrop(crop).random_map(record, rng), rng)
+        assert augmented["image"].dtype == np.uint8
+        assert augmented["image"].shape == (IMAGE_SIZE, IMAGE_SIZE, 3)
+        example = TO_MODEL.map(augmented)
+        assert example["tokens"].dtype == np.int32 and example["tokens"].shape == (MAX_LEN,)
+        assert example["image"].shape == (IMAGE_SIZE, IMAGE_SIZE, 3)
+        assert np.all(np.abs(example["image"]) <= 1)
 
 
 @settings(derandomize=True, max_examples=300, deadline=None)

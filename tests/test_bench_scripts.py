@@ -129,14 +129,19 @@ def test_input_bench_cores_are_the_consumed_rate_over_the_per_core_rate(tmp_path
     (tmp_path / "report.jsonl").write_text(json.dumps({"function": "train_step", **report}) + "\n")
     argv = ["--report", str(tmp_path / "report.jsonl"), "--mfu", "0.5", "--chips_per_host", "4"]
     argv += ["--images", "12", "--side", "96", "--image_size", "32", "--batch", "4"]
+    argv += ["--crops", "resize_crop,inception", "--crop_scale", "0.08,1"]
     rows = bench.main([*argv, "--batches", "2", "--workers", "0", "--decoders", "pil,opencv"])
     step_s = 2e14 / (5e14 * 0.5)  # 0.8 s for 128 images a chip: 160/s, 640/s a host
     consumed = bench.consumption(report, 0.5, 4, None)
     assert consumed["step_s"] == pytest.approx(step_s)
     assert consumed["images_per_s_per_host"] == pytest.approx(4096 / 32 / step_s * 4)
-    assert {(r["source"], r["decoder"]) for r in rows} == {
-        (s, d) for s in bench.SOURCES for d in ("pil", "opencv")
+    assert {(r["source"], r["decoder"], r["crop"]) for r in rows} == {
+        (s, d, c)
+        for s in bench.SOURCES
+        for d in ("pil", "opencv")
+        for c in ("resize_crop", "inception")
     }
+    assert {r["crop_scale"] for r in rows} == {None, (0.08, 1.0)}
     for row in rows:
         assert row["per_core"] > 0
         assert row["cores_needed"] == math.ceil(640 / row["per_core"])

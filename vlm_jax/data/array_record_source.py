@@ -113,7 +113,7 @@ class ArrayRecordSource:
         self.templates = tuple(config.templates or meta.get("templates", ()))
         self.shards = grain.sources.ArrayRecordDataSource([str(p) for p in paths])
         check_written_count(meta_path, meta, split, paths, len(self.shards))
-        self.decoder = image_decoder(config)
+        self.decoder = image_decoder(config, split)
 
     def __len__(self) -> int:
         return len(self.shards)

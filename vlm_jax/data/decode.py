@@ -9,11 +9,14 @@ give the same pixels here (the tests bound the difference, as builds may differ)
 `min_side` > 0 decodes a JPEG at the largest libjpeg IDCT scale (1/2, 1/4, 1/8) whose shorter
 side stays >= min_side, several times cheaper than a full decode and resize. The pipeline
 passes `data.image_size` (`data.reduced_decode`): its crops resize the shorter side to
-image_size anyway, so only the resampling filter differs (tests bound it). Every decoder takes
-the same scale, so they agree on sizes too. Bytes that are not a YCbCr or grey JPEG (PNG,
-WebP, CMYK JPEGs) go to PIL whatever the decoder, as do JPEGs a fast decoder refuses (PIL then
-decides whether they are undecodable). OpenCV ignores EXIF orientation here, as PIL does, but
-decodes what a truncated JPEG holds where PIL and simplejpeg refuse it.
+image_size anyway, so only the resampling filter differs (tests bound it). With
+`data.crop="inception"` the train split passes more, the least shorter side whose smallest
+crop (`data.crop_scale`'s min area at `data.crop_ratio`'s extremes) still has image_size pixels
+on its shorter side (`image_decoder`), so reduced decode never makes a crop be upsampled.
+Every decoder takes the same scale, so they agree on sizes too. Bytes that are not a YCbCr or
+grey JPEG (PNG, WebP, CMYK JPEGs) go to PIL whatever the decoder, as do JPEGs a fast decoder
+refuses (PIL then decides whether they are undecodable). OpenCV ignores EXIF orientation here,
+as PIL does, but decodes what a truncated JPEG holds where PIL and simplejpeg refuse it.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ import ml_collections
 import numpy as np
 from PIL import Image
 
+from vlm_jax.data import preprocess
 from vlm_jax.registry import Registry
 
 DECODERS = Registry("data.decoder")
@@ -150,7 +154,15 @@ class ImageDecoder:
         return self.decode(data, self.min_side)
 
 
-def image_decoder(data: ml_collections.ConfigDict) -> ImageDecoder:
-    """The decoder a resolved `config.data` asks for: data.decoder, reducing JPEGs down to
-    data.image_size when data.reduced_decode."""
-    return ImageDecoder(data.decoder, data.image_size if data.reduced_decode else 0)
+def image_decoder(data: ml_collections.ConfigDict, split: str) -> ImageDecoder:
+    """The decoder of `split` a resolved `config.data` asks for: data.decoder, with
+    data.reduced_decode reducing JPEGs only while every crop of the split still has a shorter
+    side >= data.image_size (the train crop's `min_source_side`: image_size for crop=
+    "resize_crop", more for "inception"; other splits are centre-cropped: image_size). The one
+    rule of the sources of encoded images (folder, array_record, webdataset)."""
+    if not data.reduced_decode:
+        return ImageDecoder(data.decoder, 0)
+    crop = (
+        preprocess.train_crop(data) if split == "train" else preprocess.TrainCrop(data.image_size)
+    )
+    return ImageDecoder(data.decoder, crop.min_source_side())

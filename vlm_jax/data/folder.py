@@ -137,7 +137,7 @@ class FolderSource:
         self.rows, positions = usable_rows(rows, self.root, self.bad)
         self.drops = drops_before(positions, len(rows))
         self.classnames, self.templates = zeroshot_metadata(self.root, config.templates)
-        self.decoder = image_decoder(config)
+        self.decoder = image_decoder(config, split)
 
     def __len__(self) -> int:
         return len(self.rows)

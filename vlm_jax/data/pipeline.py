@@ -59,6 +59,15 @@ def decode_config() -> dict:
     }
 
 
+def crop_config() -> dict:
+    """The `config.data` keys of the training crop (data/preprocess.py: TrainCrop)."""
+    return {
+        "crop": "resize_crop",  # or "inception": random area and aspect ratio, resized
+        "crop_scale": preprocess.OPEN_CLIP_SCALE,  # inception: (min, max) area fraction
+        "crop_ratio": preprocess.INCEPTION_RATIO,  # inception: (min, max) width / height
+    }
+
+
 def default_data_config(source: str = "shapes") -> ml_collections.ConfigDict:
     """`config.data` for `source`: every key the pipeline and that source read, at their defaults
     (the source's from its schema; the shapes world's by default), so each can be set from the
@@ -71,6 +80,7 @@ def default_data_config(source: str = "shapes") -> ml_collections.ConfigDict:
             "flip": True,  # random horizontal flip of train records (captions mirrored)
             **record_check_config(),
             **decode_config(),
+            **crop_config(),
             **{k: key.default for k, key in keys.items() if key.default is not REQUIRED},
         }
     )
@@ -84,13 +94,13 @@ class RandomFlip(grain.transforms.RandomMap):
 
 
 class RandomCrop(grain.transforms.RandomMap):
-    """Resize the shorter side to `image_size` and take a random square crop."""
+    """The training crop (`preprocess.TrainCrop`, config.data.crop) of each record's image."""
 
-    def __init__(self, image_size: int):
-        self.image_size = image_size
+    def __init__(self, crop: preprocess.TrainCrop):
+        self.crop = crop
 
     def random_map(self, record: dict, rng: np.random.Generator) -> dict:
-        return dict(record, image=preprocess.fit_image(record["image"], self.image_size, rng))
+        return dict(record, image=self.crop(record["image"], rng))
 
 
 class ToModelInputs(grain.transforms.Map):
@@ -280,9 +290,9 @@ def build_pipeline(
     """Batches of `split` for one process (see `batched` for sharding, epochs and workers).
 
     Every record is checked first (`records.CheckedSource`: bad ones are replaced, counted and
-    logged, or raise, per `config.data.on_error`). Train records are then augmented (random crop
-    when the source's images are not already `image_size`, and `config.data.flip`); other
-    splits are resized and centre-cropped. Batches: {"image": float32[b, S, S, 3] in [-1, 1],
+    logged, or raise, per `config.data.on_error`). Train records are then augmented (the crop
+    `config.data.crop` names, and `config.data.flip`); other splits are resized and
+    centre-cropped. Batches: {"image": float32[b, S, S, 3] in [-1, 1],
     "tokens": int32[b, L], "id": int64[b], "label": int64[b] (zeroshot), "bad_records":
     int32[b] (bad records stepped over to reach each), "truncated_captions": int32[b] (0/1),
     "substitute": int32[b] (1: a bad record's slot, filled by the next good record; evaluation
@@ -298,7 +308,7 @@ def build_pipeline(
     bad = BadRecords(data.on_error, where)
     transforms = []
     if split == "train":
-        transforms.append(RandomCrop(data.image_size))
+        transforms.append(RandomCrop(preprocess.train_crop(data)))
         if data.flip:
             transforms.append(RandomFlip())
     transforms.append(ToModelInputs(tokenizer, config.tokenizer.max_len, data.image_size, captions))

@@ -9,20 +9,23 @@ replaces it by the next good record and counts it. Register new sources with
 `@DATA_SOURCES.register("name", schema=...)` on a callable `(config.data, split) -> source`, in a
 module named in DATA_SOURCES' `modules` (imported on the first lookup); the schema holds the keys
 it reads beside the pipeline's (PIPELINE), and `build_source` hands it the section resolved
-against both. Sources with a zero-shot split expose `classnames` (indexed by the record's
-"label") and `templates`. Sources of the "vlm" task give VQA / instruction records instead
-(image(s), prompt, answer, optional question type: the record contract in data/vqa.py), as
-"shapes_vqa" and "vqa_folder" do, or multi-turn conversations ("llava_json", "messages_json",
-"conversation_shards": data/conversations.py).
+against both. A source whose captions describe its whole image refuses training crops that can
+cut objects out, in its schema's check (SHAPES: `refuse_cutting_crops`). Sources with a
+zero-shot split expose `classnames` (indexed by the record's "label") and `templates`. Sources
+of the "vlm" task give VQA / instruction records instead (image(s), prompt, answer, optional
+question type: the record contract in data/vqa.py), as "shapes_vqa" and "vqa_folder" do, or
+multi-turn conversations ("llava_json", "messages_json", "conversation_shards":
+data/conversations.py).
 """
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import ml_collections
 
-from vlm_jax.data import decode, shapes
+from vlm_jax.data import decode, preprocess, shapes
 from vlm_jax.data.records import DEFAULT_MAX_ASPECT_RATIO, LONG_CAPTION_CHOICES, ON_ERROR_CHOICES
 from vlm_jax.registry import Registry
 from vlm_jax.schema import REQUIRED, Key, Schema, Select, positive, resolve
@@ -39,6 +42,14 @@ DATA_SOURCES = Registry(
         "vlm_jax.data.webdataset_source",
     ),
 )
+
+
+def is_range(value: Any) -> bool:
+    """A (min, max) pair of finite numbers with 0 < min <= max."""
+    numbers = all(isinstance(x, int | float) and not isinstance(x, bool) for x in value)
+    return len(value) == 2 and numbers and 0 < value[0] <= value[1] < math.inf
+
+
 # The config.data keys of the pipeline, whatever the source (the record check and augmentation).
 PIPELINE = Schema(
     {
@@ -76,7 +87,31 @@ PIPELINE = Schema(
             + ")",
         ),
         "reduced_decode": Key(
-            bool, True, "decode JPEGs at 1/2, 1/4 or 1/8 size while the shorter side >= image_size"
+            bool,
+            True,
+            "decode JPEGs at 1/2, 1/4 or 1/8 size while the shorter side >= what the crop needs "
+            "(image_size; with crop=inception, TrainCrop.min_source_side)",
+        ),
+        "crop": Key(
+            str,
+            "resize_crop",
+            "crop of train records: resize_crop (shorter side to image_size, random square) or "
+            "inception (random area and aspect ratio, resized; data/preprocess.py)",
+            choices=preprocess.CROPS,
+        ),
+        "crop_scale": Key(
+            tuple,
+            preprocess.OPEN_CLIP_SCALE,
+            "crop=inception: (min, max) area of the crop, a fraction of the image's (open_clip's)",
+            valid=lambda scale: is_range(scale) and scale[1] <= 1,
+            expect="(min, max) area fractions with 0 < min <= max <= 1",
+        ),
+        "crop_ratio": Key(
+            tuple,
+            preprocess.INCEPTION_RATIO,
+            "crop=inception: (min, max) aspect ratio (width / height) of the crop",
+            valid=is_range,
+            expect="(min, max) aspect ratios (width / height) with 0 < min <= max",
         ),
     }
 )
@@ -86,6 +121,18 @@ DATA = Select(DATA_SOURCES, by="source", base=PIPELINE)  # config.data
 def build_source(config: ml_collections.ConfigDict, split: str) -> Any:
     """`config.data` (with `source` naming the registered source) and a split name -> source."""
     return DATA_SOURCES.get(config.source)(resolve("data", config, DATA), split)
+
+
+def refuse_cutting_crops(path: str, data: dict) -> None:
+    """The shapes world's captions (and VQA answers) name every object of the scene and their
+    relations; a crop that can cut objects out (crop=inception) would make them false."""
+    if data["crop"] != "resize_crop":
+        raise ValueError(
+            f"{path}.crop={data['crop']!r} is refused for {path}.source={data['source']!r}: its "
+            "captions name every object in the scene and their relations, and this crop can cut "
+            f"objects out, making them false; use {path}.crop='resize_crop' (the scenes are drawn "
+            "at image_size, so it keeps them whole)"
+        )
 
 
 _WORLD = shapes.World()
@@ -103,6 +150,7 @@ SHAPES = Schema(
         },
     },
     doc="the embedded shapes world (vlm_jax.data.shapes)",
+    check=refuse_cutting_crops,
 )
 
 

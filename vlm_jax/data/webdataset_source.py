@@ -309,7 +309,7 @@ class WebdatasetSource:
         self.drops = drops_before(positions, total)
         self.label_key = config.label_key if self.labelled(config.label_key) else ""
         self.ids = np.asarray([sample_id(k, i) for i, k in enumerate(self.keys)], np.int64)
-        self.decoder = image_decoder(config)
+        self.decoder = image_decoder(config, split)
 
     def read_indexes(self, index_dir: str) -> tuple[np.ndarray, list[str], list[int], int]:
         """(the table of kept samples, their keys, their positions among all samples read,
