@@ -433,6 +433,18 @@ def test_a_vlms_lm_exports_with_or_without_the_vocabulary_it_added(vlm_run, torc
     assert_logits_match(np.asarray(ours_logits)[..., :kept], theirs_logits, lengths)
 
 
+def test_dropping_needs_the_vocab_size_of_the_lm_the_vlm_grew_from(vlm_run, tmp_path):
+    """The run's config.init.lm_checkpoint says how many rows the release had; where that run
+    is gone, `drop` fails naming it and the way out."""
+    from vlm_jax.convert import hf_lm
+
+    params, config = common.load_converted(vlm_run[0])  # a training workdir's init is kept
+    assert config.init.lm_checkpoint == vlm_run[1].init.lm_checkpoint
+    config.init.lm_checkpoint = str(tmp_path / "moved")
+    with pytest.raises(common.ConversionError, match=r"moved' has no config.json.*added_rows keep"):
+        hf_lm.export(vlm_run[0], tmp_path / "back", params, config)
+
+
 def test_a_bad_added_rows_value_is_refused_naming_the_choices(tmp_path, capsys):
     from vlm_jax.convert import hf
 
