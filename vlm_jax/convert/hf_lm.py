@@ -494,7 +494,9 @@ def write_tokenizer(config, out: Path, added: dict[str, int]) -> None:
         return
     if (out / "tokenizer.json").is_file():
         tokenizer = common.read_json(out / "tokenizer.json")
-        tokenizer["added_tokens"] += [dict(id=i, **_added_token(t)) for t, i in added.items()]
+        tokenizer.setdefault("added_tokens", []).extend(
+            dict(id=i, **_added_token(t)) for t, i in added.items()
+        )
         (out / "tokenizer.json").write_text(json.dumps(tokenizer, ensure_ascii=False))
     tokenizer_config = read_release(release).config  # special_tokens_map.json merged in
     if "added_tokens_decoder" in tokenizer_config or not (out / "tokenizer.json").is_file():
