@@ -59,6 +59,9 @@ setup(
             "transformers>=4.45",
             "open_clip_torch>=2.26",
             "sentencepiece>=0.2",
+            # ships Mistral's SentencePiece models (tests/test_tokenizers_real.py reads the files,
+            # never imports the package); 1.10+ pins numpy<2.4 on Python <= 3.12, 1.9 does not.
+            "mistral-common>=1.9,<1.10",
             "scikit-learn>=1.5",
             "scikit-image>=0.24",
             "pandas>=2.0",  # the notebooks' analysis cells (tests/test_notebooks.py)

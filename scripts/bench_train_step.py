@@ -8,8 +8,9 @@ Builds the trainer's own jitted step (same task, sharded state, optimizer, freez
 numerics guard as `python -m vlm_jax.train`) on the trainer's mesh and feeds it one real
 batch from the config's training pipeline. Reports, as one JSON line:
   * xla_gflops: FLOPs of the compiled step on one device, as XLA counts them, and
-    model_gflops: the task's analytic training FLOPs of the device's share of the batch
-    (global batch / devices), where the task knows them;
+    model_gflops: the analytic training FLOPs of the device's share of the batch (global
+    batch / devices): the task's count, else 3 x the forward count of a decoder-based model
+    (the TPU compile report's, vlm_jax.compile.steps);
   * temp_mib / argument_mib: the compiled step's temporary and argument memory per device;
   * step_ms: median wall time of --steps calls after --warmup calls (block_until_ready);
   * trained / frozen parameter counts (config optim.freeze).
@@ -66,6 +67,7 @@ def measure(config, steps: int, warmup: int) -> dict:
     import jax
 
     from vlm_jax import sharding
+    from vlm_jax.compile.steps import train_flops_per_example
     from vlm_jax.train.distributed import train_iterator
     from vlm_jax.train.tasks import TASKS
     from vlm_jax.train.trainer import batch_contract, build_state, make_train_step
@@ -90,6 +92,7 @@ def measure(config, steps: int, warmup: int) -> dict:
         cost = cost[0] if isinstance(cost, list) else cost
         memory = compiled.memory_analysis()
         trained, frozen = param_counts(state.params, config.optim.freeze)
+        model_flops = train_flops_per_example(task, config, state.params)
         for _ in range(warmup):
             state, metrics = compiled(state, batch)
         jax.block_until_ready(metrics if warmup else state)
@@ -99,7 +102,6 @@ def measure(config, steps: int, warmup: int) -> dict:
             state, metrics = compiled(state, batch)  # no re-trace in the timed calls
             jax.block_until_ready(metrics)
             times.append(time.perf_counter() - start)
-    model_flops = task.train_flops_per_example()
     return {
         "batch_size": config.train.batch_size,
         "devices": mesh.size,

@@ -9,6 +9,7 @@ release whose transformers logits equal ours.
 """
 
 import json
+import re
 import shutil
 
 import jax
@@ -334,6 +335,127 @@ def test_a_lora_run_exports_its_merged_model(torch, tmp_path):
         tmp_path / "back", attn_implementation="eager"
     ).eval()
     assert_logits_match(ours, hf_logits(exported, torch, tokens, lengths), lengths)
+
+
+# release tokenizer kind: the LM case (untied and tied embeddings). A Llama, as transformers'
+# AutoTokenizer reads a Llama release's own tokenizer files (for qwen2 it imposes its class).
+VLM_RELEASES = {"bpe": "llama3", "sentencepiece": "llama_linear"}
+PADDING_ROWS = 3  # past <image>, as configs/llava.py pads 32,001 ids to 32,064 rows
+
+
+@pytest.fixture(scope="module", params=list(VLM_RELEASES))
+def vlm_run(request, torch, tmp_path_factory):
+    """A "vlm" run whose LM is a release's (init.lm_checkpoint: its conversion) with the release
+    tokenizer: init grows `<image>` (the next free id) and PADDING_ROWS rows past the release's,
+    which are then set to random values (as training leaves them) -> (the run's directory, its
+    config and LM params, the release's directory and rows)."""
+    import ml_collections
+    import transformers
+    from conftest import tiny_vlm_config
+    from test_tokenizers_hf import bpe_release, sentencepiece_release
+    from test_vlm_train import save_params_steps
+
+    from vlm_jax import sharding
+    from vlm_jax.data.vqa import run_tokenizer
+    from vlm_jax.train.tasks.vlm import VLMTask
+    from vlm_jax.train.trainer import init_params, to_json
+
+    directory = tmp_path_factory.mktemp(f"vlm_{request.param}")
+    make = bpe_release if request.param == "bpe" else sentencepiece_release
+    release = make(directory / "release")
+    rows = len(transformers.AutoTokenizer.from_pretrained(release))
+    build_hf(VLM_RELEASES[request.param], torch, vocab=rows).save_pretrained(release)
+    convert_cli.main(["--from", "hf", "--src", str(release), "--out", str(directory / "lm")])
+    _, lm_config = common.load_converted(directory / "lm")
+    config = tiny_vlm_config(**{"init.lm_checkpoint": str(directory / "lm")})
+    with config.unlocked():
+        config.tokenizer = lm_config.tokenizer
+        config.model.lm = ml_collections.ConfigDict(
+            dict(lm_config.model.lm, vocab_size=rows + 1 + PADDING_ROWS)
+        )
+        config.model.image_token_id, config.model.pad_id = rows, run_tokenizer(config).pad_id
+    mesh = sharding.build_mesh((1, 1, 1), devices=jax.devices()[:1])
+    task = VLMTask(config, mesh)
+    with jax.set_mesh(mesh):
+        params, _ = init_params(task, config, mesh)
+        params = jax.tree.map(np.array, task.load_pretrained(params))  # writable
+    rng = np.random.default_rng(0)
+    table = params["lm"]["embedder"]["embedding"]  # float[rows + 1 + PADDING_ROWS, width]
+    table[rows:] = rng.normal(0, 0.5, table[rows:].shape)
+    if "unembed" in params["lm"]:
+        kernel = params["lm"]["unembed"]["kernel"]  # float[width, rows + 1 + PADDING_ROWS]
+        kernel[:, rows:] = rng.normal(0, 0.5, kernel[:, rows:].shape)
+    (directory / "vlm").mkdir()
+    (directory / "vlm" / "config.json").write_text(to_json(config))
+    save_params_steps(directory / "vlm" / "checkpoints", {1: params})
+    return directory / "vlm", config, params["lm"], release, rows
+
+
+@pytest.mark.parametrize("added_rows", ["drop", "keep"])
+def test_a_vlms_lm_exports_with_or_without_the_vocabulary_it_added(vlm_run, torch, added_rows):
+    """`--to hf --added_rows drop` writes the release's vocab_size and tokenizer back, `keep`
+    every row and the tokenizer with `<image>`: transformers loads either, its tokenizer gives
+    the ids of ours (the release's, or the VLM's), and its logits equal our LM's on the ids
+    that remain."""
+    import transformers
+    from test_tokenizers_hf import TEXTS
+
+    from vlm_jax.data.vqa import run_tokenizer
+    from vlm_jax.models.vlm import build_decoder_lm
+
+    run, config, lm_params, release, rows = vlm_run
+    back = run.parent / f"back_{added_rows}"
+    convert_cli.main(["--to", "hf", "--src", str(run), "--out", str(back),
+                      "--added_rows", added_rows])  # fmt: skip
+
+    exported = transformers.AutoModelForCausalLM.from_pretrained(
+        back, attn_implementation="eager"
+    ).eval()
+    kept = rows if added_rows == "drop" else rows + 1 + PADDING_ROWS
+    assert exported.config.vocab_size == kept
+    theirs = transformers.AutoTokenizer.from_pretrained(back)
+    if added_rows == "keep":  # the VLM's tokenizer: <image> = rows
+        ours, want = run_tokenizer(config), {"<image>": rows}
+        assert ours.special_tokens["<image>"] == rows
+    else:
+        ours, want = transformers.AutoTokenizer.from_pretrained(release), {}
+    for text in TEXTS:
+        want_ids = ours.encode(text) if want else ours(text, add_special_tokens=False)["input_ids"]
+        assert theirs(text, add_special_tokens=False)["input_ids"] == want_ids, repr(text)
+    assert len(theirs) == rows + len(want)
+    assert {t: theirs.convert_tokens_to_ids(t) for t in want} == want
+
+    tokens, lengths = prompts()
+    tokens[0, 2], tokens[1, 1] = kept - 1, min(rows, kept - 1)  # a padding row and <image>
+    lm = build_decoder_lm(config.model)
+    ours_logits = lm.apply({"params": jax.tree.map(jnp.asarray, lm_params)}, tokens)[0]
+    theirs_logits = hf_logits(exported, torch, tokens, lengths)
+    assert_logits_match(np.asarray(ours_logits)[..., :kept], theirs_logits, lengths)
+
+
+def test_dropping_needs_the_vocab_size_of_the_lm_the_vlm_grew_from(vlm_run, tmp_path):
+    """The run's config.init.lm_checkpoint says how many rows the release had; where that run
+    is gone, `drop` fails naming it and the way out."""
+    from vlm_jax.convert import hf_lm
+
+    params, config = common.load_converted(vlm_run[0])  # a training workdir's init is kept
+    assert config.init.lm_checkpoint == vlm_run[1].init.lm_checkpoint
+    config.init.lm_checkpoint = str(tmp_path / "moved")
+    with pytest.raises(common.ConversionError, match=r"moved' has no config.json.*added_rows keep"):
+        hf_lm.export(vlm_run[0], tmp_path / "back", params, config)
+
+
+def test_a_bad_added_rows_value_is_refused_naming_the_choices(tmp_path, capsys):
+    from vlm_jax.convert import hf
+
+    with pytest.raises(SystemExit) as exit_info:
+        convert_cli.cli(["--to", "hf", "--src", str(tmp_path), "--out", str(tmp_path / "back"),
+                         "--added_rows", "all"])  # fmt: skip
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err  # Python 3.12+ quotes the choices, 3.11 does not
+    assert re.search(r"--added_rows: invalid choice: 'all' \(choose from '?drop'?, '?keep'?\)", err)
+    with pytest.raises(ValueError, match="added_rows='all' is not one of: drop, keep"):
+        hf.export(tmp_path, tmp_path / "back", added_rows="all")
 
 
 @pytest.mark.parametrize("mesh_shape", [(1, 2, 2), (2, 2, 2)])

@@ -1,8 +1,8 @@
 """Release tokenizers ("hf"): the same ids as transformers' AutoTokenizer, on a BPE tokenizer.json
 and a SentencePiece tokenizer.model trained here, each with added special tokens, the VLM's
 `<image>` added on top; the release's BOS/EOS/pad/stop conventions; growing and dropping the LM's
-vocabulary rows. (No installed package ships a tokenizer.json or a .model file here; CLIP's BPE
-file, which open_clip ships, is compared in test_tokenizers_real.py.)"""
+vocabulary rows. (Real files a package ships, Mistral's .model files from mistral-common and
+CLIP's BPE file from open_clip, are compared in test_tokenizers_real.py.)"""
 
 import json
 

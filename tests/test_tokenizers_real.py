@@ -2,8 +2,10 @@
 
 CLIP BPE is compared with open_clip's tokenizer on the vocabulary file open_clip ships;
 SentencePiece with HuggingFace's SiglipTokenizer and with sentencepiece itself, on a tiny model
-trained here and on Mistral's models, which the mistral-common package ships (found without
-importing it; skipped where it is not installed). Added special tokens (the VLM's `<image>`)
+trained here and on Mistral's models, which the mistral-common package ships (the [test] extra
+installs a version whose numpy pin fits ours; found without importing it): as a release
+directory ("hf") they give transformers' AutoTokenizer and sentencepiece's ids on multilingual
+text. Added special tokens (the VLM's `<image>`)
 are one id in each, past the vocabulary or the model's own.
 """
 
@@ -148,10 +150,70 @@ def test_sentencepiece_image_token_is_added_or_the_models_own(tmp_path):
 
 
 def mistral_model(name: str) -> Path:
+    """A SentencePiece model mistral-common ships (the [test] extra installs it), found without
+    importing the package (its code is not needed, only the files)."""
     spec = importlib.util.find_spec("mistral_common")
-    if spec is None or not spec.submodule_search_locations:
-        pytest.skip("mistral-common (which ships Mistral's SentencePiece models) not installed")
+    assert spec is not None and spec.submodule_search_locations, (
+        "mistral-common (which ships Mistral's SentencePiece models) is not installed: "
+        "pip install -e '.[test]'"
+    )
     return Path(spec.submodule_search_locations[0]) / "data" / name
+
+
+MULTILINGUAL = [
+    "The quick brown fox jumps over the lazy dog.",
+    "Voix ambiguë d'un cœur qui, au zéphyr, préfère les jattes de kiwis.",
+    "Falsches Üben von Xylophonmusik quält jeden größeren Zwerg.",
+    "Съешь же ещё этих мягких французских булок.",  # Russian
+    "我能吞下玻璃而不伤身体。",  # Chinese
+    "いろはにほへと ちりぬるを テキスト",
+    "다람쥐 헌 쳇바퀴에 타고파",  # Korean
+    "صِف خَلقَ خَودِ",  # Arabic
+    "ऋषियों को सताने",  # Hindi
+    "emoji 😀👩‍💻 and symbols #$%^&*() €100",
+    "  leading, double  spaces,\ttabs\nand\n\nnewlines  ",
+    "def f(x):\n    return x ** 2  # code",
+    "[INST] brackets that look like control tokens [/INST]",
+    "",
+]
+# (file in mistral-common's data/, its vocabulary): Llama-style v1, v3 (control tokens), Tekken-
+# era v7 SentencePiece.
+MISTRAL_MODELS = [
+    ("tokenizer.model.v1", 32000),
+    ("mistral_instruct_tokenizer_240323.model.v3", 32768),
+    ("mistral_instruct_tokenizer_241114.model.v7", 32768),
+]
+
+
+@pytest.mark.parametrize("name, vocab", MISTRAL_MODELS, ids=["v1", "v3", "v7"])
+def test_mistral_release_tokenizer_matches_autotokenizer_and_sentencepiece(tmp_path, name, vocab):
+    """Mistral's model as a release directory (tokenizer.model + tokenizer_config.json, BOS
+    first as Mistral's releases set it): our "hf" tokenizer gives the ids of transformers'
+    AutoTokenizer and of sentencepiece itself on multilingual text, and decodes them as
+    sentencepiece does."""
+    import json
+    import shutil
+
+    import sentencepiece
+    from transformers import AutoTokenizer
+
+    shutil.copyfile(mistral_model(name), tmp_path / "tokenizer.model")
+    config = {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>", "add_bos_token": True}
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(config))
+    ours = tokenizer("hf", path=str(tmp_path))
+    reference = AutoTokenizer.from_pretrained(str(tmp_path))
+    model = sentencepiece.SentencePieceProcessor(model_file=str(tmp_path / "tokenizer.model"))
+    assert (ours.vocab_size, ours.bos_id, ours.eos_id) == (vocab, 1, 2)
+    controls = {p: i for p in ("[INST]", "[/INST]") if model.is_control(i := model.piece_to_id(p))}
+    for text in MULTILINGUAL:
+        ids = ours.encode(text)
+        assert ids == reference(text, add_special_tokens=False)["input_ids"], repr(text)
+        if any(token in text for token in controls):  # one id each, as transformers splits them
+            assert ids[0] == controls["[INST]"] and ids[-1] == controls["[/INST]"], repr(text)
+        else:  # sentencepiece itself never matches a control piece in text
+            assert ids == model.encode(text), repr(text)
+            assert ours.decode(ids) == model.decode(ids), repr(text)
+        assert ours.prompt_ids(text) == reference(text)["input_ids"], repr(text)
 
 
 def test_mistral_sentencepiece_image_token():

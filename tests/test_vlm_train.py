@@ -348,6 +348,20 @@ def test_pad_id_must_match_the_tokenizer():
         VLMTask(config, mesh)
 
 
+@pytest.mark.parametrize("task, config", [(LMTask, tiny_lm_config), (VLMTask, tiny_vlm_config)])
+def test_an_embedding_smaller_than_the_tokenizer_is_refused_naming_the_key(task, config):
+    """Both tasks check model.lm.vocab_size through models.vocab.check_vocab_rows (the one
+    check), with the config key to raise as the remedy."""
+    mesh = sharding.build_mesh((1, 1, 1), devices=jax.devices()[:1])
+    needed = task(config(), mesh).tokenizer.vocab_size  # the shipped size fits
+    with pytest.raises(
+        ValueError,
+        match=rf"model.lm.vocab_size=8 embedding rows are fewer than the tokenizer's vocabulary "
+        rf"\({needed} ids\): set model.lm.vocab_size to at least {needed}",
+    ):
+        task(config(**{"model.lm.vocab_size": "8"}), mesh)
+
+
 def test_runs_from_before_model_pad_id_existed_still_resume(tmp_path):
     """config.json of a VLM run started before model.pad_id was added lacks the key: it is
     read as the 0 the code used then, so the run resumes; another value is still refused."""

@@ -135,8 +135,7 @@ def load_run(workdir: str):
     import ml_collections
 
     from vlm_jax.checkpoint import load_params
-    from vlm_jax.data import build_tokenizer
-    from vlm_jax.data.vqa import build_vqa_tokenizer
+    from vlm_jax.data.vqa import run_tokenizer
     from vlm_jax.models import lora
     from vlm_jax.models.vlm import build_decoder_lm, build_vlm
     from vlm_jax.models.vocab import check_vocab_rows, vocab_rows
@@ -148,10 +147,8 @@ def load_run(workdir: str):
             f"--workdir {workdir!r} is a model.name={name!r} run; generation needs one of: "
             + ", ".join(GENERATING_MODELS)
         )
-    if name == "vlm":
-        tokenizer, model = build_vqa_tokenizer(config.tokenizer), build_vlm(config.model)
-    else:
-        tokenizer, model = build_tokenizer(config.tokenizer), build_decoder_lm(config.model)
+    tokenizer = run_tokenizer(config)
+    model = build_vlm(config.model) if name == "vlm" else build_decoder_lm(config.model)
     # A LoRA run's adapters merged into their kernels (W + alpha/r A B): a plain model.
     params = lora.merged(load_params(workdir), lora.lora_section(config.optim))
     lm_params = params["lm"] if name == "vlm" else params

@@ -1,7 +1,7 @@
 """Convert released checkpoints into vlm_jax (and back to HuggingFace).
 
     python -m vlm_jax.convert --from {hf,open_clip,big_vision} --src PATH --out DIR
-    python -m vlm_jax.convert --to hf --src DIR --out HF_DIR
+    python -m vlm_jax.convert --to hf --src DIR --out HF_DIR [--added_rows drop|keep]
 
 DIR then holds `checkpoints/0` (params), `convert.json` and `config.py`, so
 `python -m vlm_jax.evaluate --config DIR/config.py --workdir DIR` evaluates the release and
@@ -17,7 +17,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from vlm_jax.config import MissingInput, exit_on_user_error
-from vlm_jax.convert import big_vision, common, hf, open_clip
+from vlm_jax.convert import big_vision, common, hf, hf_lm, open_clip
 
 IMPORTERS = {"hf": hf.convert, "open_clip": open_clip.convert, "big_vision": big_vision.convert}
 EXPORTERS = {"hf": hf.export}
@@ -30,6 +30,14 @@ def main(argv: Sequence[str] | None = None) -> None:
     direction.add_argument("--to", dest="target", choices=sorted(EXPORTERS))
     parser.add_argument("--src", required=True, help="release file/dir, or converted DIR")
     parser.add_argument("--out", required=True, help="output directory")
+    parser.add_argument(
+        "--added_rows",
+        choices=hf_lm.ADDED_ROWS,
+        default="drop",
+        help="--to hf of an LM: the vocabulary the run added to its release (a VLM's <image> and "
+        "the embedding rows its init grew): drop (default) writes the release's vocab_size, rows "
+        "and tokenizer back; keep writes every row and the tokenizer with the added tokens",
+    )
     args = parser.parse_args(argv)
     if not Path(args.src).exists():
         expected = "a release file or directory" if args.source else "a vlm_jax run directory"
@@ -39,7 +47,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     if args.source:
         out = IMPORTERS[args.source](args.src, args.out)
     else:
-        out = EXPORTERS[args.target](args.src, args.out)
+        out = EXPORTERS[args.target](args.src, args.out, args.added_rows)
     logging.info("wrote %s", out)
 
 

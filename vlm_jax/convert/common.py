@@ -340,9 +340,11 @@ def load_converted(out: str | Path) -> tuple[Params, ml_collections.ConfigDict]:
     if (out / "convert.json").is_file():
         meta = json.loads((out / "convert.json").read_text())
         sections, task = meta["sections"], meta.get("task", "contrastive")
-    else:  # a training workdir (e.g. fine-tuned from a converted checkpoint)
+    else:  # a training workdir (e.g. fine-tuned from a converted checkpoint; its optim.lora
+        # and init.lm_checkpoint say what an LM export merges and drops)
         run = json.loads((out / "config.json").read_text())
-        sections = {name: run[name] for name in ("model", "tokenizer", "loss") if name in run}
+        kept = ("model", "tokenizer", "loss", "optim", "init")
+        sections = {name: run[name] for name in kept if name in run}
         task = run.get("task", "contrastive")
     return jax.tree.map(np.asarray, load_params(out)), full_config(sections, task)
 

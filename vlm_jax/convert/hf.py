@@ -288,12 +288,14 @@ def export_type(model: dict) -> str:
     )
 
 
-def export(src: str | Path, out: str | Path) -> Path:
-    """A converted (or fine-tuned from converted) checkpoint directory -> an HF release."""
+def export(src: str | Path, out: str | Path, added_rows: str = "drop") -> Path:
+    """A converted (or fine-tuned from converted) checkpoint directory -> an HF release
+    (`added_rows`: an LM's, hf_lm.export; a two-tower model adds no vocabulary)."""
+    hf_lm.check_added_rows(added_rows)
     safetensors_numpy = common.optional_import("safetensors.numpy", "writing an HF release")
     params, config = common.load_converted(src)
     if config.model.name != "two_tower":
-        return hf_lm.export(src, out, params, config)
+        return hf_lm.export(src, out, params, config, added_rows)
     model = config.model.to_dict()
     model_type = export_type(model)
     common.check_params(params, config.model)

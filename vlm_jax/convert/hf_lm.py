@@ -2,6 +2,7 @@
 
     python -m vlm_jax.convert --from hf --src LLAMA_DIR --out RUN    # config.json model_type
     python -m vlm_jax.convert --to hf --src RUN --out HF_DIR         # an lm (or vlm) run
+        [--added_rows drop|keep]     # a VLM's <image> and grown rows: dropped (default) or kept
 
 RUN is an "lm" task run (checkpoints/0 holds the decoder's params at the top level, as an lm
 run's), so `--config.init.lm_checkpoint=RUN` initialises a VLM's LM from it. What each family
@@ -16,8 +17,9 @@ sets in `model.lm` (every other key keeps the LLaMA default):
 
 A config option we do not implement (rope type yarn, attention_bias, ...) fails naming it and
 what is supported; so does a missing or mis-shaped tensor (common.import_entries). Export writes
-the same layout back (config.json + model.safetensors), checking that the model section is one
-that family expresses: parsing the written config must give back the same `model.lm`.
+the same layout back (config.json + model.safetensors + the run's release tokenizer files),
+checking that the model section is one that family expresses: parsing the written config must
+give back the same `model.lm`, and the written tokenizer must fit the written embedding rows.
 """
 
 from __future__ import annotations
@@ -419,16 +421,140 @@ def lm_part(params: common.Params, model: dict) -> tuple[common.Params, dict]:
     raise ConversionError(f"model.name={model['name']!r}: an HF LM export needs decoder_lm or vlm")
 
 
-def export(src: str | Path, out: str | Path, params, config) -> Path:
-    """An lm run (or a VLM run's LM) -> an HF decoder release in `out`."""
+ADDED_ROWS = ("drop", "keep")  # `convert --to hf --added_rows`; drop is the default
+
+
+def check_added_rows(added_rows: str) -> None:
+    if added_rows not in ADDED_ROWS:
+        raise ValueError(f"added_rows={added_rows!r} is not one of: {', '.join(ADDED_ROWS)}")
+
+
+def release_rows(config, rows: int) -> int:
+    """The embedding rows of the release a run grew from: a VLM's `config.init.lm_checkpoint`'s
+    model.lm.vocab_size (its init added the rows past it, train/tasks/vlm.py); `rows`, the run's
+    own, for a run that grew none (an lm run, or a VLM whose LM did not come from one)."""
+    checkpoint = config.get("init", {}).get("lm_checkpoint", "")
+    if config.model.name != "vlm" or not checkpoint:
+        return rows
+    directory = Path(checkpoint)
+    directory = directory.parent if directory.name == "checkpoints" else directory
+    lm = common.read_json(directory / "config.json").get("model", {}).get("lm", {})
+    if "vocab_size" not in lm:
+        raise ConversionError(
+            f"--added_rows drop: config.init.lm_checkpoint={checkpoint!r} has no config.json "
+            "with model.lm.vocab_size (the release's rows to keep); export with --added_rows keep"
+        )
+    if not 0 < lm["vocab_size"] <= rows:
+        raise ConversionError(
+            f"--added_rows drop: the init LM's vocab_size={lm['vocab_size']} is not in "
+            f"[1, {rows}] (this run's embedding rows)"
+        )
+    return lm["vocab_size"]
+
+
+def added_tokens(config) -> dict[str, int]:
+    """{token: id} of the tokens the run's task added past its release tokenizer's ids
+    (a VLM's `<image>`); {} for a tokenizer that is not a release's ("hf")."""
+    from vlm_jax.data import build_tokenizer
+    from vlm_jax.data.vqa import run_tokenizer
+
+    if config.tokenizer.name != "hf":
+        return {}
+    release_ids = build_tokenizer(config.tokenizer).vocab_size
+    ours = run_tokenizer(config).special_tokens
+    return {token: i for token, i in sorted(ours.items(), key=lambda kv: kv[1]) if i >= release_ids}
+
+
+def _added_token(token: str) -> dict:
+    """An added special token as tokenizer.json and tokenizer_config.json write one."""
+    return dict(
+        content=token, single_word=False, lstrip=False, rstrip=False, normalized=False, special=True
+    )
+
+
+def write_tokenizer(config, out: Path, added: dict[str, int]) -> None:
+    """The run's release tokenizer files into `out`, with `added` ({token: id}) as added special
+    tokens: in tokenizer.json's added_tokens, and in tokenizer_config.json's
+    added_tokens_decoder where the release keeps its added tokens there (a tokenizer.model
+    release always does)."""
+    from vlm_jax.data.release import read_release
+
+    if config.tokenizer.name != "hf":
+        logging.warning(
+            "the run's tokenizer is %r, not a release's ('hf'): %s gets no tokenizer files",
+            config.tokenizer.name,
+            out,
+        )
+        return
+    release = Path(config.tokenizer.path)
+    for name in TOKENIZER_FILES:
+        if (release / name).is_file():
+            shutil.copyfile(release / name, out / name)
+    if not added:
+        return
+    if (out / "tokenizer.json").is_file():
+        tokenizer = common.read_json(out / "tokenizer.json")
+        tokenizer.setdefault("added_tokens", []).extend(
+            dict(id=i, **_added_token(t)) for t, i in added.items()
+        )
+        (out / "tokenizer.json").write_text(json.dumps(tokenizer, ensure_ascii=False))
+    tokenizer_config = read_release(release).config  # special_tokens_map.json merged in
+    if "added_tokens_decoder" in tokenizer_config or not (out / "tokenizer.json").is_file():
+        decoder = tokenizer_config.setdefault("added_tokens_decoder", {})
+        decoder |= {str(i): _added_token(t) for t, i in added.items()}
+        (out / "tokenizer_config.json").write_text(json.dumps(tokenizer_config, indent=2))
+
+
+def check_exported_tokenizer(out: Path, rows: int, added: dict[str, int]) -> None:
+    """The written tokenizer must give the added tokens their run ids and emit only ids the
+    written embedding has rows for."""
+    import ml_collections
+
+    from vlm_jax.data import build_tokenizer
+    from vlm_jax.models.vocab import check_vocab_rows
+
+    if not any((out / name).is_file() for name in TOKENIZER_FILES[:2]):
+        return
+    tokenizer = build_tokenizer(ml_collections.ConfigDict(dict(name="hf", path=str(out))))
+    for token, token_id in added.items():
+        if tokenizer.vocabulary_id(token) != token_id:
+            raise ConversionError(
+                f"{out}: the exported tokenizer gives {token!r} id "
+                f"{tokenizer.vocabulary_id(token)}, the run {token_id}"
+            )
+    try:
+        check_vocab_rows(
+            f"{out}: vocab_size", rows, tokenizer.vocab_size, "export with --added_rows keep"
+        )
+    except ValueError as error:
+        raise ConversionError(str(error)) from None
+
+
+def export(src: str | Path, out: str | Path, params, config, added_rows: str = "drop") -> Path:
+    """An lm run (or a VLM run's LM) -> an HF decoder release in `out`: config.json,
+    model.safetensors and the run's release tokenizer.
+
+    `added_rows` is what happens to the vocabulary the run added to its release (a VLM's
+    `<image>` and the rows its init grew, `release_rows`): "drop" (the default) writes the
+    release's layout back, its vocab_size, embedding rows and tokenizer, so the export is a
+    drop-in for the release it came from (the added rows only ever met image positions, whose
+    embeddings the visual tokens replace); "keep" writes every row and the tokenizer with the
+    added tokens (a release that ships them, as HF's LLaVA checkpoints do)."""
     from vlm_jax.models import lora
     from vlm_jax.models.decoder import LM
+    from vlm_jax.models.vocab import drop_vocab, vocab_rows
     from vlm_jax.schema import resolve
 
+    check_added_rows(added_rows)
     safetensors_numpy = common.optional_import("safetensors.numpy", "writing an HF release")
     # A LoRA run exports its adapted model: the adapters merged into their kernels.
     params = lora.merged(params, lora.lora_section(config.get("optim", {})))
     params, lm = lm_part(params, config.model.to_dict())
+    if added_rows == "drop":
+        rows = release_rows(config, vocab_rows(params))
+        params, lm, added = drop_vocab(params, rows), dict(lm, vocab_size=rows), {}
+    else:
+        added = added_tokens(config)
     lm = resolve("model.lm", lm, LM).to_dict()
     model_type = model_type_of(lm)
     hf = hf_config(lm, model_type)
@@ -440,4 +566,6 @@ def export(src: str | Path, out: str | Path, params, config) -> Path:
     arrays = {k: np.array(v, np.float32, order="C") for k, v in tensors.items()}
     safetensors_numpy.save_file(arrays, str(out / "model.safetensors"), metadata={"format": "pt"})
     (out / "config.json").write_text(json.dumps(hf, indent=2))
+    write_tokenizer(config, out, added)
+    check_exported_tokenizer(out, lm["vocab_size"], added)
     return out

@@ -267,6 +267,14 @@ def build_vqa_tokenizer(config: ml_collections.ConfigDict) -> Tokenizer:
     return build_tokenizer(config, special_tokens=(IMAGE_PLACEHOLDER,))
 
 
+def run_tokenizer(config: ml_collections.ConfigDict) -> Tokenizer:
+    """The tokenizer a run's model reads: a "vlm" model's with `<image>` added
+    (`build_vqa_tokenizer`), any other model's as `config.tokenizer` configures it."""
+    if config.model.name == "vlm":
+        return build_vqa_tokenizer(config.tokenizer)
+    return build_tokenizer(config.tokenizer)
+
+
 def image_token_id(tokenizer: Tokenizer) -> int:
     """The id of `<image>` in a tokenizer made by `build_vqa_tokenizer`."""
     if IMAGE_PLACEHOLDER not in tokenizer.special_tokens:

@@ -60,11 +60,14 @@ def drop_vocab(lm_params: dict[str, Any], vocab_size: int) -> dict[str, Any]:
     return dropped
 
 
-def check_vocab_rows(key: str, rows: int, tokenizer_vocab: int) -> None:
-    """Every id the tokenizer emits must have an embedding row (`key` names the rows' source)."""
+GROW_OR_SWAP = "grow them (vlm_jax.models.vocab.grow_vocab) or use the LM's own tokenizer"
+
+
+def check_vocab_rows(key: str, rows: int, tokenizer_vocab: int, remedy: str = GROW_OR_SWAP) -> None:
+    """Every id the tokenizer emits must have an embedding row (`key` names the rows' source,
+    `remedy` what the user can do about too few)."""
     if tokenizer_vocab > rows:
         raise ValueError(
             f"{key}={rows} embedding rows are fewer than the tokenizer's vocabulary "
-            f"({tokenizer_vocab} ids): grow them (vlm_jax.models.vocab.grow_vocab) or use the "
-            "LM's own tokenizer"
+            f"({tokenizer_vocab} ids): {remedy}"
         )

@@ -27,6 +27,7 @@ from jax.sharding import Mesh
 from vlm_jax.data.records import COUNTERS, SUBSTITUTE
 from vlm_jax.evaluate import EVALUATORS, Evaluator, eval_section
 from vlm_jax.models import lora
+from vlm_jax.models.vocab import check_vocab_rows
 from vlm_jax.registry import Registry
 from vlm_jax.schema import Key, Schema
 from vlm_jax.train.optim import frozen_mask, has_frozen
@@ -45,11 +46,8 @@ INIT = Schema({"checkpoint": Key(str, "", "a workdir (or checkpoints dir) to ini
 
 def check_vocab_size(key: str, vocab_size: int, tokenizer) -> None:
     """The model's embedding table (config `key`) must hold every id the tokenizer emits."""
-    if tokenizer.vocab_size > vocab_size:
-        raise ValueError(
-            f"{key}={vocab_size} is smaller than the tokenizer's vocabulary "
-            f"({tokenizer.vocab_size} ids)"
-        )
+    needed = tokenizer.vocab_size
+    check_vocab_rows(key, vocab_size, needed, remedy=f"set {key} to at least {needed}")
 
 
 class Task:
