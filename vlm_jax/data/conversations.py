@@ -126,6 +126,12 @@ CONVERSATION = Schema(
             False,
             "decode every record's supervised tokens against its assistant text (debug)",
         ),
+        "packing": Key(
+            bool,
+            False,
+            "train rows hold several conversations (tokenizer.max_len tokens, max_images "
+            "images shared), attention and positions kept per conversation",
+        ),
     }
 )
 JSON_FILES = CONVERSATION | Schema(

@@ -49,7 +49,14 @@ REASONS = (
     "long_sequence",  # a conversation over tokenizer.max_len (dropped, or no cut keeps it whole)
 )
 # int fields every checked record carries ("truncated_sequences": conversations cut to max_len)
-COUNTERS = ("bad_records", "truncated_captions", "truncated_sequences")
+# packed_conversations / padded_tokens: rows of data.packing (data/packing.py)
+COUNTERS = (
+    "bad_records",
+    "truncated_captions",
+    "truncated_sequences",
+    "packed_conversations",
+    "padded_tokens",
+)
 # 1 where a bad record's slot holds the next good record instead, i.e. a repeat of a record
 # the pass also reads at its own index: training keeps it, evaluation drops it.
 SUBSTITUTE = "substitute"

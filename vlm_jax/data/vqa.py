@@ -62,6 +62,7 @@ import ml_collections
 import numpy as np
 
 from vlm_jax.data import preprocess, shapes
+from vlm_jax.data.packing import PackedRows
 from vlm_jax.data.pipeline import batched
 from vlm_jax.data.records import (
     SUBSTITUTE,
@@ -420,11 +421,23 @@ def build_vqa_pipeline(
     num_epochs: int | None = None,
     worker_count: int = 0,
     worker_buffer_size: int = 1,
+    packing: bool = False,
 ) -> grain.IterDataset:
     """Per-process VQA batches of the source `config.data` names; the iterator supports
-    get_state/set_state (Grain). Records are checked against the contract (`VQARecordCheck`)."""
+    get_state/set_state (Grain). Records are checked against the contract (`VQARecordCheck`).
+    `packing`: several examples per row (data/packing.py), K = the source's images per row."""
+    checked = checked_vqa_source(config, split, tokenizer)
+    pack = None
+    if packing:
+        budgets = dict(
+            max_len=config.tokenizer.max_len,
+            max_images=images_per_record(checked.source),
+            image_token_id=image_token_id(tokenizer),
+            pad_id=tokenizer.pad_id,
+        )
+        pack = lambda stream: PackedRows(stream, **budgets)
     return batched(
-        checked_vqa_source(config, split, tokenizer),
+        checked,
         [VQAInputs(tokenizer, config.tokenizer.max_len, config.data.image_size)],
         batch_size=batch_size,
         process_index=process_index,
@@ -435,4 +448,5 @@ def build_vqa_pipeline(
         worker_count=worker_count,
         worker_buffer_size=worker_buffer_size,
         name=vqa_where(config, split),
+        pack=pack,
     )

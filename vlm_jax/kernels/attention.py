@@ -112,6 +112,7 @@ def cudnn_attention(
         mask is not None
         and mask.causal
         and mask.prefix_lengths is None
+        and mask.kv_prefix is None
         and mask.q_segment_ids is None
         and mask.kv_valid is None
         and mask.q_positions is None

@@ -84,7 +84,8 @@ def mask_kind(mask: AttentionMask | None) -> str:
         return "segments"
     if mask.q_positions is not None or mask.kv_positions is not None or mask.window is not None:
         return "positions"  # causal here: is_full caught the rest
-    return "prefix" if mask.prefix_lengths is not None else "causal"
+    prefix = mask.prefix_lengths is not None or mask.kv_prefix is not None
+    return "prefix" if prefix else "causal"
 
 
 def device_slug(device_kind: str) -> str:

@@ -9,8 +9,9 @@ Backward (`jax.custom_vjp`): one kernel per key block accumulates dk, dv over qu
 accumulates dq. Both recompute the probabilities block by block from the saved lse.
 
 Masks: the wrapper lowers an `AttentionMask` to at most two pairs of int32 vectors,
-  * positions  (causal): key visible when `kv_pos <= q_pos`; prefix-LM keys get position
-    INT32_MIN so every query sees them; default positions are not materialised.
+  * positions  (causal): key visible when `kv_pos <= q_pos`; prefix-LM keys (before
+    prefix_lengths, or flagged by kv_prefix) get position INT32_MIN so every query sees
+    them; default positions are not materialised.
   * segments:  key visible when `q_seg == kv_seg`; padding keys get INT32_MIN.
 Each (query block, key block) pair is classified from the min/max of those vectors as
 skipped (no visible entry: not computed), full (no mask applied) or partial (masked).
@@ -558,13 +559,15 @@ def _mask_vectors(mask: AttentionMask | None, batch, q_len, kv_len, q_pad, kv_pa
     if mask is None:
         return False, False, []
     vectors = []
-    positional = mask.prefix_lengths is not None or mask.q_positions is not None
-    has_pos = mask.causal and (positional or mask.kv_positions is not None)
+    explicit = (mask.prefix_lengths, mask.kv_prefix, mask.q_positions, mask.kv_positions)
+    has_pos = mask.causal and any(x is not None for x in explicit)
     if has_pos:
         q_pos, kv_pos = mask.positions(batch, q_len, kv_len)
         if mask.prefix_lengths is not None:  # prefix keys: visible from every query
             prefix = jnp.asarray(mask.prefix_lengths, jnp.int32)[:, None]
             kv_pos = jnp.where(kv_pos < prefix, INT_MIN, kv_pos)
+        if mask.kv_prefix is not None:
+            kv_pos = jnp.where(mask.kv_prefix.astype(bool), INT_MIN, kv_pos)
         vectors += [
             _pad_axis(q_pos.astype(jnp.int32), 1, q_pad, INT_MIN)[:, :, None],
             _pad_axis(kv_pos.astype(jnp.int32), 1, kv_pad, INT_MAX)[:, None, :],

@@ -3,7 +3,9 @@
 A key at position `kp` is visible to a query at position `qp` when all of these hold:
 
 * causal:        `kp <= qp`, or `kp < prefix_length` (prefix-LM: the prefix is
-                 bidirectional, the rest causal). Without `causal` every key is visible.
+                 bidirectional, the rest causal), or `kv_prefix[kp]` (a packed row's
+                 per-conversation prefixes: with segments, each prefix is seen by every
+                 query of its own conversation). Without `causal` every key is visible.
 * segments:      `q_segment_ids[qp] == kv_segment_ids[kp]` (packed sequences).
 * key padding:   `kv_valid[kp]`.
 * window:        `qp - kp < window` (sliding-window attention: each query sees its last
@@ -26,6 +28,7 @@ import jax.numpy as jnp
 class AttentionMask:
     causal: bool = flax.struct.field(pytree_node=False, default=False)
     prefix_lengths: jax.Array | None = None  # int32[B]
+    kv_prefix: jax.Array | None = None  # bool[B, Tk]: prefix keys (packed prefix-LM)
     q_segment_ids: jax.Array | None = None  # int32[B, Tq]
     kv_segment_ids: jax.Array | None = None  # int32[B, Tk]
     kv_valid: jax.Array | None = None  # bool[B, Tk]
@@ -34,8 +37,10 @@ class AttentionMask:
     window: int | None = flax.struct.field(pytree_node=False, default=None)
 
     def __post_init__(self):
-        if self.prefix_lengths is not None and not self.causal:
-            raise ValueError("AttentionMask: prefix_lengths needs causal=True (prefix-LM)")
+        if (self.prefix_lengths is not None or self.kv_prefix is not None) and not self.causal:
+            raise ValueError(
+                "AttentionMask: prefix_lengths and kv_prefix need causal=True (prefix-LM)"
+            )
         if (self.q_segment_ids is None) != (self.kv_segment_ids is None):
             raise ValueError("AttentionMask: give both q_segment_ids and kv_segment_ids or neither")
         if self.window is not None and (not self.causal or self.window < 1):
@@ -67,6 +72,8 @@ class AttentionMask:
             if self.prefix_lengths is not None:
                 prefix = jnp.asarray(self.prefix_lengths, jnp.int32)
                 visible = visible | (kp[:, None, :] < prefix[:, None, None])
+            if self.kv_prefix is not None:
+                visible = visible | self.kv_prefix[:, None, :].astype(bool)
             if self.window is not None:
                 visible = visible & (qp[:, :, None] - kp[:, None, :] < self.window)
         if self.q_segment_ids is not None:

@@ -347,7 +347,11 @@ class DecoderLM(nn.Module):
 
     Returns (logits float32[B, T, vocab], cache). `prefix_lengths: int32[B]` makes the first
     positions bidirectional (prefix-LM); `media: float[B, M, D]` feeds the gated
-    cross-attention blocks when `cross_attention_every > 0`.
+    cross-attention blocks when `cross_attention_every > 0`. A packed row (several sequences,
+    training only) gives `segment_ids: int32[B, T]` (each sequence a run of one id, 0 the
+    padding) and optionally `prefix_mask: bool[B, T]` (each sequence's bidirectional prefix)
+    instead of prefix_lengths: RoPE positions restart at each sequence and attention stays
+    inside it, so each sequence sees exactly what it would alone (`packed_positions_and_mask`).
     """
 
     vocab_size: int
@@ -496,12 +500,25 @@ class DecoderLM(nn.Module):
         cache: KVCache | None = None,
         media: jax.Array | None = None,
         media_valid: jax.Array | None = None,
+        segment_ids: jax.Array | None = None,
+        prefix_mask: jax.Array | None = None,
         deterministic: bool = True,
     ) -> tuple[jax.Array, KVCache | None]:
         if (tokens is None) == (embeds is None):
             raise ValueError("DecoderLM: pass exactly one of tokens or embeds")
         x = self.embed(tokens) if embeds is None else embeds.astype(self.dtype)
-        positions, mask, index = _positions_and_mask(x.shape[0], x.shape[1], prefix_lengths, cache)
+        if segment_ids is not None:
+            if cache is not None or prefix_lengths is not None:
+                raise ValueError(
+                    "DecoderLM: segment_ids (packed rows) take no cache and no "
+                    "prefix_lengths (give prefix_mask)"
+                )
+            positions, mask = packed_positions_and_mask(segment_ids, prefix_mask)
+            index = None
+        else:
+            positions, mask, index = _positions_and_mask(
+                x.shape[0], x.shape[1], prefix_lengths, cache
+            )
         if self.xattn and media is None:
             raise ValueError("DecoderLM with cross_attention_every > 0 needs media")
         keys, values = [], []
@@ -559,6 +576,27 @@ def _nan_where_overflowed(logits: jax.Array, index: jax.Array, max_len: int) -> 
     """
     overflowed = index + logits.shape[1] > max_len  # bool[B]
     return jnp.where(overflowed[:, None, None], jnp.nan, logits)
+
+
+def packed_positions_and_mask(
+    segment_ids: jax.Array, prefix_mask: jax.Array | None
+) -> tuple[jax.Array, AttentionMask]:
+    """A packed row's RoPE positions int32[B, T], restarting at 0 where each run of one
+    segment id begins, and its mask: causal (or prefix-LM on `prefix_mask`'s keys) within each
+    segment. Causality compares row positions, which order the keys of one segment exactly as
+    the restarted ones do (and keep the flash kernel's block skipping)."""
+    steps = jnp.broadcast_to(jnp.arange(segment_ids.shape[1], dtype=jnp.int32), segment_ids.shape)
+    starts = jnp.concatenate(
+        [jnp.ones_like(segment_ids[:, :1], bool), segment_ids[:, 1:] != segment_ids[:, :-1]], 1
+    )
+    first = jax.lax.cummax(jnp.where(starts, steps, 0), axis=1)  # each token's run start
+    mask = AttentionMask(
+        causal=True,
+        q_segment_ids=segment_ids,
+        kv_segment_ids=segment_ids,
+        kv_prefix=None if prefix_mask is None else prefix_mask.astype(bool),
+    )
+    return steps - first, mask
 
 
 def _positions_and_mask(batch: int, length: int, prefix_lengths, cache: KVCache | None):

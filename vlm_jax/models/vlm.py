@@ -12,6 +12,15 @@ Whatever the fusion, the model returns logits aligned with the *text* tokens,
     images: float32[B, K, H, W, 3] in [-1, 1] (or [B, H, W, 3] for K = 1)
     tokens: int32[B, L], with K `<image>` placeholders inside the prompt
     prefix_lengths: int32[B], number of text tokens in the bidirectional prefix
+
+A packed row (training: several conversations in one row, `data.packing`) gives instead
+`segments = (segment_ids int32[B, L], prefix_mask bool[B, L])`: each conversation a run of one
+id (0: padding), prefix_mask its bidirectional prefix. The k-th `<image>` of the row takes the
+k-th image, so the images of each conversation sit in the row's K slots in order; segment ids
+and prefix flags follow each text token into its spliced slots, a Q-Former reads only the
+prefix of its own image's conversation, and the LM keeps attention and positions inside each
+conversation (DecoderLM), so every conversation's logits are those it gets unpacked. Early
+fusion and "none" only: cross-attention's media would be shared by the row.
 """
 
 from __future__ import annotations
@@ -64,6 +73,21 @@ def splice_visual_tokens(
     return jax.vmap(one)(text_embeds, is_image, visual.astype(text_embeds.dtype))
 
 
+def spliced_values(ends: jax.Array, values: jax.Array, total: int) -> jax.Array:
+    """Per text token values [B, L] -> per spliced slot [B, total]: each slot takes the value
+    of the text token it holds (an image's slots its marker's; trailing slots the last's)."""
+    slots = jnp.arange(total, dtype=jnp.int32)
+    src = jax.vmap(lambda e: jnp.searchsorted(e, slots, side="right"))(ends)
+    return jnp.take_along_axis(values, jnp.minimum(src, ends.shape[1] - 1), axis=1)
+
+
+def image_segments(is_image: jax.Array, segment_ids: jax.Array, num_images: int) -> jax.Array:
+    """The segment of each image slot int32[B, K]: its `<image>` marker's (0: no marker)."""
+    rank = jnp.cumsum(is_image, axis=1) - 1  # [B, L]
+    owns = is_image[:, None, :] & (rank[:, None, :] == jnp.arange(num_images)[None, :, None])
+    return jnp.max(jnp.where(owns, segment_ids[:, None, :], 0), axis=2)
+
+
 def spliced_prefix_lengths(ends: jax.Array, prefix_lengths: jax.Array) -> jax.Array:
     """Text prefix lengths int32[B] -> lengths in the spliced sequence int32[B]."""
     last = jnp.take_along_axis(ends, jnp.maximum(prefix_lengths - 1, 0)[:, None], axis=1)[:, 0]
@@ -93,32 +117,52 @@ class VisionLanguageModel(nn.Module):
                 f"got {self.lm.cross_attention_every}"
             )
 
-    def encode_images(self, images, tokens, prefix_lengths, train: bool = False) -> jax.Array:
+    def instruction(self, tokens, prefix_lengths, segments, num_images: int) -> jax.Array:
+        """bool[B, K, L]: the prefix words each image's connector reads (a packed row: those
+        of the image's own conversation)."""
+        words = (tokens != self.image_token_id) & (tokens != self.pad_id)
+        if segments is None:
+            prefix = jnp.arange(tokens.shape[1]) < prefix_lengths[:, None]
+            return jnp.repeat((prefix & words)[:, None], num_images, axis=1)
+        segment_ids, prefix_mask = segments
+        owner = image_segments(tokens == self.image_token_id, segment_ids, num_images)
+        same = segment_ids[:, None, :] == owner[:, :, None]  # [B, K, L]
+        return same & (prefix_mask.astype(bool) & words)[:, None]
+
+    def encode_images(
+        self, images, tokens, prefix_lengths, train: bool = False, segments=None
+    ) -> jax.Array:
         """Visual tokens float[B, K, M, D]; the instruction (prefix text) conditions a Q-Former."""
         if images.ndim == 4:
             images = images[:, None]
         batch, num_images = images.shape[:2]
         features = self.vision(images.reshape(batch * num_images, *images.shape[2:]), train=train)
-        text_valid = (
-            (jnp.arange(tokens.shape[1]) < prefix_lengths[:, None])
-            & (tokens != self.image_token_id)
-            & (tokens != self.pad_id)
-        )
-        repeat = lambda x: jnp.repeat(x, num_images, axis=0)
+        text_valid = self.instruction(tokens, prefix_lengths, segments, num_images)
         visual = self.connector(
             features,
-            text_embeds=repeat(self.lm.embed(tokens)),
-            text_valid=repeat(text_valid),
+            text_embeds=jnp.repeat(self.lm.embed(tokens), num_images, axis=0),
+            text_valid=text_valid.reshape(batch * num_images, -1),
         )
         return visual.reshape(batch, num_images, *visual.shape[1:])
 
-    def _inputs(self, images, tokens, prefix_lengths, train):
+    def _inputs(self, images, tokens, prefix_lengths, train, segments=None):
         """LM inputs for the fusion: (kwargs for the LM, ends int32[B, L] or None)."""
-        return FUSIONS.get(self.fusion).inputs(self, images, tokens, prefix_lengths, train)
+        fusion = FUSIONS.get(self.fusion)
+        if segments is None:
+            return fusion.inputs(self, images, tokens, prefix_lengths, train)
+        if fusion.cross_attention:
+            raise ValueError(
+                f"fusion={self.fusion!r} cannot take packed rows (every text token reads all "
+                "of the row's media); pack with fusion early or none (data.packing=False here)"
+            )
+        return fusion.inputs(self, images, tokens, prefix_lengths, train, segments)
 
-    def __call__(self, images, tokens, prefix_lengths, train: bool = False) -> jax.Array:
-        """Next-token logits float32[B, L, V] aligned with the text tokens."""
-        inputs, ends = self._inputs(images, tokens, prefix_lengths, train)
+    def __call__(
+        self, images, tokens, prefix_lengths, train: bool = False, segments=None
+    ) -> jax.Array:
+        """Next-token logits float32[B, L, V] aligned with the text tokens; `segments`: a
+        packed row's (segment_ids int32[B, L], prefix_mask bool[B, L]), prefix_lengths None."""
+        inputs, ends = self._inputs(images, tokens, prefix_lengths, train, segments)
         logits, _ = self.lm(**inputs, deterministic=not train)
         if ends is not None:
             logits = jnp.take_along_axis(logits, (ends - 1)[:, :, None], axis=1)
@@ -156,10 +200,15 @@ class Fusion:
     cross_attention: bool = False
 
 
-def _early_inputs(vlm: VisionLanguageModel, images, tokens, prefix_lengths, train):
-    """The visual tokens spliced in place of each `<image>`, prefix lengths moved with them."""
-    visual = vlm.encode_images(images, tokens, prefix_lengths, train)
+def _early_inputs(vlm: VisionLanguageModel, images, tokens, prefix_lengths, train, segments=None):
+    """The visual tokens spliced in place of each `<image>`, prefix lengths (or a packed row's
+    segments) moved with them."""
+    visual = vlm.encode_images(images, tokens, prefix_lengths, train, segments)
     embeds, ends = splice_visual_tokens(vlm.lm.embed(tokens), tokens == vlm.image_token_id, visual)
+    if segments is not None:
+        total = embeds.shape[1]
+        segment_ids, prefix_mask = (spliced_values(ends, x, total) for x in segments)
+        return dict(embeds=embeds, segment_ids=segment_ids, prefix_mask=prefix_mask), ends
     return dict(embeds=embeds, prefix_lengths=spliced_prefix_lengths(ends, prefix_lengths)), ends
 
 
@@ -170,7 +219,11 @@ def _cross_attention_inputs(vlm: VisionLanguageModel, images, tokens, prefix_len
     return dict(tokens=tokens, prefix_lengths=prefix_lengths, media=media), None
 
 
-def _text_only_inputs(vlm: VisionLanguageModel, images, tokens, prefix_lengths, train):
+def _text_only_inputs(
+    vlm: VisionLanguageModel, images, tokens, prefix_lengths, train, segments=None
+):
+    if segments is not None:
+        return dict(tokens=tokens, segment_ids=segments[0], prefix_mask=segments[1]), None
     return dict(tokens=tokens, prefix_lengths=prefix_lengths), None
 
 

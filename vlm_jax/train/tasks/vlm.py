@@ -36,7 +36,7 @@ from vlm_jax.data.vqa import (
 from vlm_jax.evaluate import eval_section
 from vlm_jax.losses import next_token_loss
 from vlm_jax.models import MODEL, vocab
-from vlm_jax.models.vlm import build_vlm
+from vlm_jax.models.vlm import FUSIONS, build_vlm
 from vlm_jax.schema import Key, Schema, resolve
 from vlm_jax.train.tasks import INIT, TASKS, Task, check_vocab_size
 
@@ -78,6 +78,16 @@ class VLMTask(Task):
                 f"model.pad_id={pad_id} but the tokenizer's pad id is {self.tokenizer.pad_id}"
             )
         self.model = build_vlm(config.model)
+        if self.packing and FUSIONS.get(self.model.fusion).cross_attention:
+            raise ValueError(
+                f"data.packing=True with model.fusion={self.model.fusion!r}: packed rows need "
+                "fusion early or none (cross-attention reads all of a row's media)"
+            )
+
+    @functools.cached_property
+    def packing(self) -> bool:
+        """data.packing: several conversations per training row (data/packing.py)."""
+        return bool(resolve("data", self.config.data, DATA).get("packing", False))
 
     added_keys: ClassVar[dict] = Task.added_keys | {("model", "pad_id"): 0}  # model.pad_id
 
@@ -89,19 +99,26 @@ class VLMTask(Task):
     def batch_spec(self, batch_size: int) -> dict[str, jax.ShapeDtypeStruct]:
         size, length = self.config.data.image_size, self.config.tokenizer.max_len
         images = (batch_size, self.images_per_record, size, size, 3)
+        per_token = jax.ShapeDtypeStruct((batch_size, length), np.int32)
+        # A packed row's prefixes: one per conversation (prefix_mask), not one prefix_len.
+        prefix = {"segment_ids": per_token, "prefix_mask": per_token}
+        if not self.packing:
+            prefix = {"prefix_len": jax.ShapeDtypeStruct((batch_size,), np.int32)}
         return {
             "image": jax.ShapeDtypeStruct(images, np.float32),
-            "tokens": jax.ShapeDtypeStruct((batch_size, length), np.int32),
-            "prefix_len": jax.ShapeDtypeStruct((batch_size,), np.int32),
-            "loss_mask": jax.ShapeDtypeStruct((batch_size, length), np.int32),
+            "tokens": per_token,
+            **prefix,
+            "loss_mask": per_token,
         }
 
     def model_inputs(self, batch):
-        return {
-            "images": batch["image"],
-            "tokens": batch["tokens"],
-            "prefix_lengths": batch["prefix_len"],
-        }
+        inputs = {"images": batch["image"], "tokens": batch["tokens"]}
+        if "segment_ids" in batch:  # packed rows (data.packing)
+            return inputs | {
+                "prefix_lengths": None,
+                "segments": (batch["segment_ids"], batch["prefix_mask"]),
+            }
+        return inputs | {"prefix_lengths": batch["prefix_len"]}
 
     def loss(self, params, batch, rng, train):
         logits = self.model.apply(
@@ -120,6 +137,7 @@ class VLMTask(Task):
             process_index=process_index,
             process_count=process_count,
             seed=seed,
+            packing=self.packing,
             **worker_options(self.config.train),
         )
 
