@@ -48,7 +48,8 @@ def test_exact_match_per_type_and_false_yes(tokenizer):
     types = np.asarray([t for t, _, _ in QUESTIONS])
     answers = [answer for _, answer, _ in QUESTIONS]
     outputs = token_rows(tokenizer, [said for _, _, said in QUESTIONS], width=4)
-    assert vqa._exact_match(outputs, answers, types, tokenizer, "p_") == {
+    predictions = [tokenizer.decode(row) for row in outputs]
+    assert vqa._exact_match(predictions, answers, types, "p_") == {
         "p_acc": 4 / 7,
         "p_acc_colour": 1 / 2,
         "p_acc_shape": 1.0,

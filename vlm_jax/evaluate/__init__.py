@@ -2,7 +2,10 @@
 
 EVALUATORS holds "zeroshot" and "retrieval" (contrastive.py: the contrastive task's
 embeddings), "vqa" and "caption" (vqa.py: generated answers with grounding probes, caption
-token accuracy) and "perplexity" (perplexity.py: the LM's token-weighted loss). An evaluator is
+token accuracy), "perplexity" (perplexity.py: the LM's token-weighted loss, on the val split or
+a text file) and three plug-ins of the "vlm" task: "text_perplexity" (perplexity.py: the
+text-only guardrail, the VLM's LM alone on a text file), "vqa_file" and "pope" (vqa_file.py:
+VQA soft accuracy and POPE yes/no probing from question files, scored by answers.py). An evaluator is
 an `Evaluator` subclass: built once per run with its task (the model, tokenizer, mesh and config
 it reads), called with the params at each evaluation, returning metrics named without the
 "eval/" prefix. It declares the `eval.*` keys it reads beside EVAL's shared ones as its `SCHEMA`.
@@ -36,6 +39,7 @@ EVALUATORS = Registry(
         "vlm_jax.evaluate.contrastive",
         "vlm_jax.evaluate.perplexity",
         "vlm_jax.evaluate.vqa",
+        "vlm_jax.evaluate.vqa_file",
     ),
 )
 # config.eval keys of every task, whichever evaluators run.

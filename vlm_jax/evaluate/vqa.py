@@ -94,8 +94,7 @@ def _batched(fn: Callable, arrays: list[np.ndarray], batch_size: int) -> np.ndar
     return np.concatenate(outs)
 
 
-def _exact_match(outputs, answers, types, tokenizer, prefix: str) -> dict[str, float]:
-    predictions = [tokenizer.decode(row) for row in outputs]
+def _exact_match(predictions, answers, types, prefix: str) -> dict[str, float]:
     correct = np.asarray([p == a for p, a in zip(predictions, answers)])
     results = {f"{prefix}acc": float(correct.mean())}
     for name in filter(None, dict.fromkeys(types.tolist())):  # the types present, in order
@@ -106,6 +105,45 @@ def _exact_match(outputs, answers, types, tokenizer, prefix: str) -> dict[str, f
             np.mean([predictions[i] == "yes" for i in np.flatnonzero(absent)])
         )
     return results
+
+
+def generated_answers(
+    model: nn.Module,
+    params: Any,
+    tokenizer: Tokenizer,
+    examples: dict,
+    images: np.ndarray,
+    max_new_tokens: int,
+    batch: int,
+) -> list[str]:
+    """The greedy answers (KV-cached generation, decoded) to the examples' prompts asked of
+    `images` float32[n, K, S, S, 3]."""
+
+    def run(i, t, n):
+        return generate(
+            model,
+            {"params": params},
+            jnp.asarray(i),
+            jnp.asarray(t),
+            jnp.asarray(n),
+            max_new_tokens=max_new_tokens,
+            eos_id=tokenizer.eos_id,
+            pad_id=tokenizer.pad_id,
+            vocab_size=tokenizer.vocab_size,
+        )
+
+    outputs = _batched(run, [images, examples["prompt"], examples["prefix_len"]], batch)
+    return [tokenizer.decode(row) for row in outputs]
+
+
+def grounding_probes(model: nn.Module, images: np.ndarray, colour: np.ndarray) -> dict:
+    """{metric prefix: images}: the examples' own ("") and, for a model that reads images,
+    each one's swapped for the next example's ("swapped_") and a blank canvas ("blank_")."""
+    probes = {"": images}
+    if model.fusion != "none":
+        probes["swapped_"] = np.roll(images, 1, axis=0)
+        probes["blank_"] = blank_images(images, colour)
+    return probes
 
 
 def prefill_flops_per_example(model: nn.Module, params: Any, examples: dict, batch: int) -> float:
@@ -149,29 +187,14 @@ def evaluate_vqa(
     if examples is None:
         examples = load_examples(config, tokenizer, settings.num_examples)
     batch = min(settings.batch_size, len(examples["answer"]))
-    types = examples["question_type"]
-
-    def answers(images):
-        run = lambda i, t, n: generate(
-            model,
-            {"params": params},
-            jnp.asarray(i),
-            jnp.asarray(t),
-            jnp.asarray(n),
-            max_new_tokens=settings.max_new_tokens,
-            eos_id=tokenizer.eos_id,
-            pad_id=tokenizer.pad_id,
-            vocab_size=tokenizer.vocab_size,
+    types, results = examples["question_type"], {}
+    for prefix, images in grounding_probes(
+        model, examples["image"], examples["blank_colour"]
+    ).items():
+        predictions = generated_answers(
+            model, params, tokenizer, examples, images, settings.max_new_tokens, batch
         )
-        return _batched(run, [images, examples["prompt"], examples["prefix_len"]], batch)
-
-    images = examples["image"]
-    results = _exact_match(answers(images), examples["answer"], types, tokenizer, "")
-    if model.fusion != "none":
-        swapped = np.roll(images, 1, axis=0)
-        results |= _exact_match(answers(swapped), examples["answer"], types, tokenizer, "swapped_")
-        blank = blank_images(images, examples["blank_colour"])
-        results |= _exact_match(answers(blank), examples["answer"], types, tokenizer, "blank_")
+        results |= _exact_match(predictions, examples["answer"], types, prefix)
     results["visual_tokens"] = float(visual_tokens_per_example(model, params, examples))
     results["prefill_gflops"] = prefill_flops_per_example(model, params, examples, batch) / 1e9
     return results
