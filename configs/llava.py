@@ -15,6 +15,18 @@ The towers come from released checkpoints, converted once (nothing is downloaded
         --config.init.lm_checkpoint=runs/vicuna --config.init.vision_checkpoint=runs/clip \\
         --config.tokenizer.path=runs/vicuna/tokenizer --config.data.path=/data/llava_folder
 
+LLaVA's own data (llava_v1_5_mix665k.json, blip_laion_cc_sbu_558k.json) reads directly as
+conversations (vlm_jax/data/conversations.py; loss on the assistant turns only, Vicuna's v1
+template, several conversations per row with data.packing):
+
+        --config.data.source=llava_json --config.data.path=/data/llava_v1_5_mix665k.json \
+        --config.data.image_root=/data/llava_images --config.data.chat_template=llava_v1
+
+(LLaVA's stage 1 uses its "plain" format instead, the image then the caption; with llava_v1
+stage 1 also sees the system prompt and the question. Held-out VQA from a file:
+--config.eval.tasks="('vqa_file','text_perplexity')" --config.eval.vqa_path=... and the
+text-only guardrail's --config.eval.text_path=...)
+
 The LM's tokenizer is the release's (tokenizer.name="hf", copied into the converted run);
 `<image>` is added after its 32,000 ids, so `model.image_token_id` is 32000 for Llama-2 /
 Vicuna tokenizers (the task checks it against the tokenizer). The LM's embedding has 32,064 rows:

@@ -5,6 +5,7 @@ sequences, bad records, and a tiny VLM trained on them through the CLI."""
 
 import json
 import shutil
+from pathlib import Path
 
 import ml_collections
 import numpy as np
@@ -444,3 +445,26 @@ def test_a_tiny_vlm_trains_on_the_llava_json_through_the_cli_and_resumes_exactly
     train_main(cli_args(stopped, path))
     numeric = lambda row: {k: v for k, v in row.items() if not k.startswith("perf/")}
     assert [numeric(r) for r in read_rows(stopped)] == [numeric(r) for r in rows]
+
+
+def test_llava_config_reads_llava_data_as_its_docstring_says():
+    """configs/llava.py's documented switch to LLaVA's own JSON (and file evaluators) is a
+    valid config: the conversation source's keys replace the folder's."""
+    from vlm_jax.config import parse_cli
+    from vlm_jax.train.validate import CONFIG, validate_config
+
+    flags = [
+        "--config.data.source=llava_json",
+        "--config.data.path=/data/llava_v1_5_mix665k.json",
+        "--config.data.image_root=/data/llava_images",
+        "--config.data.chat_template=llava_v1",
+        "--config.eval.tasks=('vqa_file','text_perplexity')",
+        "--config.eval.vqa_path=/data/q.jsonl",
+        "--config.eval.text_path=/data/t.txt",
+    ]
+    doc = Path("configs/llava.py").read_text()
+    for flag in flags[:4]:
+        assert flag.split("=")[0] in doc
+    config, _ = parse_cli(["--config", "configs/llava.py:stage2", *flags], CONFIG)
+    validate_config(config)
+    assert (config.data.source, config.data.chat_template) == ("llava_json", "llava_v1")

@@ -5,10 +5,11 @@ embeddings), "vqa" and "caption" (vqa.py: generated answers with grounding probe
 token accuracy), "perplexity" (perplexity.py: the LM's token-weighted loss, on the val split or
 a text file) and three plug-ins of the "vlm" task: "text_perplexity" (perplexity.py: the
 text-only guardrail, the VLM's LM alone on a text file), "vqa_file" and "pope" (vqa_file.py:
-VQA soft accuracy and POPE yes/no probing from question files, scored by answers.py). An evaluator is
-an `Evaluator` subclass: built once per run with its task (the model, tokenizer, mesh and config
-it reads), called with the params at each evaluation, returning metrics named without the
-"eval/" prefix. It declares the `eval.*` keys it reads beside EVAL's shared ones as its `SCHEMA`.
+VQA soft accuracy and POPE yes/no probing from question files, scored by answers.py). An
+evaluator is an `Evaluator` subclass: built once per run with its task (the model, tokenizer,
+mesh and config it reads), called with the params at each evaluation, returning metrics named
+without the "eval/" prefix. It declares the `eval.*` keys it reads beside EVAL's shared ones
+as its `SCHEMA`.
 
 A task accepts the evaluators its `evaluators` class attribute names (in default order) and any
 registered evaluator whose `tasks` names the task (a plug-in for an existing task):
