@@ -383,17 +383,74 @@ def test_array_record_shards_give_the_same_records_and_batches(tmp):
     direct = conversation_config(write_json(tmp, "good.json", good_rows()))
     sharded = conversation_config(str(tmp / "shards"), "conversation_shards")
     assert len(build_source(sharded.data, "train")) == len(good_rows())
-    for ours, theirs in zip(checked_records(direct), checked_records(sharded), strict=True):
+    assert_same_records_and_batches(direct, sharded)
+
+
+def assert_same_records_and_batches(direct, other) -> None:
+    """Config `other`'s source gives config `direct`'s checked records and first batches."""
+    for ours, theirs in zip(checked_records(direct), checked_records(other), strict=True):
         assert ours.keys() == theirs.keys()
         for key in ours:
             np.testing.assert_equal(ours[key], theirs[key], err_msg=key)
     tokenizer = build_vqa_tokenizer(direct.tokenizer)
     pipeline = lambda config: iter(build_vqa_pipeline(config, tokenizer, "train", batch_size=4))
-    streams = [pipeline(direct), pipeline(sharded)]
+    streams = [pipeline(direct), pipeline(other)]
     for _ in range(3):
         first, second = next(streams[0]), next(streams[1])
         for key in first:
             np.testing.assert_array_equal(first[key], second[key], err_msg=key)
+
+
+def build_conversation_tfds(data_dir, root, rows: list[dict]) -> None:
+    """Prepare a TFDS dataset (array_record) in `data_dir` of llava_json `rows`: the turns as
+    JSON text, the image files under `root` as encoded images (none: text-only), the row's id."""
+    import tensorflow_datasets as tfds
+
+    class TinyConversations(tfds.core.GeneratorBasedBuilder):
+        VERSION = tfds.core.Version("1.0.0")
+
+        def _info(self):
+            features = {
+                "id": tfds.features.Text(),
+                "conversations": tfds.features.Text(),
+                "images": tfds.features.Sequence(tfds.features.Image()),
+            }
+            return tfds.core.DatasetInfo(  # the rows' order, as the JSON file has them
+                builder=self, features=tfds.features.FeaturesDict(features), disable_shuffling=True
+            )
+
+        def _split_generators(self, dl_manager):
+            return {"train": self._generate_examples()}
+
+        def _generate_examples(self):
+            for i, row in enumerate(rows):
+                paths = [row["image"]] if "image" in row else []
+                yield (
+                    i,
+                    {
+                        "id": row["id"],
+                        "conversations": json.dumps(row["conversations"]),
+                        "images": [(root / path).read_bytes() for path in paths],
+                    },
+                )
+
+    TinyConversations(data_dir=str(data_dir), file_format="array_record").download_and_prepare()
+
+
+def test_a_tfds_dataset_of_the_records_gives_the_same_records_and_batches(tmp):
+    build_conversation_tfds(tmp / "tfds", tmp, good_rows())
+    direct = conversation_config(write_json(tmp, "good.json", good_rows()))
+    tfds_config = conversation_config("", "conversation_tfds")
+    with tfds_config.unlocked():
+        del tfds_config.data.path
+        tfds_config.data.update(
+            tfds_name="tiny_conversations",
+            tfds_data_dir=str(tmp / "tfds"),
+            tfds_splits={"train": "train"},
+        )
+    source = build_source(tfds_config.data, "train")
+    assert [source[i]["name"] for i in range(len(source))] == [r["id"] for r in good_rows()]
+    assert_same_records_and_batches(direct, tfds_config)
 
 
 def cli_args(workdir, path: str, **extra: str) -> list[str]:
