@@ -2,7 +2,9 @@
 are, prompts built through a chat template, the loss on assistant turns only.
 
     data.source = "llava_json"    (or "messages_json"; "conversation_shards": their array_record
-                                   shards, python -m vlm_jax.data.write_shards --conversations)
+                                   shards, python -m vlm_jax.data.write_shards --conversations;
+                                   "conversation_tfds": a prepared TFDS dataset of the same
+                                   records, the turns as a JSON text feature)
     data.path = "/data/llava/{split}.json"   ("{split}": the split's name; .json or .jsonl)
     data.image_root = "/data/llava/images"   (image paths resolve against it; "": the file's dir)
 
