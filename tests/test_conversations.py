@@ -384,22 +384,80 @@ def test_array_record_shards_give_the_same_records_and_batches(tmp):
     direct = conversation_config(write_json(tmp, "good.json", good_rows()))
     sharded = conversation_config(str(tmp / "shards"), "conversation_shards")
     assert len(build_source(sharded.data, "train")) == len(good_rows())
-    for ours, theirs in zip(checked_records(direct), checked_records(sharded), strict=True):
+    assert_same_records_and_batches(direct, sharded)
+
+
+def assert_same_records_and_batches(direct, other) -> None:
+    """Config `other`'s source gives config `direct`'s checked records and first batches."""
+    for ours, theirs in zip(checked_records(direct), checked_records(other), strict=True):
         assert ours.keys() == theirs.keys()
         for key in ours:
             np.testing.assert_equal(ours[key], theirs[key], err_msg=key)
     tokenizer = build_vqa_tokenizer(direct.tokenizer)
     pipeline = lambda config: iter(build_vqa_pipeline(config, tokenizer, "train", batch_size=4))
-    streams = [pipeline(direct), pipeline(sharded)]
+    streams = [pipeline(direct), pipeline(other)]
     for _ in range(3):
         first, second = next(streams[0]), next(streams[1])
         for key in first:
             np.testing.assert_array_equal(first[key], second[key], err_msg=key)
 
 
-def cli_args(workdir, path: str) -> list[str]:
+def build_conversation_tfds(data_dir, root, rows: list[dict]) -> None:
+    """Prepare a TFDS dataset (array_record) in `data_dir` of llava_json `rows`: the turns as
+    JSON text, the image files under `root` as encoded images (none: text-only), the row's id."""
+    import tensorflow_datasets as tfds
+
+    class TinyConversations(tfds.core.GeneratorBasedBuilder):
+        VERSION = tfds.core.Version("1.0.0")
+
+        def _info(self):
+            features = {
+                "id": tfds.features.Text(),
+                "conversations": tfds.features.Text(),
+                "images": tfds.features.Sequence(tfds.features.Image()),
+            }
+            return tfds.core.DatasetInfo(  # the rows' order, as the JSON file has them
+                builder=self, features=tfds.features.FeaturesDict(features), disable_shuffling=True
+            )
+
+        def _split_generators(self, dl_manager):
+            return {"train": self._generate_examples()}
+
+        def _generate_examples(self):
+            for i, row in enumerate(rows):
+                paths = [row["image"]] if "image" in row else []
+                yield (
+                    i,
+                    {
+                        "id": row["id"],
+                        "conversations": json.dumps(row["conversations"]),
+                        "images": [(root / path).read_bytes() for path in paths],
+                    },
+                )
+
+    TinyConversations(data_dir=str(data_dir), file_format="array_record").download_and_prepare()
+
+
+def test_a_tfds_dataset_of_the_records_gives_the_same_records_and_batches(tmp):
+    build_conversation_tfds(tmp / "tfds", tmp, good_rows())
+    direct = conversation_config(write_json(tmp, "good.json", good_rows()))
+    tfds_config = conversation_config("", "conversation_tfds")
+    with tfds_config.unlocked():
+        del tfds_config.data.path
+        tfds_config.data.update(
+            tfds_name="tiny_conversations",
+            tfds_data_dir=str(tmp / "tfds"),
+            tfds_splits={"train": "train"},
+        )
+    source = build_source(tfds_config.data, "train")
+    assert [source[i]["name"] for i in range(len(source))] == [r["id"] for r in good_rows()]
+    assert_same_records_and_batches(direct, tfds_config)
+
+
+def cli_args(workdir, path: str, **extra: str) -> list[str]:
     """The trainer CLI on the LLaVA JSON: configs/vlm_shapes.py's tiny VLM (TINY_VLM sizes),
-    switched to the llava_json source and the byte tokenizer (plain template)."""
+    switched to the llava_json source and the byte tokenizer (plain template); `extra`: more
+    overrides ("data.packing": "true" as data__packing="true")."""
     overrides = {
         **TINY_VLM,
         "data.source": "llava_json",
@@ -414,6 +472,7 @@ def cli_args(workdir, path: str) -> list[str]:
         "train.log_every": "1",
         "train.checkpoint_every": "2",
         "eval.tasks": "()",
+        **{key.replace("__", "."): value for key, value in extra.items()},
     }
     flags = [f"--config.{key}={value}" for key, value in overrides.items()]
     return ["--config", "configs/vlm_shapes.py", "--workdir", str(workdir), *flags]
@@ -439,12 +498,45 @@ def test_a_tiny_vlm_trains_on_the_llava_json_through_the_cli_and_resumes_exactly
         assert row["train/supervised_tokens"] == batch["loss_mask"][:, 1:].sum() > 0
         assert row["data/bad_records"] == 0 and row["data/truncated_sequences"] == 0
 
-    stopped = tmp / "stopped"  # a run stopped after its step-2 checkpoint
+    assert_resumes_exactly(full, tmp / "stopped", cli_args, path)
+
+
+def numeric(row: dict) -> dict:
+    return {key: value for key, value in row.items() if not key.startswith("perf/")}
+
+
+def assert_resumes_exactly(full, stopped, args, path: str, **extra: str) -> None:
+    """A copy of run `full` stopped after its step-2 checkpoint, resumed through the CLI, logs
+    every metrics.jsonl row (timings aside) as the uninterrupted run did."""
     shutil.copytree(full, stopped)
     shutil.rmtree(stopped / "checkpoints" / "4")
-    train_main(cli_args(stopped, path))
-    numeric = lambda row: {k: v for k, v in row.items() if not k.startswith("perf/")}
-    assert [numeric(r) for r in read_rows(stopped)] == [numeric(r) for r in rows]
+    train_main(args(stopped, path, **extra))
+    assert [numeric(r) for r in read_rows(stopped)] == [numeric(r) for r in read_rows(full)]
+
+
+@pytest.mark.slow
+def test_a_packed_vlm_run_on_the_llava_json_resumes_exactly_through_the_cli(tmp):
+    """data.packing=True: rows hold several conversations (the waiting example of a row in
+    progress is part of the checkpointed iterator state), and the resumed run logs every row as
+    the uninterrupted one, the packing counters included."""
+    path = write_json(tmp, "train.json", good_rows())
+    full = tmp / "packed_run"
+    packing = dict(data__packing="true", data__max_images="2", tokenizer__max_len="192")
+    train_main(cli_args(full, path, **packing))  # rows of two photo conversations fit
+    rows = read_rows(full)
+    assert [row["step"] for row in rows] == [1, 2, 3, 4]
+    config = conversation_config(path, packing=True, max_images=2)  # the run's packed rows
+    config.tokenizer.max_len = 192
+    tokenizer = build_vqa_tokenizer(config.tokenizer)
+    batches = build_vqa_pipeline(
+        config, tokenizer, "train", batch_size=8, seed=config.seed, packing=True
+    )
+    packed = 0  # data/ counters are run totals
+    for row, batch in zip(rows, iter(batches)):
+        assert row["train/supervised_tokens"] == batch["loss_mask"][:, 1:].sum() > 0
+        packed += int(batch["packed_conversations"].sum())
+        assert row["data/packed_conversations"] == packed > 8 * row["step"]
+    assert_resumes_exactly(full, tmp / "packed_stopped", cli_args, path, **packing)
 
 
 def test_llava_config_reads_llava_data_as_its_docstring_says():

@@ -2,7 +2,9 @@
 are, prompts built through a chat template, the loss on assistant turns only.
 
     data.source = "llava_json"    (or "messages_json"; "conversation_shards": their array_record
-                                   shards, python -m vlm_jax.data.write_shards --conversations)
+                                   shards, python -m vlm_jax.data.write_shards --conversations;
+                                   "conversation_tfds": a prepared TFDS dataset of the same
+                                   records, the turns as a JSON text feature)
     data.path = "/data/llava/{split}.json"   ("{split}": the split's name; .json or .jsonl)
     data.image_root = "/data/llava/images"   (image paths resolve against it; "": the file's dir)
 
@@ -64,6 +66,7 @@ from vlm_jax.data.array_record_source import check_written_count, complete_shard
 from vlm_jax.data.chat_template import ChatTemplateError, compile_template, render_chat
 from vlm_jax.data.records import BadRecordError, as_rgb, decode_image
 from vlm_jax.data.sources import DATA_SOURCES
+from vlm_jax.data.tfds_source import TFDS, as_text, open_split
 from vlm_jax.data.tokenizers import Tokenizer
 from vlm_jax.data.vqa import IMAGE_PLACEHOLDER, NEUTRAL_GREY, image_token_id
 from vlm_jax.registry import Registry
@@ -344,6 +347,75 @@ class ConversationShards:
 
     def __repr__(self) -> str:
         return f"ConversationShards(root={str(self.root)!r}, records={len(self)})"
+
+
+TFDS_FORMATS = {"llava": llava_messages, "messages": chat_messages}
+TFDS_LOCATION = ("tfds_name", "tfds_data_dir", "tfds_splits")
+CONVERSATION_TFDS = (
+    CONVERSATION
+    | Schema({key: TFDS.keys[key] for key in TFDS_LOCATION})
+    | Schema(
+        {
+            "images_key": Key(str, "images", "feature of the record's images (a Sequence)"),
+            "conversation_key": Key(str, "conversations", "text feature: the turns as a JSON list"),
+            "conversation_format": Key(
+                str,
+                "llava",
+                "the JSON's turns: llava ({'from', 'value'}) or messages ({'role', 'content'})",
+                choices=tuple(TFDS_FORMATS),
+            ),
+            "id_key": Key(str, "id", "text feature naming the record ('': its index)"),
+        }
+    )
+)
+
+
+@DATA_SOURCES.register("conversation_tfds", schema=CONVERSATION_TFDS)
+class ConversationTfds:
+    """The records of a conversation source from a prepared TFDS dataset (array_record, read
+    through tfds.data_source): per example, the turns as JSON text in `conversation_key` (a
+    llava_json row's "conversations" or a messages_json row's "messages"), its images (encoded
+    bytes or decoded uint8[H, W, 3], 0 for a text-only record) in `images_key`, its name in
+    `id_key`: the same records as the JSON file of those rows."""
+
+    conversations = True
+
+    def __init__(self, config: ml_collections.ConfigDict, split: str):
+        check_choice("data.conversation_format", config.conversation_format, tuple(TFDS_FORMATS))
+        self.source = open_split(config, split)
+        self.messages_of = TFDS_FORMATS[config.conversation_format]
+        self.key = {"llava": "conversations", "messages": "messages"}[config.conversation_format]
+        self.config = config
+        self.images_per_record = config.max_images
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def __getitem__(self, index: int) -> dict:
+        index = int(index)
+        example = self.source[index]
+        name = as_text(example.get(self.config.id_key)) if self.config.id_key else ""
+        name = name or str(index)
+        try:
+            turns = json.loads(as_text(example.get(self.config.conversation_key)))
+        except json.JSONDecodeError as e:
+            raise bad(f"id {name!r}: {self.config.conversation_key!r} is not JSON: {e}") from None
+        try:
+            messages = self.messages_of({self.key: turns})
+        except BadRecordError as e:
+            raise bad(f"id {name!r}: {e.detail}", e.reason) from None
+        images = example.get(self.config.images_key, [])
+        where = f"id {name!r} image"
+        images = [
+            decode_image(image, f"{where} {i}") if isinstance(image, bytes) else image
+            for i, image in enumerate(images)
+        ]
+        return {"image": images, "messages": messages, "id": index, "name": name}
+
+    record_check = ConversationSource.record_check
+
+    def __repr__(self) -> str:
+        return f"ConversationTfds(name={self.config.tfds_name!r}, records={len(self)})"
 
 
 # -- checking and encoding ----------------------------------------------------------------------

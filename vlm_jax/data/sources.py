@@ -14,8 +14,8 @@ cut objects out, in its schema's check (SHAPES: `refuse_cutting_crops`). Sources
 zero-shot split expose `classnames` (indexed by the record's "label") and `templates`. Sources
 of the "vlm" task give VQA / instruction records instead (image(s), prompt, answer, optional
 question type: the record contract in data/vqa.py), as "shapes_vqa" and "vqa_folder" do, or
-multi-turn conversations ("llava_json", "messages_json", "conversation_shards":
-data/conversations.py).
+multi-turn conversations ("llava_json", "messages_json", "conversation_shards",
+"conversation_tfds": data/conversations.py).
 """
 
 from __future__ import annotations

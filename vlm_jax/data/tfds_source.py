@@ -66,22 +66,27 @@ TFDS = Schema(
 )
 
 
+def open_split(config: ml_collections.ConfigDict, split: str):
+    """tfds.data_source over our `split`'s TFDS split (data.tfds_splits) of a prepared dataset."""
+    import tensorflow_datasets as tfds
+
+    splits = dict(config.tfds_splits)
+    if split not in splits:
+        raise ValueError(f"split {split!r} is not one of data.tfds_splits: {sorted(splits)}")
+    return tfds.data_source(
+        config.tfds_name,
+        split=splits[split],
+        data_dir=config.tfds_data_dir or None,
+        download=False,  # prepared beforehand (`tfds build`); runs never download
+    )
+
+
 @DATA_SOURCES.register("tfds", schema=TFDS)
 class TfdsSource:
     """Records {"image": uint8[H, W, 3], "caption", "id", ["label"]} of a prepared TFDS split."""
 
     def __init__(self, config: ml_collections.ConfigDict, split: str):
-        import tensorflow_datasets as tfds
-
-        splits = dict(config.tfds_splits)
-        if split not in splits:
-            raise ValueError(f"split {split!r} is not one of data.tfds_splits: {sorted(splits)}")
-        self.source = tfds.data_source(
-            config.tfds_name,
-            split=splits[split],
-            data_dir=config.tfds_data_dir or None,
-            download=False,  # prepared beforehand (`tfds build`); runs never download
-        )
+        self.source = open_split(config, split)
         self.image_key = config.image_key
         self.caption_key = config.caption_key
         self.label_key = config.label_key
