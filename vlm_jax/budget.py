@@ -8,7 +8,7 @@ source gives (K): the visual tokens per example (K x the connector's M, read fro
 tower + LM over the sequence, attending to the KV cache of sequence + eval.max_new_tokens slots;
 models/flops.py as vlm_jax.compile counts them), the KV-cache bytes per request (the cache the
 model's `prefill` allocates) and whether the sequence fits the LM context `--context` (default:
-the one the config itself is sized for, tokenizer.max_len + its visual tokens). `text_budget` is
+the config's own sequence at its own image size). `text_budget` is
 the tokenizer.max_len that would fit that context at the size. One JSON line per size, then a
 table. The vqa evaluator reports the measured `visual_tokens` and `prefill_gflops` of a run.
 """
@@ -26,6 +26,10 @@ import ml_collections
 
 from vlm_jax.config import ConfigError
 
+USAGE = (
+    "usage: python -m vlm_jax.budget --config configs/NAME.py[:arg] [--image_sizes 224,336] "
+    "[--context N] [--config.key=value ...]"
+)
 COLUMNS = (
     "image_size",
     "images",
@@ -112,10 +116,11 @@ def table(rows: list[dict]) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    from vlm_jax.config import exit_on_user_error, parse_cli
+    from vlm_jax.config import exit_on_help, exit_on_user_error, parse_cli
     from vlm_jax.train.validate import CONFIG
 
     argv = list(sys.argv[1:] if argv is None else argv)
+    exit_on_help(argv, USAGE, __doc__.split("\n\n", 1)[1])
     with exit_on_user_error():
         try:
             config, options = parse_cli(argv, CONFIG)
