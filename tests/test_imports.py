@@ -42,7 +42,10 @@ LAYERS = (
     ("generate", ("vlm_jax.generate",)),
     ("evaluate", ("vlm_jax.evaluate",)),
     ("train", ("vlm_jax.train",)),
-    ("convert/compile/CLIs", ("vlm_jax.convert", "vlm_jax.compile", "vlm_jax.evaluate.__main__")),
+    (
+        "convert/compile/CLIs",
+        ("vlm_jax.convert", "vlm_jax.compile", "vlm_jax.evaluate.__main__", "vlm_jax.budget"),
+    ),
 )
 
 

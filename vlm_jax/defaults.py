@@ -78,6 +78,9 @@ def base_config() -> ml_collections.ConfigDict:
 
     c.init = ml_collections.ConfigDict()
     c.init.checkpoint = ""  # workdir or checkpoints dir whose params initialise this run
+    # A ViT posemb saved for another image size: "bicubic" | "bilinear" | "bilinear_corners"
+    c.init.posemb_resample = "bicubic"
+    c.init.posemb_antialias = True
 
     c.perf = ml_collections.ConfigDict()
     c.perf.peak_flops_per_device = 0.0  # 0: look up by device kind (unknown on CPU)

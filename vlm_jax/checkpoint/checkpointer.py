@@ -20,7 +20,7 @@ the same fallback to the newest intact step, but damaged steps are only logged, 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +32,7 @@ from jax.experimental import multihost_utils
 
 from vlm_jax.checkpoint.integrity import check_params_match
 from vlm_jax.config import MissingInput
+from vlm_jax.models import posemb
 from vlm_jax.sharding import any_process
 
 ITEMS = ("state", "data", "meta")
@@ -194,13 +195,7 @@ class Checkpointer:
         e.g. by a multi-host run, restores here.
         """
         step = self.latest_step() if step is None else step
-        if step is None:
-            raise MissingInput(f"no checkpoint in {self.directory} (no saved step)")
-        meta_tree = self.manager.item_metadata(step)["state"]
-        device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-        abstract = jax.tree.map(
-            lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), dict(meta_tree)
-        )
+        abstract = self.saved_layout(step)
         if abstract_params is not None:
             try:
                 check_params_match(abstract["params"], abstract_params, str(self._path(step)))
@@ -212,6 +207,18 @@ class Checkpointer:
         meta = restored["meta"] or {}
         check_fingerprint(restored["state"], meta.get("fingerprint"), str(self._path(step)))
         return restored["state"]["params"]
+
+    def saved_layout(self, step: int | None = None) -> Any:
+        """The train state saved at `step` (default: the newest) as ShapeDtypeStructs on the
+        default device, read from its metadata only (e.g. a posemb saved at another grid)."""
+        step = self.latest_step() if step is None else step
+        if step is None:
+            raise MissingInput(f"no checkpoint in {self.directory} (no saved step)")
+        meta_tree = self.manager.item_metadata(step)["state"]
+        device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+        return jax.tree.map(
+            lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), dict(meta_tree)
+        )
 
     def restore_newest_intact(
         self, abstract_state: Any, data_iterator: Any = None
@@ -238,15 +245,28 @@ class Checkpointer:
         self._set_aside(damaged, None)
         return None
 
-    def restore_newest_intact_params(self, abstract_params: Any = None) -> tuple[Any, int]:
+    def restore_newest_intact_params(
+        self,
+        abstract_params: Any = None,
+        posemb_towers: Sequence[str] = (),
+        resample: posemb.Resample | None = None,
+    ) -> tuple[Any, int]:
         """(params, step) of the newest step whose params restore cleanly (`restore_params`).
 
         Newer damaged steps are logged and left in place. Raises MissingInput if there is
         no step, RuntimeError naming each step's problem if none is intact, and ModelMismatch
         at once if the checkpoint is of another model config.
+
+        `posemb_towers`: top-level names of ViTs (e.g. "img") whose posemb may be saved for
+        another image size: it restores as saved and is resampled (`resample`, models/posemb.py)
+        into `abstract_params`' shape and sharding; every other param must match.
         """
+        layout = abstract_params
+        if posemb_towers and abstract_params is not None:
+            saved = self.saved_layout()["params"]
+            layout = posemb.restore_layout(abstract_params, saved, posemb_towers)
         damaged: dict[int, str] = {}
-        found = self._newest_intact(lambda s: self.restore_params(s, abstract_params), damaged)
+        found = self._newest_intact(lambda s: self.restore_params(s, layout), damaged)
         if found is None:
             if not self.all_steps():
                 raise MissingInput(f"no checkpoint in {self.directory} (no saved step)")
@@ -259,6 +279,10 @@ class Checkpointer:
                 self.directory,
                 problem,
                 step,
+            )
+        if layout is not abstract_params:
+            params = posemb.resample_towers(
+                params, abstract_params, posemb_towers, resample or posemb.Resample()
             )
         return params, step
 
@@ -354,15 +378,16 @@ def checkpoints_dir(path: str | Path) -> Path:
     return directory
 
 
-def load_params(path: str | Path, abstract_params: Any = None) -> Any:
+def load_params(path: str | Path, abstract_params: Any = None, **resampled) -> Any:
     """The params of the newest intact checkpoint of the run at `path` (workdir or checkpoints/).
 
     Fingerprints are verified; damaged newer steps are logged and skipped (see
-    `Checkpointer.restore_newest_intact_params`). `abstract_params` as in `restore_params`.
+    `Checkpointer.restore_newest_intact_params`, which also takes `resampled`: posemb_towers,
+    resample). `abstract_params` as in `restore_params`.
     """
     ckpt = Checkpointer(checkpoints_dir(path), async_save=False)
     try:
-        params, step = ckpt.restore_newest_intact_params(abstract_params)
+        params, step = ckpt.restore_newest_intact_params(abstract_params, **resampled)
     finally:
         ckpt.close()
     logging.info("loaded params of %s step %d", ckpt.directory, step)

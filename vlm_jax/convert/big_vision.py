@@ -167,7 +167,7 @@ def entries(model: dict, arrays: dict) -> list[Entry]:
     return [*out, scalar("t"), scalar("b")]
 
 
-def convert(src: str | Path, out: str | Path) -> Path:
+def convert(src: str | Path, out: str | Path, resize: common.NewImageSize | None = None) -> Path:
     """A big_vision SigLIP .npz -> a vlm_jax checkpoint + config in `out`."""
     src = Path(src)
     arrays = unscan(common.load_tensors(src))
@@ -178,4 +178,4 @@ def convert(src: str | Path, out: str | Path) -> Path:
     tensors.check_consumed()
     common.check_params(params, found["model"])
     meta = {"source": str(src.absolute()), "format": "big_vision"}
-    return common.save_converted(out, params, found, meta)
+    return common.save_converted(out, params, found, meta, resize)

@@ -22,6 +22,8 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from vlm_jax.models import posemb
+
 Params = dict[str, Any]
 
 
@@ -309,14 +311,52 @@ def full_config(sections: dict[str, dict], task: str = "contrastive") -> ml_coll
     return config
 
 
-def save_converted(out: str | Path, params: Params, sections: dict[str, dict], meta: dict) -> Path:
+@dataclasses.dataclass(frozen=True)
+class NewImageSize:
+    """`--image_size`: the released image tower converted for another input size, its learned
+    posemb resampled (models/posemb.py; a sincos2d tower needs nothing)."""
+
+    image_size: int
+    resample: posemb.Resample = dataclasses.field(default_factory=posemb.Resample)
+
+    def apply(self, params: Params, sections: dict[str, dict]) -> tuple[Params, dict]:
+        """(params, sections) for `image_size`; meta gains the released size."""
+        image = sections["model"].get("image")
+        if image is None:
+            raise ConversionError(
+                f"--image_size={self.image_size}: the converted model has no image tower"
+            )
+        model = dict(sections["model"], image=dict(image, image_size=self.image_size))
+        target = {"img": {}}
+        shapes = expected_shapes(model)  # raises if the size does not fit the patches
+        if "img/posemb" in shapes:
+            target["img"]["posemb"] = jax.ShapeDtypeStruct(shapes["img/posemb"], jnp.float32)
+        try:
+            params = posemb.resample_towers(params, target, ("img",), self.resample)
+        except ValueError as error:
+            raise ConversionError(f"--image_size={self.image_size}: {error}") from None
+        return params, dict(sections, model=model)
+
+
+def save_converted(
+    out: str | Path,
+    params: Params,
+    sections: dict[str, dict],
+    meta: dict,
+    resize: NewImageSize | None = None,
+) -> Path:
     """Write params as step 0 of OUT/checkpoints (the trainer's layout, so
     `--config.init.checkpoint=OUT` and `evaluate --workdir OUT` load them), the config sections
     and `meta` (source, layout, task) as OUT/convert.json, OUT/config.py that rebuilds the config
-    and OUT/config.json, the config as a training run writes it."""
+    and OUT/config.json, the config as a training run writes it. `resize`: for another image
+    size (meta then records the released one)."""
     from vlm_jax.checkpoint import Checkpointer
     from vlm_jax.config import to_json
 
+    if resize is not None:
+        released = sections["model"].get("image", {}).get("image_size")
+        params, sections = resize.apply(params, sections)
+        meta = dict(meta, released_image_size=released)
     out = Path(out).absolute()
     out.mkdir(parents=True, exist_ok=True)
     params = jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), params)

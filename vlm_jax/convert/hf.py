@@ -196,7 +196,7 @@ def entries(model_type: str, model: dict) -> list[Entry]:
     ]
 
 
-def convert(src: str | Path, out: str | Path) -> Path:
+def convert(src: str | Path, out: str | Path, resize: common.NewImageSize | None = None) -> Path:
     """An HF release directory -> a vlm_jax checkpoint + config in `out` (decoder LMs:
     hf_lm.convert)."""
     src = Path(src)
@@ -205,7 +205,7 @@ def convert(src: str | Path, out: str | Path) -> Path:
         raise FileNotFoundError(f"no config.json in {src}")
     model_type = config.get("model_type")
     if model_type in hf_lm.ARCHITECTURES:
-        return hf_lm.convert(src, out)
+        return hf_lm.convert(src, out, resize)
     if model_type not in MODEL_TYPES:
         supported = (*MODEL_TYPES, *hf_lm.ARCHITECTURES)
         raise common.ConversionError(
@@ -222,7 +222,7 @@ def convert(src: str | Path, out: str | Path) -> Path:
     tensors.check_consumed()
     common.check_params(params, found["model"])
     meta = {"source": str(src.absolute()), "format": "hf", "model_type": config["model_type"]}
-    return common.save_converted(out, params, found, meta)
+    return common.save_converted(out, params, found, meta, resize)
 
 
 def hf_config(model_type: str, model: dict) -> tuple[dict, dict]:

@@ -301,7 +301,7 @@ def lm_shapes(lm: dict) -> dict[str, tuple[int, ...]]:
     return common.expected_shapes({"name": "decoder_lm", "lm": lm})
 
 
-def convert(src: str | Path, out: str | Path) -> Path:
+def convert(src: str | Path, out: str | Path, resize: common.NewImageSize | None = None) -> Path:
     """An HF decoder LM directory (config.json + weights) -> an "lm" run in `out`."""
     src = Path(src).absolute()
     config = common.read_json(src / "config.json")
@@ -315,7 +315,7 @@ def convert(src: str | Path, out: str | Path) -> Path:
     meta = {"source": str(src), "format": "hf", "model_type": config["model_type"], "task": "lm"}
     check_tokenizer(src, found["tokenizer"], lm["vocab_size"])
     found["tokenizer"] = copy_tokenizer(src, Path(out), found["tokenizer"])
-    return common.save_converted(out, params, found, meta)
+    return common.save_converted(out, params, found, meta, resize)
 
 
 def _ignored(lm: dict) -> tuple[str, ...]:

@@ -150,7 +150,7 @@ def entries(model: dict) -> list[Entry]:
     ]
 
 
-def convert(src: str | Path, out: str | Path) -> Path:
+def convert(src: str | Path, out: str | Path, resize: common.NewImageSize | None = None) -> Path:
     """An open_clip release (directory or weights file) -> a vlm_jax checkpoint in `out`."""
     src = Path(src)
     found = sections(read_config(src))
@@ -161,4 +161,4 @@ def convert(src: str | Path, out: str | Path) -> Path:
     common.check_params(params, found["model"])
     found["model"]["temperature_init"] = math.exp(float(params["t"]))
     meta = {"source": str(src.absolute()), "format": "open_clip"}
-    return common.save_converted(out, params, found, meta)
+    return common.save_converted(out, params, found, meta, resize)

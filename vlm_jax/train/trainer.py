@@ -36,7 +36,7 @@ from vlm_jax.train.distributed import train_iterator
 from vlm_jax.train.optim import build_optimizer
 from vlm_jax.train.preemption import StopRequest
 from vlm_jax.train.state import TrainState
-from vlm_jax.train.tasks import TASKS, Task
+from vlm_jax.train.tasks import TASKS, Task, posemb_resample
 from vlm_jax.train.validate import resolved_sections, validate_config
 
 # Config sections that define the experiment: a workdir holding a run that differs in any of
@@ -257,7 +257,7 @@ class PerfMeter:
 
 
 def restore_or_init(
-    ckpt: Checkpointer, abstract, state_shardings, data_iter, config, fresh: Callable
+    ckpt: Checkpointer, abstract, state_shardings, data_iter, task: Task, fresh: Callable
 ):
     """Resume from the newest intact checkpoint into the `abstract` state's layout, else start
     from `fresh()` (the random init, made only then) and optionally load init params.
@@ -268,22 +268,25 @@ def restore_or_init(
     if restored is not None:  # damaged newer steps were logged and moved aside
         return restored
     state = fresh()
-    if config.init.checkpoint:
-        state = state.replace(
-            params=load_init_params(config.init.checkpoint, state, state_shardings)
-        )
+    if task.config.init.checkpoint:
+        path, resampled = task.config.init.checkpoint, posemb_options(task)
+        state = state.replace(params=load_init_params(path, state, state_shardings, **resampled))
     return state, None, {}
 
 
-def load_init_params(path: str, state, state_shardings):
+def load_init_params(path: str, state, state_shardings, **resampled):
     """config.init.checkpoint: the params of the newest intact step of the run at `path` (with
-    LoRA: the base params; the fresh adapters are kept)."""
+    LoRA: the base params; the fresh adapters are kept); `resampled` (`posemb_options`): a ViT
+    posemb saved for another image size is resampled to this one."""
     logging.info("initialising params from %s", path)
     abstract = abstract_like(state.params, state_shardings.params)
-    return lora.join_adapters(
-        load_params(path, lora.split_adapters(abstract)[0]),
-        lora.split_adapters(state.params)[1],
-    )
+    base = load_params(path, lora.split_adapters(abstract)[0], **resampled)
+    return lora.join_adapters(base, lora.split_adapters(state.params)[1])
+
+
+def posemb_options(task: Task) -> dict:
+    """`Checkpointer.restore_newest_intact_params`' posemb resampling for the task's ViTs."""
+    return {"posemb_towers": task.image_towers, "resample": posemb_resample(task.config)}
 
 
 def train(config: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, float]:
@@ -352,7 +355,7 @@ def start_run(config, workdir: Path, mesh: Mesh, task: Task, is_primary: bool, d
         fresh = functools.partial(initial_state, task, config, mesh, state_shardings, tx)
         # A resumed run restores into the abstract layout: no random init is made for it.
         state, resumed, meta = restore_or_init(
-            ckpt, abstract, state_shardings, data_iter, config, fresh
+            ckpt, abstract, state_shardings, data_iter, task, fresh
         )
         if resumed is None:  # init checkpoints that don't fit the config are the config's
             state = state.replace(params=lora.on_base(task.load_pretrained, state.params))
@@ -540,7 +543,7 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str | Path) 
         _, abstract, _ = param_layout(task, config, mesh)
         ckpt = Checkpointer(ckpt_dir, async_save=False)
         try:
-            params, step = ckpt.restore_newest_intact_params(abstract)
+            params, step = ckpt.restore_newest_intact_params(abstract, **posemb_options(task))
         finally:
             ckpt.close()
         results = {"step": step} | {f"eval/{k}": v for k, v in task.evaluate(params).items()}

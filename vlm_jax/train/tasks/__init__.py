@@ -26,10 +26,10 @@ from jax.sharding import Mesh
 
 from vlm_jax.data.records import COUNTERS, SUBSTITUTE
 from vlm_jax.evaluate import EVALUATORS, Evaluator, eval_section
-from vlm_jax.models import lora
+from vlm_jax.models import lora, posemb
 from vlm_jax.models.vocab import check_vocab_rows
 from vlm_jax.registry import Registry
-from vlm_jax.schema import Key, Schema
+from vlm_jax.schema import Key, Schema, resolve
 from vlm_jax.train.optim import frozen_mask, has_frozen
 
 TASKS = Registry(
@@ -40,8 +40,26 @@ TASKS = Registry(
         "vlm_jax.train.tasks.vlm",
     ),
 )
-# config.init: where a fresh run's params come from (the trainer reads `checkpoint`).
-INIT = Schema({"checkpoint": Key(str, "", "a workdir (or checkpoints dir) to initialise from")})
+# config.init: where a fresh run's params come from (the trainer reads `checkpoint`), and how a
+# ViT's learned posemb saved for another image size is resampled to this one (models/posemb.py).
+INIT = Schema(
+    {
+        "checkpoint": Key(str, "", "a workdir (or checkpoints dir) to initialise from"),
+        "posemb_resample": Key(
+            str,
+            "bicubic",
+            "how a posemb saved at another image size is resampled",
+            choices=posemb.RESAMPLE_METHODS,
+        ),
+        "posemb_antialias": Key(bool, True, "widen the resampling kernel when the grid shrinks"),
+    }
+)
+
+
+def posemb_resample(config: ml_collections.ConfigDict) -> posemb.Resample:
+    """config.init's posemb resampling (defaults filled for configs that predate its keys)."""
+    init = resolve("init", config.get("init"), INIT, unknown="drop")  # the task's own keys too
+    return posemb.Resample(init.posemb_resample, init.posemb_antialias)
 
 
 def check_vocab_size(key: str, vocab_size: int, tokenizer) -> None:
@@ -65,6 +83,9 @@ class Task:
     # SCHEMA's "eval" is `eval_section(evaluators)`. Plug-in evaluators may add themselves
     # (`Evaluator.tasks`).
     evaluators: ClassVar[tuple[str, ...]] = ()
+    # Top-level param names of the model's ViTs: a checkpoint whose posemb was saved for another
+    # image size loads with it resampled (init.posemb_resample; init, fine-tuning, evaluation).
+    image_towers: ClassVar[tuple[str, ...]] = ()
     # The config sections the task reads, beside the trainer's (train, optim, mesh, ...).
     SCHEMA = Schema({"init": INIT, "eval": eval_section(evaluators)})
 

@@ -44,6 +44,7 @@ def check_text_conventions(config, tokenizer) -> None:
 @TASKS.register("contrastive")
 class ContrastiveTask(Task):
     evaluators = ("zeroshot", "retrieval")
+    image_towers = ("img",)
     SCHEMA = Task.SCHEMA | Schema(
         {
             "model": MODEL,

@@ -36,14 +36,16 @@ from vlm_jax.data.vqa import (
 from vlm_jax.evaluate import eval_section
 from vlm_jax.losses import next_token_loss
 from vlm_jax.models import MODEL, vocab
+from vlm_jax.models.posemb import resample_towers
 from vlm_jax.models.vlm import FUSIONS, build_vlm
 from vlm_jax.schema import Key, Schema, resolve
-from vlm_jax.train.tasks import INIT, TASKS, Task, check_vocab_size
+from vlm_jax.train.tasks import INIT, TASKS, Task, check_vocab_size, posemb_resample
 
 
 @TASKS.register("vlm")
 class VLMTask(Task):
     evaluators = ("vqa", "caption")  # vlm_jax/evaluate/vqa.py
+    image_towers = ("vision",)
     SCHEMA = Task.SCHEMA | Schema(
         {
             "eval": eval_section(evaluators),
@@ -146,6 +148,9 @@ class VLMTask(Task):
         init = resolve("init", self.config.init, self.SCHEMA.keys["init"])
         if init.vision_checkpoint and "vision" in params:  # not in text-only models
             image = load_params(init.vision_checkpoint)[init.vision_key]
+            image = resample_towers(  # a tower trained at another image size
+                {"vision": image}, params, self.image_towers, posemb_resample(self.config)
+            )["vision"]
             params = dict(params, vision=_like(params["vision"], image, "vision"))
         if init.lm_checkpoint:
             lm = load_params(init.lm_checkpoint)  # an "lm" run: the decoder's params
