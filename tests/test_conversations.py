@@ -199,18 +199,25 @@ def test_loss_mask_token_by_token_equals_transformers_assistant_mask(tmp, chatml
     """Our tokens and loss mask == transformers' apply_chat_template(return_assistant_tokens_mask)
     on the release's template, for every record (multi-turn, images, text-only)."""
     config = hf_config(write_json(tmp, "good.json", good_rows()), chatml_release)
-    ref = reference(chatml_release)
-    records = checked_records(config)
-    for row, record in zip(good_rows(), records):
-        roles = {"human": "user", "gpt": "assistant"}
+    expected = assistant_masks(reference(chatml_release), good_rows())
+    for row, record, (ids, mask) in zip(good_rows(), checked_records(config), expected):
+        assert record["tokens"][: len(ids)].tolist() == ids, row["id"]
+        assert record["loss_mask"][: len(ids)].tolist() == mask, row["id"]
+        assert not record["loss_mask"][len(ids) :].any() and sum(mask) > 0
+
+
+def assistant_masks(ref, rows: list[dict]) -> list[tuple[list[int], list[int]]]:
+    """(ids, assistant mask) of each llava_json row through transformers' tokenizer `ref`:
+    apply_chat_template(return_assistant_tokens_mask=True) on the release's template."""
+    roles = {"human": "user", "gpt": "assistant"}
+    out = []
+    for row in rows:
         messages = [{"role": roles[t["from"]], "content": t["value"]} for t in row["conversations"]]
         expected = ref.apply_chat_template(
             messages, tokenize=True, return_dict=True, return_assistant_tokens_mask=True
         )
-        length = len(expected["input_ids"])
-        assert record["tokens"][:length].tolist() == expected["input_ids"], row["id"]
-        assert record["loss_mask"][:length].tolist() == expected["assistant_masks"], row["id"]
-        assert not record["loss_mask"][length:].any() and sum(expected["assistant_masks"]) > 0
+        out.append((expected["input_ids"], expected["assistant_masks"]))
+    return out
 
 
 def test_a_template_that_loses_the_assistant_text_fails_at_build_naming_the_record(
@@ -560,3 +567,107 @@ def test_llava_config_reads_llava_data_as_its_docstring_says():
     config, _ = parse_cli(["--config", "configs/llava.py:stage2", *flags], CONFIG)
     validate_config(config)
     assert (config.data.source, config.data.chat_template) == ("llava_json", "llava_v1")
+
+
+def import_hf_towers(root, release) -> tuple[Path, Path]:
+    """A tiny random-weight Llama on `release`'s tokenizer (its rows: the tokenizer's ids) and a
+    tiny random-weight SigLIP, at TINY_VLM's LM and vision sizes, saved as HF releases and
+    converted with `python -m vlm_jax.convert --from hf` -> (the LM run, the SigLIP run)."""
+    from vlm_jax.convert import __main__ as convert_cli
+    from vlm_jax.convert.torch_compat import ensure_torchvision
+
+    ensure_torchvision()
+    import torch
+    import transformers
+
+    torch.manual_seed(0)
+    size = lambda key: int(TINY_VLM[key])
+    lm_release = root / "llama"
+    shutil.copytree(release, lm_release)
+    llama = transformers.LlamaConfig(
+        vocab_size=len(transformers.AutoTokenizer.from_pretrained(release)),
+        hidden_size=size("model.lm.width"),
+        num_hidden_layers=size("model.lm.depth"),
+        num_attention_heads=size("model.lm.num_heads"),
+        num_key_value_heads=size("model.lm.num_kv_heads"),
+        head_dim=size("model.lm.head_dim"),
+        intermediate_size=size("model.lm.mlp_dim"),
+        tie_word_embeddings=True,  # as configs/vlm_shapes.py's LM
+        bos_token_id=None,
+        eos_token_id=None,
+    )
+    transformers.LlamaForCausalLM(llama).save_pretrained(lm_release)
+    tower = dict(
+        hidden_size=size("model.image.width"),
+        num_hidden_layers=size("model.image.depth"),
+        num_attention_heads=size("model.image.num_heads"),
+        intermediate_size=size("model.image.mlp_dim"),
+    )
+    siglip = transformers.SiglipConfig(
+        text_config=dict(tower, vocab_size=64, max_position_embeddings=8),
+        vision_config=dict(tower, image_size=size("model.image.image_size"), patch_size=4),
+    )
+    transformers.SiglipModel(siglip).save_pretrained(root / "siglip")
+    for name, src in (("lm", lm_release), ("vision", root / "siglip")):
+        convert_cli.main(["--from", "hf", "--src", str(src), "--out", str(root / name)])
+    return root / "lm", root / "vision"
+
+
+@pytest.mark.slow
+def test_a_vlm_of_imported_hf_towers_trains_on_the_llava_json_generates_and_resumes(
+    tmp, chatml_release, capsys
+):
+    """Issue 15's end to end run on the photos, with a tiny Llama (the ChatML release's
+    tokenizer and template) and SigLIP imported through `convert --from hf` as init.lm_checkpoint
+    and init.vision_checkpoint: the loss on assistant tokens falls, the supervised tokens logged
+    are the batches' loss-mask sums (each batch's mask token by token as transformers' assistant
+    mask), `generate --chat` answers, and the run resumes exactly."""
+    from vlm_jax import generate
+    from vlm_jax.config import parse_cli
+    from vlm_jax.data.vqa import run_tokenizer
+    from vlm_jax.train.validate import CONFIG
+
+    lm, vision = import_hf_towers(tmp / "imported", chatml_release)
+    tokenizer_path = lm / "tokenizer"  # the release's, copied into the converted run
+    rows = len(reference(tokenizer_path)) - 1  # the release's ids; <image> is the next one
+    pad_id = build_vqa_tokenizer(
+        ml_collections.ConfigDict({"name": "hf", "path": str(tokenizer_path)})
+    ).pad_id
+    imported = dict(
+        tokenizer__name="hf",
+        tokenizer__path=str(tokenizer_path),
+        data__chat_template="tokenizer",
+        model__image_token_id=str(rows),
+        model__pad_id=str(pad_id),
+        model__lm__vocab_size=str(rows + 2),  # <image>, and a row that keeps the vocab even
+        init__lm_checkpoint=str(lm),
+        init__vision_checkpoint=str(vision),
+        optim__lr="1e-2",  # HF's initialisation (std 0.02) starts slower than ours
+    )
+    path = write_json(tmp, "train.json", good_rows())
+    full = tmp / "imported_run"
+    train_main(cli_args(full, path, **imported))
+    logged = read_rows(full)
+    assert [row["step"] for row in logged] == [1, 2, 3, 4]
+    losses = [row["train/loss"] for row in logged]  # the loss on assistant tokens
+    assert losses[-1] < losses[0] - 0.5, losses
+
+    config, _ = parse_cli(cli_args(full, path, **imported), CONFIG)  # the run's data
+    tokenizer = run_tokenizer(config)
+    assert tokenizer.special_tokens["<image>"] == rows
+    batches = iter(build_vqa_pipeline(config, tokenizer, "train", batch_size=8, seed=config.seed))
+    expected = assistant_masks(reference(tokenizer_path), good_rows())
+    for row, batch in zip(logged, batches):
+        assert row["train/supervised_tokens"] == batch["loss_mask"][:, 1:].sum() > 0
+        assert row["data/bad_records"] == 0 and row["data/truncated_sequences"] == 0
+        for tokens, mask in zip(batch["tokens"].tolist(), batch["loss_mask"].tolist()):
+            (ids, want), *_ = [(i, m) for i, m in expected if tokens[: len(i)] == i]
+            assert mask[: len(ids)] == want and not any(mask[len(ids) :])  # token by token
+
+    photo = str(tmp / "imgs" / "cat.jpg")
+    generate.main(["--workdir", str(full), "--image", photo, "--prompt", "What is in the picture?",
+                   "--chat", "--print_ids", "--max_new_tokens", "6"])  # fmt: skip
+    answer = [int(i) for i in capsys.readouterr().out.strip().splitlines()[-1].split(",")]
+    assert 0 < len(answer) <= 6 and all(0 <= i < rows for i in answer), answer
+
+    assert_resumes_exactly(full, tmp / "imported_stopped", cli_args, path, **imported)

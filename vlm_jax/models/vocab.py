@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from typing import Any
 
-import jax.numpy as jnp
+import numpy as np
 
 EMBEDDING = ("embedder", "embedding")  # float[V, D]
 UNEMBED = ("unembed", "kernel")  # float[D, V], untied embeddings only
@@ -31,20 +31,20 @@ def _replace(lm_params: dict[str, Any], path: tuple[str, str], value) -> dict[st
 
 
 def grow_vocab(lm_params: dict[str, Any], added_rows: int) -> dict[str, Any]:
-    """V -> V + added_rows embedding rows (and output columns), each new one the mean of the old."""
+    """V -> V + added_rows embedding rows (and output columns), each new one the mean of the old.
+
+    Computed on the host (numpy arrays out): a restored checkpoint's arrays sit on one device,
+    and a jitted op on them inside the trainer's mesh (`jax.set_mesh` over all devices) fails
+    with "incompatible devices"; the caller places the grown tables (VLMTask.load_pretrained)."""
     if added_rows < 0:
         raise ValueError(f"added_rows={added_rows}: must be >= 0")
-    embedding = lm_params[EMBEDDING[0]][EMBEDDING[1]]  # float[V, D]
-    mean = jnp.mean(embedding, axis=0, keepdims=True, dtype=jnp.float32).astype(embedding.dtype)
-    grown = _replace(
-        lm_params, EMBEDDING, jnp.concatenate([embedding, jnp.repeat(mean, added_rows, 0)], 0)
-    )
-    if UNEMBED[0] in lm_params:
-        kernel = lm_params[UNEMBED[0]][UNEMBED[1]]  # float[D, V]
-        mean = jnp.mean(kernel, axis=1, keepdims=True, dtype=jnp.float32).astype(kernel.dtype)
-        grown = _replace(
-            grown, UNEMBED, jnp.concatenate([kernel, jnp.repeat(mean, added_rows, 1)], 1)
-        )
+    grown = lm_params
+    for path, axis in ((EMBEDDING, 0), (UNEMBED, 1)):  # float[V, D]; untied: float[D, V]
+        if path[0] not in lm_params:
+            continue
+        table = np.asarray(lm_params[path[0]][path[1]])
+        mean = table.mean(axis=axis, keepdims=True, dtype=np.float32).astype(table.dtype)
+        grown = _replace(grown, path, np.concatenate([table, mean.repeat(added_rows, axis)], axis))
     return grown
 
 
