@@ -42,6 +42,7 @@ on a topology: `python -m vlm_jax.compile --config configs/llava.py:stage2 --top
 
 import ml_collections
 
+from vlm_jax.convert.hf import OPENAI_MEAN, OPENAI_STD
 from vlm_jax.data.pipeline import record_check_config
 from vlm_jax.defaults import base_config
 
@@ -89,6 +90,11 @@ def get_config(arg=None):
             ln_pre=True,
             patch_bias=False,
             dropout=0.0,
+            # OpenAI CLIP's: what the converted tower computes with (init checks them)
+            activation="quick_gelu",
+            ln_eps=1e-5,
+            input_mean=OPENAI_MEAN,
+            input_std=OPENAI_STD,
         )
     )
     c.model.connector = ml_collections.ConfigDict(dict(name="mlp"))  # LLaVA-1.5's mlp2x_gelu

@@ -377,3 +377,22 @@ def test_runs_from_before_model_pad_id_existed_still_resume(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(old))
     with pytest.raises(ValueError, match=r"model\.pad_id: 3 \(workdir\) vs 0 \(now\)"):
         prepare_workdir(tmp_path, config, is_primary=False)
+
+
+def test_a_vision_checkpoint_trained_with_other_tower_settings_is_refused(tmp_path):
+    """What a tower computes beyond its weights (activation, LN eps, input normalisation) must
+    agree with the run it comes from: an OpenAI CLIP converted run (quick_gelu, 1e-5, CLIP's
+    mean/std) under a model.image of the ViT's defaults fails naming each, before any load."""
+    from vlm_jax.config import load_config
+    from vlm_jax.train.tasks.vlm import check_tower_computes_alike
+
+    clip = load_config("configs/llava.py:stage2").model.image
+    (tmp_path / "config.json").write_text(json.dumps({"model": {"image": clip.to_dict()}}))
+    check_tower_computes_alike(str(tmp_path), clip)  # the llava config: the same settings
+    plain = load_config("configs/vlm_shapes.py").model.image
+    with pytest.raises(ValueError) as error:
+        check_tower_computes_alike(str(tmp_path), plain)
+    message = str(error.value)
+    for key in ("activation: the tower's 'quick_gelu', model.image's 'gelu_tanh'", "ln_eps"):
+        assert key in message
+    assert "input_mean" in message and "input_std" in message

@@ -17,6 +17,8 @@ activation gradients still flow through a frozen LM to a trained connector).
 from __future__ import annotations
 
 import functools
+import json
+from pathlib import Path
 from typing import Any, ClassVar
 
 import jax
@@ -37,6 +39,7 @@ from vlm_jax.evaluate import eval_section
 from vlm_jax.losses import next_token_loss
 from vlm_jax.models import MODEL, vocab
 from vlm_jax.models.posemb import resample_towers
+from vlm_jax.models.vit import ViT
 from vlm_jax.models.vlm import FUSIONS, build_vlm
 from vlm_jax.schema import Key, Schema, resolve
 from vlm_jax.train.tasks import INIT, TASKS, Task, check_vocab_size, posemb_resample
@@ -147,6 +150,7 @@ class VLMTask(Task):
         """Replace `vision` / `lm` by the towers of the runs in config.init (fresh runs only)."""
         init = resolve("init", self.config.init, self.SCHEMA.keys["init"])
         if init.vision_checkpoint and "vision" in params:  # not in text-only models
+            check_tower_computes_alike(init.vision_checkpoint, self.config.model.image)
             image = load_params(init.vision_checkpoint)[init.vision_key]
             image = resample_towers(  # a tower trained at another image size
                 {"vision": image}, params, self.image_towers, posemb_resample(self.config)
@@ -159,6 +163,44 @@ class VLMTask(Task):
                 lm = vocab.grow_vocab(lm, added)
             params = dict(params, lm=_like(params["lm"], lm, "lm", allow_missing="xattn_"))
         return params
+
+
+# ViT keys that change what a tower computes without changing its params' shapes: the weights
+# of a vision checkpoint alone do not carry them, so they must agree with its run's config.
+COMPUTE_KEYS = ("activation", "ln_eps", "input_mean", "input_std")
+
+
+def _tower_setting(image: Any, key: str) -> Any:
+    """model.image[key] as the ViT reads it (absent: the ViT's default; no mean/std: 0.5)."""
+    value = image.get(key) if hasattr(image, "get") else None
+    if value is None:
+        value = ViT.__dataclass_fields__[key].default
+    if key.startswith("input_") and value is None:
+        value = (0.5, 0.5, 0.5)  # the ViT's [-1, 1] scaling
+    return tuple(value) if isinstance(value, list | tuple) else value
+
+
+def check_tower_computes_alike(run: str, image: Any) -> None:
+    """Fail naming each COMPUTE_KEYS setting where the run's image tower (its config.json's
+    model.image: a contrastive, converted or VLM run) and this model's model.image differ."""
+    path = Path(run) / "config.json"
+    if not path.is_file():
+        return  # a bare checkpoints/ directory: nothing to compare with
+    theirs = json.loads(path.read_text()).get("model", {}).get("image")
+    if not theirs:
+        return
+    differ = [
+        (key, _tower_setting(theirs, key), _tower_setting(image, key))
+        for key in COMPUTE_KEYS
+        if _tower_setting(theirs, key) != _tower_setting(image, key)
+    ]
+    if differ:
+        detail = "; ".join(f"{k}: the tower's {a!r}, model.image's {b!r}" for k, a, b in differ)
+        raise ValueError(
+            f"init.vision_checkpoint={run!r} was trained with other image-tower settings than "
+            f"model.image ({detail}); set model.image.<key> to the tower's values (its weights "
+            "alone do not carry them)"
+        )
 
 
 def _like(target: Any, source: Any, name: str, allow_missing: str | None = None) -> Any:
