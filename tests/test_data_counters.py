@@ -31,7 +31,9 @@ def test_totals_add_batches_to_the_resumed_counts():
 
 def test_processes_holding_the_same_rows_count_once():
     """Four processes; 0 and 1 hold rows 0.., 2 and 3 hold rows 8.. (replicated pairs)."""
-    gathered = np.asarray([[0, 2, 1, 0], [0, 2, 1, 0], [8, 3, 0, 4], [8, 3, 0, 4]])
+    rows = [[0, 2, 1, 0], [0, 2, 1, 0], [8, 3, 0, 4], [8, 3, 0, 4]]  # first row, 3 counters
+    unseen = len(data_counters.COUNTERS) - 3  # the packing counters: zero, and never logged
+    gathered = np.asarray([row + [0] * unseen for row in rows])
     counts = DataCounters({}, first_row=0)
     counts.add(batch([2], [1], [0]))
     with (
