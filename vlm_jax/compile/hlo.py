@@ -18,6 +18,7 @@ once, and the report's `loops_without_trip_count` says how many there were.
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 
 COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all", "collective-permute")
 # `%name = SHAPE op(` or `op-start(` (async pairs; the matching `-done` moves nothing new)
@@ -128,7 +129,10 @@ def _element(rest: str | None) -> int | None:
     return int(match["index"]) if match else None
 
 
-def _inferred_trips(line: str, caller: dict[str, str], bodies: dict[str, list[str]]) -> int | None:
+Definitions = Callable[[str], dict[str, str]]  # computation name -> its `_definitions`
+
+
+def _inferred_trips(line: str, caller: dict[str, str], definitions: Definitions) -> int | None:
     """A while loop's trip count from its condition, body and initial tuple, when they spell
     out a counted loop (as lax.scan / fori_loop lower): the condition's ROOT compares tuple
     element k with a constant, the loop's initial tuple holds a constant at k, and the body's
@@ -136,7 +140,7 @@ def _inferred_trips(line: str, caller: dict[str, str], bodies: dict[str, list[st
     condition, body = _CONDITION.search(line), _BODY.search(line)
     if not condition or not body:
         return None
-    test = _definitions(bodies.get(condition["name"], []))
+    test = definitions(condition["name"])
     compare = _COMPARE.search(test.get("", ""))
     if not compare:
         return None
@@ -147,7 +151,7 @@ def _inferred_trips(line: str, caller: dict[str, str], bodies: dict[str, list[st
     if index is None or bound is None or direction not in ("LT", "LE"):
         return None
     init = _operands(caller.get((_operands(line.split("=", 1)[-1], "while") or [""])[0]), "tuple")
-    steps = _definitions(bodies.get(body["name"], []))
+    steps = definitions(body["name"])
     out = _operands(steps.get(""), "tuple")
     if len(init) <= index or len(out) <= index:
         return None
@@ -161,19 +165,17 @@ def _inferred_trips(line: str, caller: dict[str, str], bodies: dict[str, list[st
 
 
 def _callees(
-    line: str, caller: dict[str, str] | None = None, bodies: dict[str, list[str]] | None = None
+    line: str, caller: dict[str, str], definitions: Definitions
 ) -> list[tuple[str, int | None]]:
     """(computation, times per execution of `line`) it runs: a while loop's body its trip
-    count (XLA's annotation, else `_inferred_trips` given the calling computation's
-    `_definitions` and the program's bodies; None: neither), anything called, applied or
-    branched to once."""
+    count (XLA's annotation, else `_inferred_trips` from the calling computation's and the
+    loop's `_definitions`; None: neither), anything called, applied or branched to once."""
     body = _BODY.search(line)
     if body and " while(" in line:
         trips = _TRIP_COUNT.search(line)
         if trips:
             return [(body["name"], int(trips["n"]))]
-        inferred = _inferred_trips(line, caller or {}, bodies or {})
-        return [(body["name"], inferred)]
+        return [(body["name"], _inferred_trips(line, caller, definitions))]
     found = []
     for match in _CALLED.finditer(line):
         found += [(name.strip().lstrip("%"), 1) for name in match["names"].split(",")]
@@ -189,18 +191,21 @@ def executions(hlo_text: str) -> tuple[dict[str, int], int]:
 def _executions(bodies: dict[str, list[str]], entry: str) -> tuple[dict[str, int], int]:
     """`executions` of the parsed program (`_computations`)."""
     times: dict[str, int] = {}
-    definitions: dict[str, dict[str, str]] = {}  # per computation, parsed on first visit
+    parsed: dict[str, dict[str, str]] = {}  # per computation, on first use
     unknown = 0
+
+    def definitions(name: str) -> dict[str, str]:
+        if name not in parsed:
+            parsed[name] = _definitions(bodies.get(name, []))
+        return parsed[name]
 
     def visit(name: str, count: int, depth: int = 0) -> None:
         nonlocal unknown
         if name not in bodies or depth > 64:
             return
         times[name] = times.get(name, 0) + count
-        if name not in definitions:
-            definitions[name] = _definitions(bodies[name])
         for line in bodies[name]:
-            for callee, trips in _callees(line, definitions[name], bodies):
+            for callee, trips in _callees(line, definitions(name), definitions):
                 unknown += trips is None
                 visit(callee, count * (1 if trips is None else trips), depth + 1)
 
@@ -212,11 +217,16 @@ def _executions(bodies: dict[str, list[str]], entry: str) -> tuple[dict[str, int
 
 def collectives(hlo_text: str) -> dict[str, dict[str, int]]:
     """{op: {"count", "bytes"}} per step for every collective kind in COLLECTIVES (zeros
-    included); `executions(...)[1]` says how many loops were counted once, for want of a trip
-    count."""
+    included); `collective_report` also says how many loops were counted once."""
+    return collective_report(hlo_text)[0]
+
+
+def collective_report(hlo_text: str) -> tuple[dict[str, dict[str, int]], int]:
+    """(`collectives`, loops counted once for want of a trip count), the program parsed and
+    walked once for both."""
     found = {op: {"count": 0, "bytes": 0} for op in COLLECTIVES}
-    bodies, entry = _computations(hlo_text)  # parsed once, for the counts and the ops
-    times, _ = _executions(bodies, entry)
+    bodies, entry = _computations(hlo_text)
+    times, unknown = _executions(bodies, entry)
     for name, lines in bodies.items():
         for line in lines:
             match = _OP.match(line)
@@ -225,7 +235,7 @@ def collectives(hlo_text: str) -> dict[str, dict[str, int]]:
                 entry["count"] += times[name]
                 size = result_bytes(match["shape"], bool(match["start"]), match["op"])
                 entry["bytes"] += times[name] * size
-    return found
+    return found, unknown
 
 
 def tpu_custom_calls(hlo_text: str) -> int:

@@ -81,6 +81,7 @@ def function_report(fn, compiled, compile_s: float, hbm_bytes: int, impls: list[
     text = compiled.as_text()
     memory = memory_per_chip(compiled)
     kernels = hlo.tpu_kernels(text)
+    moved, loops_counted_once = hlo.collective_report(text)
     return {
         "function": fn.name,
         "memory_per_chip": memory,
@@ -88,9 +89,9 @@ def function_report(fn, compiled, compile_s: float, hbm_bytes: int, impls: list[
         "hbm_per_chip": hbm_bytes,
         "fits": memory["total"] <= hbm_bytes,
         "largest_buffers": hlo.largest_buffers(text),
-        "collectives": hlo.collectives(text),  # per step: loop bodies x their trip counts
+        "collectives": moved,  # per step: loop bodies x their trip counts
         "collective_counting": COLLECTIVE_COUNTING,
-        "loops_without_trip_count": hlo.executions(text)[1],
+        "loops_without_trip_count": loops_counted_once,
         "attention": attention_kind(impls, kernels),
         "attention_calls": dict(collections.Counter(impls)),
         "tpu_kernels": kernels,
