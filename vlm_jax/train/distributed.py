@@ -62,6 +62,13 @@ def data_shard_plan(
     shard). Shard i holds global rows [i * rows, (i + 1) * rows); by default the shards are as
     large as the process's row spans allow (one per process when its rows are contiguous)."""
     rows = sharding.process_batch_rows(mesh, global_batch_size)
+    return shard_plan(rows, global_batch_size, data_shards)
+
+
+def shard_plan(
+    rows: sharding.BatchRows, global_batch_size: int, data_shards: int = 0
+) -> tuple[list[int], int, int]:
+    """`data_shard_plan` for this process's rows of the batch (`sharding.process_batch_rows`)."""
     bounds = [bound for span in rows.spans for bound in span]
     fewest = global_batch_size // math.gcd(*bounds)  # shards whose blocks tile every span
     count = data_shards or fewest
@@ -114,12 +121,12 @@ class ConcatShards:
 
 def train_iterator(task, config, mesh: Mesh) -> Iterator[dict[str, np.ndarray]]:
     """This process's rows of every global training batch (see the module docstring)."""
-    shards, count, rows = data_shard_plan(mesh, config.train.batch_size, config.train.data_shards)
-    spans = sharding.process_batch_rows(mesh, config.train.batch_size).spans
+    mine = sharding.process_batch_rows(mesh, config.train.batch_size)
+    shards, count, rows = shard_plan(mine, config.train.batch_size, config.train.data_shards)
     logging.info(
         "data: process %d loads rows %s of each batch of %d (data shards %s of %d)",
         jax.process_index(),
-        ", ".join(f"[{start}, {stop})" for start, stop in spans),
+        ", ".join(f"[{start}, {stop})" for start, stop in mine.spans),
         config.train.batch_size,
         shards,
         count,
